@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""cai-bootstrap CLI. `python bootstrap.py --stage 6` runs the bootstrap; subcommands run single phases.
+
+Each package contributes its commands through `<package>/cli.py: register(app)`; those modules import
+only typer at top level so `--help` stays fast, and load engines inside the commands.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import typer
+
+app = typer.Typer(
+    help="Self-bootstrapping Constitutional AI pipeline and emergent-misalignment experiment.",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+COMMAND_MODULES = ["engine.cli", "stages.cli", "guard.cli", "train.cli", "judge.cli", "analysis.cli", "pipeline.cli"]
+for _name in COMMAND_MODULES:
+    if importlib.util.find_spec(_name.split(".")[0]) and importlib.util.find_spec(_name):
+        importlib.import_module(_name).register(app)
+
+
+@app.callback(invoke_without_command=True)
+def main(
+    ctx: typer.Context,
+    stage: int | None = typer.Option(None, "--stage", min=1, max=6, help="run stages 1..K"),
+    only: int | None = typer.Option(None, "--only", min=1, max=6, help="run just stage K"),
+    persona: list[str] = typer.Option(["hhh"], "--persona", help="constitution name(s)"),
+    profile: str = typer.Option("tiny", "--profile", help="model profile"),
+    budget_usd: float | None = typer.Option(None, "--budget-usd", help="hard cap on the run's $"),
+    run_id: str | None = typer.Option(None, "--run", help="run id (default: derived from the config)"),
+    quick: bool = typer.Option(False, "--quick", help="smallest counts (demo under 10 minutes)"),
+) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    if stage is None and only is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
+    if importlib.util.find_spec("pipeline") is None:
+        typer.echo("the bootstrap loop is not built yet: use `generate`/`train` per stage", err=True)
+        raise typer.Exit(2)
+    from pipeline.loop import run_bootstrap
+
+    run_bootstrap(stage=stage, only=only, personas=persona, profile=profile, budget_usd=budget_usd,
+                  run_id=run_id, quick=quick)
+
+
+if __name__ == "__main__":
+    app()

