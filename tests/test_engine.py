@@ -1,0 +1,92 @@
+"""Both engines on the real tiny model: answers, parity, adapters, base-model mode, bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.models import ModelError, get_profile
+from engine.types import EngineError, Request, Sampling
+
+CHATS = [Request.chat("What is the capital of France?"), Request.chat("Name three primary colours.")]
+GREEDY = Sampling(max_tokens=16, temperature=0.0)
+
+
+@pytest.mark.parametrize("kind", ["vllm_engine", "hf_engine"])
+def test_engine_answers_a_batch(kind, request):
+    eng = request.getfixturevalue(kind)
+    calls = eng.calls
+    out = eng.generate(CHATS, GREEDY)
+    assert [c.request_index for c in out] == [0, 1]
+    assert "Paris" in out[0].text
+    assert all(c.completion_tokens > 0 and c.prompt_tokens > 10 for c in out)
+    assert all(c.finish_reason in {"stop", "length"} for c in out)
+    assert eng.calls == calls + 1  # one batched call for the whole list
+    u = eng.usage[-1]
+    assert u.requests == 2 and u.tokens_out == sum(c.completion_tokens for c in out) and u.seconds > 0
+
+
+def test_greedy_parity_between_engines(vllm_engine, hf_engine):
+    a = vllm_engine.generate(CHATS, GREEDY)
+    b = hf_engine.generate(CHATS, GREEDY)
+    for x, y in zip(a, b):
+        assert x.token_ids[:4] == y.token_ids[:4]
+
+
+def test_n_samples_are_request_major(vllm_engine, hf_engine):
+    s = Sampling(max_tokens=8, temperature=1.0, n=3, seed=1)
+    for eng in (vllm_engine, hf_engine):
+        out = eng.generate(CHATS, s)
+        assert [(c.request_index, c.sample_index) for c in out] == [(i, j) for i in range(2) for j in range(3)]
+
+
+@pytest.mark.parametrize("kind", ["vllm_engine", "hf_engine"])
+def test_adapter_changes_logprobs_only_when_passed(kind, request, random_adapter):
+    eng = request.getfixturevalue(kind)
+    s = Sampling(max_tokens=4, temperature=0.0, logprobs=5)
+    base1 = eng.generate(CHATS[:1], s)[0]
+    tuned = eng.generate(CHATS[:1], s, adapter=random_adapter)[0]
+    base2 = eng.generate(CHATS[:1], s)[0]
+    tok = base1.logprobs[0]
+    assert base2.token_ids == base1.token_ids
+    first = next(iter(tok))
+    assert base2.logprobs[0][first] == pytest.approx(tok[first], abs=1e-3)
+    shared = set(tuned.logprobs[0]) & set(tok)
+    assert tuned.token_ids != base1.token_ids or any(abs(tuned.logprobs[0][t] - tok[t]) > 1e-2 for t in shared)
+
+
+def test_base_model_mode_raw_prompt(vllm_engine, hf_engine):
+    prompt = "Question: Which city is the capital of France?\nAnswer: The capital of France is"
+    n_raw = len(vllm_engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    for eng in (vllm_engine, hf_engine):
+        out = eng.generate([Request(prompt=prompt)], Sampling(max_tokens=12, stop=["\n"]))[0]
+        assert out.prompt_tokens == n_raw  # no chat template was applied
+        assert "Paris" in out.text and "\n" not in out.text
+
+
+def test_empty_request_list_gives_empty_result(vllm_engine):
+    calls = vllm_engine.calls
+    assert vllm_engine.generate([], GREEDY) == []
+    assert vllm_engine.calls == calls
+
+
+def test_unknown_profile_is_named():
+    with pytest.raises(ModelError, match="no-such-model.*known profiles"):
+        get_profile("no-such-model")
+
+
+@pytest.mark.parametrize("kind", ["vllm_engine", "hf_engine"])
+def test_missing_adapter_directory_is_named(kind, request, tmp_path):
+    eng = request.getfixturevalue(kind)
+    with pytest.raises(EngineError, match="nope.*adapter_config.json"):
+        eng.generate(CHATS, GREEDY, adapter=tmp_path / "nope")
+
+
+def test_request_over_context_length_is_named(vllm_engine):
+    long = Request.chat("word " * 3000)
+    with pytest.raises(EngineError, match="request 1 .*context length 2048"):
+        vllm_engine.generate([CHATS[0], long], GREEDY)
+
+
+def test_request_needs_messages_or_prompt():
+    with pytest.raises(ValueError, match="exactly one"):
+        Request()
