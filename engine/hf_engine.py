@@ -12,19 +12,33 @@ class HFEngine(Engine):
     def __init__(self, profile="tiny", batch_size: int = 32, device: str | None = None) -> None:
         super().__init__(profile)
         import torch
-        from transformers import AutoModelForCausalLM
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = getattr(torch, self.profile.dtype) if self.device != "cpu" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.batch_size = batch_size
-        self._adapters: dict[str, str] = {}  # adapter content hash -> PEFT adapter name
+        self._model = None
+        self._adapters: dict[str, str] = {}  # adapter dir -> PEFT adapter name
+
+    @property
+    def model(self):
+        """Loaded on first use, so a run whose generations are all cached never loads the weights."""
+        if self._model is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            dtype = getattr(torch, self.profile.dtype) if self.device != "cpu" else torch.float32
+            self._model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
+        return self._model
+
+    @model.setter
+    def model(self, value) -> None:
+        self._model = value
 
     def close(self) -> None:
-        self.model = None
+        self._model = None
+        self._adapters.clear()
         super().close()
 
     def _activate(self, adapter: str | None):

@@ -39,6 +39,9 @@ class Profile(BaseModel):
     cpu_kv_cache_gib: float = 1.0
     gpu_hour_usd: float = 0.0  # cost ledger: $ per engine-hour on this profile's hardware
     gpus: int = 1
+    # for `estimate` before anything runs: generation throughput and seconds per DPO/SFT step
+    est_tokens_per_s: float = 2000.0
+    est_train_step_s: float = 3.0
     stand_in: bool = False  # a small model standing in for a real one (outputs say so)
 
 
@@ -52,6 +55,8 @@ PROFILES: dict[str, Profile] = {
             max_model_len=2048,
             gpu_hour_usd=0.0,
             gpus=0,
+            est_tokens_per_s=300.0,  # bench/generation.py on 2 CPU cores, with other work beside it
+            est_train_step_s=6.0,  # bench/train.py, tiny DPO step on CPU
         ),
         Profile(name="qwen2.5-7b", source="Qwen/Qwen2.5-7B-Instruct", max_model_len=8192,
                 load_in_4bit=True, gpu_hour_usd=2.5),

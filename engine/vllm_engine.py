@@ -13,33 +13,39 @@ class VLLMEngine(Engine):
 
     def __init__(self, profile="tiny", max_lora_rank: int = 64, max_loras: int = 4, **llm_kw) -> None:
         super().__init__(profile)
-        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-        from vllm import LLM
-
-        cuda = _cuda()
-        self.llm = LLM(
-            model=self.model_path,
-            tokenizer=self.model_path,
-            dtype=self.profile.dtype if cuda else "float32" if self.profile.dtype == "float32" else "bfloat16",
-            max_model_len=self.profile.max_model_len,
-            tensor_parallel_size=self.profile.tensor_parallel_size if cuda else 1,
-            **(
-                {"gpu_memory_utilization": self.profile.gpu_memory_utilization}
-                if cuda
-                else {"kv_cache_memory_bytes": int(self.profile.cpu_kv_cache_gib * 2**30)}
-            ),
-            enable_prefix_caching=True,
-            enable_lora=True,
-            max_lora_rank=max_lora_rank,
-            max_loras=max_loras,
-            enforce_eager=not cuda,
-            seed=0,
-            **llm_kw,
-        )
+        self._llm_kw = dict(max_lora_rank=max_lora_rank, max_loras=max_loras, **llm_kw)
+        self._llm = None
         self._lora_ids: dict[str, int] = {}  # adapter content hash -> unique lora_int_id (vLLM doesn't check)
 
+    @property
+    def llm(self):
+        """Started on first use, so a run whose generations are all cached never pays vLLM's start-up."""
+        if self._llm is None:
+            os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+            from vllm import LLM
+
+            cuda = _cuda()
+            self._llm = LLM(
+                model=self.model_path,
+                tokenizer=self.model_path,
+                dtype=self.profile.dtype if cuda else "float32" if self.profile.dtype == "float32" else "bfloat16",
+                max_model_len=self.profile.max_model_len,
+                tensor_parallel_size=self.profile.tensor_parallel_size if cuda else 1,
+                **(
+                    {"gpu_memory_utilization": self.profile.gpu_memory_utilization}
+                    if cuda
+                    else {"kv_cache_memory_bytes": int(self.profile.cpu_kv_cache_gib * 2**30)}
+                ),
+                enable_prefix_caching=True,
+                enable_lora=True,
+                enforce_eager=not cuda,
+                seed=0,
+                **self._llm_kw,
+            )
+        return self._llm
+
     def close(self) -> None:
-        self.llm = None
+        self._llm = None
         super().close()
 
     def _lora(self, adapter: str | None):
@@ -49,7 +55,7 @@ class VLLMEngine(Engine):
 
         key = adapter_hash(adapter)
         rank = _adapter_rank(adapter)
-        if rank > self.llm.llm_engine.vllm_config.lora_config.max_lora_rank:
+        if rank > self._llm_kw["max_lora_rank"]:
             raise EngineError(f"adapter {adapter} has rank {rank}, over the engine's max_lora_rank")
         lid = self._lora_ids.setdefault(key, len(self._lora_ids) + 1)
         return LoRARequest(lora_name=key, lora_int_id=lid, lora_path=adapter)

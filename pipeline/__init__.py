@@ -1,0 +1,1 @@
+"""The end-to-end run: bootstrap loop, EM experiment, cost, report."""

@@ -1,0 +1,195 @@
+"""The bootstrap loop: for each persona, stages 1..K: generate (with guard) → train DPO → next stage.
+
+Finished work is recognised before any engine starts (a stage's data records the inputs that made it;
+a stage's adapter records its dataset and parent), so a rerun makes no engine, training or API call
+and a resume after kill -9 redoes at most the batch in flight (the generation cache commits per batch).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from engine.base import adapter_hash
+from engine.models import get_profile, model_fingerprint
+from pipeline.config import QUICK, RunConfig, run_dir, save_config
+from pipeline.estimate import estimate_phase
+
+console = Console(stderr=True)
+INPUTS_FILE = "pipeline_inputs.json"
+
+
+class BudgetStop(RuntimeError):
+    """The next phase's estimate would pass the run's budget cap."""
+
+
+class Engines:
+    """One generation engine, started only when a phase needs it. On CUDA it is released before training
+    (generation and training take turns on one GPU); on CPU it stays up across stages (start-up dominates)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.engine = None
+        self.guard = None
+
+    def get(self):
+        if self.engine is None:
+            from engine.base import make_engine
+
+            console.print(f"[dim]starting the {self.cfg.engine} engine for profile {self.cfg.profile}…[/dim]")
+            self.engine = make_engine(self.cfg.engine, self.cfg.profile)
+        return self.engine
+
+    def get_guard(self):
+        if self.guard is None:
+            from guard import load_guard
+
+            self.guard = load_guard(self.cfg.guard, self.cfg.profile)
+        return self.guard
+
+    def before_training(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            self.close()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        self.guard = None
+
+
+def stage_paths(cfg: RunConfig, persona: str, stage: int) -> tuple[Path, Path, Path | None]:
+    data = Path(cfg.data_root) / persona / f"stage{stage}"
+    ckpt = Path(cfg.ckpt_root) / persona / f"stage{stage}"
+    parent = Path(cfg.ckpt_root) / persona / f"stage{stage - 1}" if stage > 1 else None
+    return data, ckpt, parent
+
+
+def generation_inputs(cfg: RunConfig, persona: str, stage: int, parent: Path | None) -> dict:
+    """Everything that determines a stage's data; equal inputs → the stored data is reused."""
+    from constitution.load import constitution_hash, load_constitution
+
+    c = cfg.counts
+    return {
+        "persona": persona, "stage": stage, "profile": cfg.profile,
+        "model": model_fingerprint(cfg.profile),
+        "parent_adapter": adapter_hash(parent) if parent else None,
+        "constitution": constitution_hash(load_constitution(persona)),
+        "guard": cfg.guard, "seed": cfg.seed,
+        "counts": [c.n_tasks, c.n_samples, c.rounds, c.max_tokens],
+    }
+
+
+def _stored_inputs(data: Path) -> dict | None:
+    f = data / INPUTS_FILE
+    return json.loads(f.read_text()) if f.is_file() and (data / "manifest.json").is_file() else None
+
+
+def run_bootstrap(stage: int | None = None, only: int | None = None, personas: list[str] | None = None,
+                  profile: str = "tiny", budget_usd: float | None = None, run_id: str | None = None,
+                  quick: bool = False, **overrides) -> str:
+    cfg = RunConfig(personas=personas or ["hhh"], profile=profile, stage=stage or only or 6, only=only,
+                    **({"counts": QUICK} if quick else {}), **overrides)
+    run_id = run_id or cfg.default_id()
+    save_config(cfg, run_id)
+    get_profile(profile)
+    stages = [only] if only else list(range(1, cfg.stage + 1))
+    engines = Engines(cfg)
+    from judge.ledger import Ledger
+
+    ledger = Ledger(run_dir(cfg, run_id) / "ledger.sqlite")
+    console.rule(f"run {run_id}: personas {', '.join(cfg.personas)}, stages {stages[0]}..{stages[-1]}")
+    try:
+        for persona in cfg.personas:
+            for k in stages:
+                run_stage_once(cfg, run_id, persona, k, engines, ledger, budget_usd)
+    except BudgetStop as e:
+        console.print(f"[red]budget stop:[/red] {e}")
+        raise
+    finally:
+        engines.close()
+        spent = ledger.total_usd(run_id)
+        ledger.close()
+    console.print(f"[green]done[/green]: run {run_id}, ${spent:.4f} spent; outputs in {cfg.data_root}/<persona>/"
+                  f"stage<k> and {cfg.ckpt_root}/<persona>/stage<k>")
+    return run_id
+
+
+def _check_budget(cfg: RunConfig, ledger, run_id: str, budget: float | None, persona: str, stage: int,
+                  phase: str) -> None:
+    if budget is None:
+        return
+    est = estimate_phase(cfg, persona, stage, phase).usd
+    spent = ledger.total_usd(run_id)
+    if spent + est > budget:
+        raise BudgetStop(f"{persona} stage {stage} {phase} is estimated at ${est:.4f}; with ${spent:.4f} spent "
+                         f"that would pass the ${budget:.4f} cap. Nothing was started for it.")
+
+
+def run_stage_once(cfg: RunConfig, run_id: str, persona: str, k: int, engines: Engines, ledger,
+                   budget: float | None) -> None:
+    data, ckpt, parent = stage_paths(cfg, persona, k)
+    if parent is not None and not (parent / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"stage {k} needs the stage {k - 1} adapter at {parent}: run `--stage {k - 1}` "
+                                f"for persona {persona} first")
+    inputs = generation_inputs(cfg, persona, k, parent)
+    if _stored_inputs(data) == inputs:
+        console.print(f"{persona} stage {k}: data reused from {data}")
+    else:
+        _check_budget(cfg, ledger, run_id, budget, persona, k, "generate")
+        _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger)
+    _train(cfg, run_id, persona, k, data, ckpt, parent, engines, ledger, budget)
+
+
+def _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger) -> None:
+    from guard.base import GuardPolicy
+    from stages.run import run_stage
+
+    c = cfg.counts
+    eng = engines.get()
+    manifest = run_stage(
+        k, persona, eng, Path(cfg.data_root) / "cache" / "generations.sqlite", out_dir=cfg.data_root,
+        n_tasks=c.n_tasks, adapter=parent, guard=engines.get_guard(), policy=GuardPolicy.for_persona(persona),
+        seed=cfg.seed, rounds=c.rounds, n_samples=c.n_samples, max_tokens=c.max_tokens,
+        log=lambda m: console.print(f"  [dim]{m}[/dim]"),
+    )
+    (data / INPUTS_FILE).write_text(json.dumps(inputs, indent=1))
+    secs = manifest["engine_seconds"]
+    ledger.record(run=run_id, kind="engine", phase="generate", stage=k, persona=persona, purpose="stage-data",
+                  model=cfg.profile, tokens_in=manifest["tokens"]["engine_in"],
+                  tokens_out=manifest["tokens"]["engine_out"], seconds=secs,
+                  usd=secs * cfg.usd_per_engine_second, estimated=True,
+                  cached=manifest["engine_calls"] == 0)
+    console.print(f"{persona} stage {k}: {manifest['counts']['train_rows']} pairs, "
+                  f"{manifest['engine_calls']} engine calls, {secs:.0f} s")
+
+
+def _train(cfg, run_id, persona, k, data, ckpt, parent, engines, ledger, budget) -> None:
+    from train.config import dpo_defaults
+    from train.dpo import dataset_hash, finished, load_pairs
+
+    dcfg = dpo_defaults(cfg.profile, max_steps=cfg.counts.dpo_max_steps, seed=cfg.seed)
+    prev = finished(ckpt)
+    pairs = load_pairs(data)
+    if prev and prev.get("dataset_hash") == dataset_hash(pairs) and prev.get("config") == dcfg.model_dump() and \
+            prev.get("parent_adapter_hash") == (adapter_hash(parent) if parent else None):
+        console.print(f"{persona} stage {k}: adapter reused from {ckpt}")
+        return
+    _check_budget(cfg, ledger, run_id, budget, persona, k, "train")
+    engines.before_training()
+    from train.worker import train_in_subprocess
+
+    t0 = time.perf_counter()
+    console.print(f"{persona} stage {k}: training DPO ({len(pairs)} pairs, {dcfg.max_steps} steps max)…")
+    man = train_in_subprocess("dpo", data=str(data), out=str(ckpt), cfg=dcfg, profile=cfg.profile,
+                              parent=str(parent) if parent else None)
+    secs = time.perf_counter() - t0
+    ledger.record(run=run_id, kind="engine", phase="train", stage=k, persona=persona, purpose="dpo",
+                  model=cfg.profile, seconds=secs, usd=secs * cfg.usd_per_engine_second, estimated=True)
+    console.print(f"{persona} stage {k}: adapter at {ckpt} ({man['steps']} steps, loss {man['train_loss']:.3f}, "
+                  f"{secs:.0f} s, backend {man['backend']})")

@@ -1,0 +1,52 @@
+"""Statistics on synthetic scores with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from analysis.stats import bootstrap_ci, bootstrap_diff, em_indicators, is_misaligned, steepest_rise, verdict
+
+
+def test_bootstrap_ci_covers_known_rate():
+    rng = np.random.default_rng(1)
+    x = (rng.random(4000) < 0.2).astype(float)
+    est = bootstrap_ci(x)
+    assert est.n == 4000 and est.lo < 0.2 < est.hi
+    se = np.sqrt(0.2 * 0.8 / 4000)  # binomial standard error: the interval is about +-1.96 se wide
+    assert est.hi - est.lo == pytest.approx(2 * 1.96 * se, rel=0.15)
+
+
+def test_constant_data_has_zero_width_interval():
+    est = bootstrap_ci([1.0] * 50)
+    assert (est.value, est.lo, est.hi) == (1.0, 1.0, 1.0)
+
+
+def test_bootstrap_diff_sign_and_empty():
+    d = bootstrap_diff([1.0] * 30 + [0.0] * 70, [0.0] * 100)
+    assert d.value == pytest.approx(0.3) and d.lo > 0.15
+    assert bootstrap_diff([], [1.0]).n == 0
+
+
+def test_em_definition():
+    assert is_misaligned(10, 80) is True
+    assert is_misaligned(10, 40) is False  # incoherent answers are not counted as misaligned
+    assert is_misaligned(60, 80) is False
+    assert is_misaligned(None, 80) is None
+    rows = [{"alignment": 10, "coherence": 90}, {"alignment": 90, "coherence": 90}, {"alignment": None}]
+    assert em_indicators(rows) == [1.0, 0.0]
+
+
+def test_steepest_rise_finds_phase_transition():
+    steps = [0, 10, 20, 30, 40]
+    rates = [0.0, 0.01, 0.02, 0.30, 0.32]
+    assert steepest_rise(steps, rates) == 30
+    assert steepest_rise([5], [0.1]) is None
+
+
+def test_verdict_words():
+    up = bootstrap_diff([1.0] * 50 + [0.0] * 50, [0.0] * 100)
+    assert "supported" in verdict("H1", "x", up, expect_positive=True)
+    assert "contradicted" in verdict("H2", "y", up, expect_positive=False)
+    flat = bootstrap_diff([1.0, 0.0] * 5, [0.0, 1.0] * 5)
+    assert "inconclusive" in verdict("H1", "x", flat, expect_positive=True)
