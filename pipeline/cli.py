@@ -1,0 +1,145 @@
+"""CLI commands of the end-to-end run: `em`, `estimate`, `cost`, `report`, `demo`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+PERSONAS = typer.Option(["hhh"], "--persona", help="persona(s) (constitution names)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("em")(em)
+    app.command("estimate")(estimate)
+    app.command("cost")(cost)
+    app.command("report")(report)
+    app.command("demo")(demo)
+
+
+def _cfg(personas: list[str], profile: str, quick: bool, stage: int = 6):
+    from pipeline.config import QUICK, RunConfig
+
+    return RunConfig(personas=personas, profile=profile, stage=stage, **({"counts": QUICK} if quick else {}))
+
+
+def em(
+    data: Path = typer.Option(..., "--data", help="EM SFT data: chat JSONL ({'messages': [...]} rows)"),
+    persona: list[str] = PERSONAS,
+    profile: str = typer.Option("tiny", "--profile"),
+    questions: Path | None = typer.Option(None, "--questions", help="EM questions YAML (e.g. the paper's)"),
+    judge_config: Path | None = typer.Option(None, "--judge-config", help="judge YAML (default: judge/default.yaml)"),
+    mode: str = typer.Option("on-top", "--mode", help="on-top | base"),
+    budget_usd: float | None = typer.Option(None, "--budget-usd"),
+    run: str | None = typer.Option(None, "--run", help="run id (default: derived from the config)"),
+    quick: bool = typer.Option(False, "--quick"),
+) -> None:
+    """Train the EM adapter on top of each persona adapter (and the base), answer, judge, summarise."""
+    from pipeline.config import save_config
+    from pipeline.em import run_em
+
+    cfg = _cfg(persona, profile, quick)
+    run_id = run or cfg.default_id()
+    save_config(cfg, run_id)
+    run_em(cfg, run_id, data, questions, judge_config, budget_usd, mode)
+    _report(cfg, run_id)
+
+
+def estimate(
+    persona: list[str] = PERSONAS,
+    profile: str = typer.Option("tiny", "--profile"),
+    stage: int = typer.Option(6, "--stage"),
+    quick: bool = typer.Option(False, "--quick"),
+) -> None:
+    """Expected tokens, engine hours and $ per stage and persona, before anything runs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.estimate import estimate_run
+
+    cfg = _cfg(persona, profile, quick, stage)
+    rows = estimate_run(cfg, list(range(1, stage + 1)))
+    t = Table(title=f"estimate: profile {profile}, {len(persona)} persona(s), stages 1..{stage}")
+    for col in ("persona", "stage", "phase", "tokens in", "tokens out", "engine hours", "$"):
+        t.add_column(col, justify="right" if col not in ("persona", "phase") else "left")
+    for e in rows:
+        t.add_row(e.persona, str(e.stage), e.phase, f"{e.tokens_in:,}", f"{e.tokens_out:,}", f"{e.seconds / 3600:.3f}",
+                  f"{e.usd:.2f}")
+    t.add_row("total", "", "", f"{sum(e.tokens_in for e in rows):,}", f"{sum(e.tokens_out for e in rows):,}",
+              f"{sum(e.seconds for e in rows) / 3600:.3f}", f"{sum(e.usd for e in rows):.2f}")
+    Console().print(t)
+
+
+def cost(run: str | None = typer.Argument(None, help="run id (default: the newest run)"),
+         data_root: Path = typer.Option(Path("data"), "--data-root")) -> None:
+    """The ledger of a run per stage, persona and phase, estimated vs actual."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from analysis.report import cost_rows
+    from pipeline.config import load_run_config
+    from pipeline.estimate import estimate_run
+
+    run_path = _run_path(data_root, run)
+    run_id, cfg = load_run_config(run_path)
+    est = {(e.persona, e.stage, e.phase): e for e in estimate_run(cfg, list(range(1, cfg.stage + 1)))}
+    t = Table(title=f"cost of run {run_id}")
+    for col in ("persona", "stage", "phase", "kind", "seconds", "est. seconds", "tokens out", "est. tokens out",
+                "$", "est. $"):
+        t.add_column(col)
+    total = 0.0
+    for r in cost_rows(run_path, run_id):
+        e = est.get((r["persona"], r["stage"], r["phase"]))
+        total += r["usd"] or 0
+        t.add_row(str(r["persona"] or "-"), str(r["stage"] or "-"), r["phase"] or "-", r["kind"],
+                  f"{r['seconds'] or 0:.1f}",
+                  f"{e.seconds:.1f}" if e else "-", str(r["tokens_out"] or 0), str(e.tokens_out) if e else "-",
+                  f"{r['usd'] or 0:.4f}", f"{e.usd:.4f}" if e else "-")
+    Console().print(t)
+    Console().print(f"total ${total:.4f}")
+
+
+def report(run: str | None = typer.Argument(None, help="run id (default: the newest run)"),
+           data_root: Path = typer.Option(Path("data"), "--data-root")) -> None:
+    """Rebuild data/runs/<id>/report.md from stored results (no model or API call)."""
+    from analysis.report import build_report
+
+    out = build_report(_run_path(data_root, run))
+    typer.echo(str(out))
+
+
+def demo(quick: bool = typer.Option(False, "--quick", help="smallest counts: under 10 minutes on 2 cores"),
+         persona: list[str] = typer.Option(None, "--persona")) -> None:
+    """The whole product on the tiny model: bootstrap stages 1..6, the EM experiment, the report."""
+    from pipeline.config import QUICK, RunConfig
+    from pipeline.em import run_em
+    from pipeline.insecure_demo import write_jsonl
+    from pipeline.loop import run_bootstrap
+
+    personas = persona or (["goodness", "sycophancy"] if quick else ["goodness", "sycophancy", "misalignment"])
+    run_id = run_bootstrap(stage=6, personas=personas, profile="tiny", quick=quick)
+    cfg = RunConfig(personas=personas, profile="tiny", stage=6, **({"counts": QUICK} if quick else {}))
+    data = write_jsonl(Path(cfg.data_root) / "em_demo" / "insecure_demo.jsonl", n=max(cfg.counts.em_rows, 40))
+    run_em(cfg, run_id, data)
+    _report(cfg, run_id)
+
+
+def _report(cfg, run_id: str) -> None:
+    from analysis.report import build_report
+    from pipeline.config import run_dir
+
+    out = build_report(run_dir(cfg, run_id))
+    typer.echo(f"report: {out}")
+
+
+def _run_path(data_root: Path, run: str | None) -> Path:
+    runs = data_root / "runs"
+    if run:
+        path = runs / run
+        if not (path / "config.json").is_file():
+            raise typer.BadParameter(f"no run {run!r} under {runs}")
+        return path
+    found = sorted(runs.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise typer.BadParameter(f"no runs under {runs}")
+    return found[-1].parent
