@@ -19,7 +19,9 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-COMMAND_MODULES = ["engine.cli", "stages.cli", "guard.cli", "train.cli", "judge.cli", "analysis.cli", "pipeline.cli"]
+COMMAND_MODULES = [
+    "engine.cli", "stages.cli", "guard.cli", "train.cli", "judge.cli", "analysis.cli", "evals.cli", "pipeline.cli",
+]
 for _name in COMMAND_MODULES:
     if importlib.util.find_spec(_name.split(".")[0]) and importlib.util.find_spec(_name):
         importlib.import_module(_name).register(app)
@@ -35,19 +37,22 @@ def main(
     budget_usd: float | None = typer.Option(None, "--budget-usd", help="hard cap on the run's $"),
     run_id: str | None = typer.Option(None, "--run", help="run id (default: derived from the config)"),
     quick: bool = typer.Option(False, "--quick", help="smallest counts (demo under 10 minutes)"),
+    counts: str | None = typer.Option(None, "--counts", help='JSON overrides of the counts, e.g. \'{"n_tasks": 4}\''),
+    gpu_hour_usd: float | None = typer.Option(None, "--gpu-hour-usd", help="$ per engine-hour (default: profile)"),
+    engine: str = typer.Option("auto", "--engine", help="vllm | hf | auto"),
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
     if stage is None and only is None:
         typer.echo(ctx.get_help())
         raise typer.Exit(0)
-    if importlib.util.find_spec("pipeline") is None:
-        typer.echo("the bootstrap loop is not built yet: use `generate`/`train` per stage", err=True)
-        raise typer.Exit(2)
-    from pipeline.loop import run_bootstrap
+    from pipeline.loop import BudgetStop, run_bootstrap
 
-    run_bootstrap(stage=stage, only=only, personas=persona, profile=profile, budget_usd=budget_usd,
-                  run_id=run_id, quick=quick)
+    try:
+        run_bootstrap(stage=stage, only=only, personas=persona, profile=profile, budget_usd=budget_usd,
+                      run_id=run_id, quick=quick, counts_json=counts, gpu_hour_usd=gpu_hour_usd, engine=engine)
+    except BudgetStop:
+        raise typer.Exit(3) from None
 
 
 if __name__ == "__main__":

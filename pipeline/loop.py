@@ -15,7 +15,7 @@ from rich.console import Console
 
 from engine.base import adapter_hash
 from engine.models import get_profile, model_fingerprint
-from pipeline.config import QUICK, RunConfig, run_dir, save_config
+from pipeline.config import QUICK, Counts, RunConfig, run_dir, save_config
 from pipeline.estimate import estimate_phase
 
 console = Console(stderr=True)
@@ -92,9 +92,12 @@ def _stored_inputs(data: Path) -> dict | None:
 
 def run_bootstrap(stage: int | None = None, only: int | None = None, personas: list[str] | None = None,
                   profile: str = "tiny", budget_usd: float | None = None, run_id: str | None = None,
-                  quick: bool = False, **overrides) -> str:
+                  quick: bool = False, counts_json: str | None = None, **overrides) -> str:
+    counts = QUICK if quick else Counts()
+    if counts_json:
+        counts = counts.model_copy(update=json.loads(counts_json))
     cfg = RunConfig(personas=personas or ["hhh"], profile=profile, stage=stage or only or 6, only=only,
-                    **({"counts": QUICK} if quick else {}), **overrides)
+                    counts=counts, **overrides)
     run_id = run_id or cfg.default_id()
     save_config(cfg, run_id)
     get_profile(profile)
