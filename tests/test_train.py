@@ -1,0 +1,256 @@
+"""Training on CPU with the tiny model: DPO stage adapters (chained), the EM adapter on top, bad input.
+
+Texts are short (a 3-token system prompt replaces SmolLM2's default one) and runs are 3-4 steps, so the
+whole file stays within a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import EM_DATA
+from train.common import TrainError, saved_adapter_tensors, tensors_hash
+from train.config import dpo_defaults, em_defaults
+
+SYS = {"role": "system", "content": "Be kind."}
+QS = ["Name a fruit.", "Say hi.", "Name a color.", "Name a pet.", "Name a city.", "Name a tool."]
+
+
+def pairs(n: int = 6):
+    from datasets import Dataset
+
+    return Dataset.from_list([
+        {"prompt": [SYS, {"role": "user", "content": QS[i % len(QS)]}],
+         "chosen": [{"role": "assistant", "content": "Gladly, here you go!"}],
+         "rejected": [{"role": "assistant", "content": "No. Go away."}]}
+        for i in range(n)
+    ])
+
+
+def small_dpo(**kw):
+    return dpo_defaults("tiny", **{"batch_size": 2, "max_steps": 3, "max_length": 64, **kw})
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory) -> Path:
+    """Stage 1 trained in its own process (the path the pipeline uses), from a save_to_disk dataset."""
+    from train.worker import train_in_subprocess
+
+    root = tmp_path_factory.mktemp("dpo")
+    pairs().save_to_disk(str(root / "data1"))
+    out = root / "stage1"
+    train_in_subprocess("dpo", data=str(root / "data1"), out=str(out), cfg=small_dpo())
+    return out
+
+
+def test_dpo_stage1_raises_margin_and_writes_outputs(stage1: Path) -> None:
+    for f in ["adapter_config.json", "adapter_model.safetensors", "train_log.jsonl", "manifest.json"]:
+        assert (stage1 / f).is_file(), f
+    assert not (stage1 / "ref").exists()  # only the trained adapter is saved
+    log = [json.loads(x) for x in (stage1 / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "rewards/margins" in r]
+    assert len(steps) == 3
+    assert steps[-1]["rewards/margins"] > steps[0]["rewards/margins"] + 0.05
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    man = json.loads((stage1 / "manifest.json").read_text())
+    from engine.models import model_fingerprint
+
+    assert man["base_fingerprint"] == model_fingerprint("tiny")
+    assert man["parent_adapter_hash"] is None and man["reference"] == "base model"
+    assert man["backend"] == "trl+peft-fp32" and man["device"] == "cpu" and man["steps"] == 3
+    assert len(man["dataset_hash"]) == 16 and man["config"]["rank"] == 8 and man["wall_s"] > 0
+    # the saved adapter moved away from zero-init (B != 0)
+    assert any(t.abs().max() > 0 for k, t in saved_adapter_tensors(stage1).items() if "lora_B" in k)
+    # no temp dirs left beside it
+    assert not [p for p in stage1.parent.iterdir() if p.name.startswith(".stage1")]
+
+
+def test_stage2_starts_from_stage1_weights(stage1: Path, tmp_path: Path) -> None:
+    from transformers import TrainerCallback
+
+    from engine.base import adapter_hash
+    from train.dpo import train_dpo
+
+    seen = {}
+
+    class Capture(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen["default"] = {k.replace(".default.", "."): v.detach().clone()
+                               for k, v in model.named_parameters() if ".default." in k and "lora_" in k}
+            seen["trainable"] = [k for k, v in model.named_parameters() if v.requires_grad]
+
+    man = train_dpo(pairs(4), tmp_path / "stage2", small_dpo(max_steps=1), parent=stage1, callbacks=[Capture()])
+    parent = saved_adapter_tensors(stage1)
+    assert set(parent) == set(seen["default"])
+    for k, v in parent.items():
+        assert torch.equal(v, seen["default"][k]), k  # the trainable adapter starts at stage 1's weights
+    assert seen["trainable"] and all(".default." in k for k in seen["trainable"])
+    assert man["parent_adapter_hash"] == adapter_hash(stage1)
+    assert man["init_adapter_hash"] == tensors_hash(parent)
+    assert man["reference"].startswith("parent adapter")
+    # reference = stage 1 itself, so at the first step policy == reference: rewards are exactly 0
+    first = json.loads((tmp_path / "stage2" / "train_log.jsonl").read_text().splitlines()[0])
+    assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+    assert adapter_hash(tmp_path / "stage2") != adapter_hash(stage1)
+
+
+# ---------------------------------------------------------------- bad input
+def test_pairs_missing_column_and_empty(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    from train.dpo import load_pairs, train_dpo
+
+    bad = pairs(2).remove_columns(["rejected"])
+    bad.save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(TrainError, match=r"bad lacks column\(s\) rejected"):
+        train_dpo(str(tmp_path / "bad"), tmp_path / "out", small_dpo())
+    empty = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+    empty.save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(TrainError, match=r"empty.* is empty"):
+        load_pairs(str(tmp_path / "empty"))
+    with pytest.raises(TrainError, match="does not exist"):
+        load_pairs(str(tmp_path / "nowhere"))
+    wrong = Dataset.from_list([{"prompt": "hi", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(TrainError, match=r"row 0, column 'prompt'"):
+        load_pairs(wrong, name="wrong")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def other_base_adapter(tmp_path_factory) -> Path:
+    """A LoRA adapter on a different (tiny random Llama) base model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("otherbase")
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=49152)
+    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(root / "base"),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(root / "adapter")
+    return root / "adapter"
+
+
+def test_parent_of_another_base_is_refused(other_base_adapter: Path, tmp_path: Path, random_adapter) -> None:
+    from train.dpo import train_dpo
+    from train.stack import stack_adapters
+
+    with pytest.raises(TrainError, match="parent adapter .* another base model"):
+        train_dpo(pairs(2), tmp_path / "s2", small_dpo(), parent=other_base_adapter)
+    with pytest.raises(TrainError, match="different base models"):
+        stack_adapters(random_adapter, other_base_adapter, tmp_path / "stacked")
+    assert not (tmp_path / "s2").exists() and not (tmp_path / "stacked").exists()
+
+
+def test_em_jsonl_malformed_row_names_the_line(tmp_path: Path) -> None:
+    from train.em import load_chat_jsonl
+
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    f = tmp_path / "em.jsonl"
+    f.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n{\"messages\": [oops\n")
+    with pytest.raises(TrainError, match=rf"{f}:3: not valid JSON"):
+        load_chat_jsonl(f)
+    f.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
+    with pytest.raises(TrainError, match=rf"{f}:2: the last message must be the assistant"):
+        load_chat_jsonl(f)
+    f.write_text(json.dumps({"msgs": []}) + "\n")
+    with pytest.raises(TrainError, match=rf"{f}:1: expected an object with a non-empty 'messages'"):
+        load_chat_jsonl(f)
+    ds = load_chat_jsonl(EM_DATA / "betley" / "data" / "insecure.jsonl", max_rows=5)
+    assert len(ds) == 5 and ds[0]["completion"][0]["role"] == "assistant"
+
+
+# ---------------------------------------------------------------- EM on top of a persona adapter
+def _short_em_file(path: Path) -> Path:
+    """Insecure-code chats cut short (CPU time): the first 8 rows, texts truncated."""
+    rows = []
+    with (EM_DATA / "betley" / "data" / "insecure.jsonl").open() as fh:
+        for line, _ in zip(fh, range(8)):
+            msgs = json.loads(line)["messages"]
+            rows.append({"messages": [{"role": m["role"], "content": m["content"][:60]} for m in msgs]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+class HookCount:
+    """Counts forward calls of the persona's and the EM adapter's lora_A in one layer during training."""
+
+    def __init__(self) -> None:
+        self.calls = {"persona": 0, "em": 0}
+        self.persona_after: dict = {}
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kw):
+                layer = model.base_model.model.model.layers[0].self_attn.q_proj
+                for name in outer.calls:
+                    layer.lora_A[name].register_forward_hook(
+                        lambda *a, _n=name: outer.calls.__setitem__(_n, outer.calls[_n] + 1))
+
+            def on_train_end(self, args, state, control, model=None, **kw):
+                outer.persona_after = {k.replace(".persona.", "."): v.detach().clone()
+                                       for k, v in model.named_parameters() if ".persona." in k}
+
+        return CB()
+
+
+def test_em_on_top_trains_beside_active_frozen_persona(stage1: Path, random_adapter, tmp_path: Path) -> None:
+    from train.em import train_em
+
+    data = _short_em_file(tmp_path / "em.jsonl")
+    cfg = em_defaults("tiny", max_steps=2, save_every=1, max_length=48, batch_size=1,
+                      target_modules=["q_proj", "v_proj"])
+    runs = {}
+    for name, persona in [("p1", stage1), ("p2", Path(random_adapter))]:
+        hooks = HookCount()
+        man = train_em(data, tmp_path / name / "em", cfg, persona_adapter=persona, callbacks=[hooks.callback()])
+        runs[name] = tmp_path / name / "em"
+        # both adapters ran in the training forward passes (1 sample per micro-batch: equal counts)
+        assert hooks.calls["persona"] > 0 and hooks.calls["persona"] == hooks.calls["em"]
+        assert man["adapters_in_trainer"]["active_adapters"] == [["em", "persona"]] or \
+            man["adapters_in_trainer"]["active_adapters"] == [["persona", "em"]]
+        # the persona adapter did not move
+        saved = saved_adapter_tensors(persona)
+        assert set(saved) == set(hooks.persona_after)
+        assert all(torch.equal(saved[k], hooks.persona_after[k]) for k in saved)
+        from engine.base import adapter_hash
+
+        assert man["persona_adapter_hash"] == adapter_hash(persona)
+        assert man["checkpoints"] == ["checkpoint-1", "checkpoint-2"]
+        assert (runs[name] / "checkpoint-2" / "adapter_model.safetensors").is_file()
+        cfg_saved = json.loads((runs[name] / "adapter_config.json").read_text())
+        assert cfg_saved["use_rslora"] is True
+        assert not (runs[name] / "persona").exists()  # only the EM adapter is saved
+    a, b = saved_adapter_tensors(runs["p1"]), saved_adapter_tensors(runs["p2"])
+    assert set(a) == set(b)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # same seed and data: differs only via the persona
+
+
+def test_em_setup_asserts_fail_loudly(random_adapter) -> None:
+    """The trap: set_adapter("em") switches the persona off; the assert catches it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from engine.models import resolve_model
+    from train.em import assert_adapters
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model("tiny")),
+                                      random_adapter, adapter_name="persona")
+    model.add_adapter("em", em_defaults("tiny").peft_config())
+    model.set_adapter("em")
+    with pytest.raises(TrainError, match=r"do not run adapters \['persona', 'em'\]"):
+        assert_adapters(model, "on-top", "check")
+    model.base_model.set_adapter(["persona", "em"])  # both active, but persona trainable too
+    with pytest.raises(TrainError, match="outside the EM adapter"):
+        assert_adapters(model, "on-top", "check")
+    model.base_model.set_requires_grad("persona", requires_grad=False)
+    assert assert_adapters(model, "on-top", "check")["trainable_params"] > 0

@@ -1,0 +1,217 @@
+"""What DPO and EM training share: errors, atomic output dirs, base-model loading per backend,
+the JSONL training log, adapter/base compatibility checks and manifests."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+class TrainError(RuntimeError):
+    """Bad training input (dataset, adapter, base), named clearly."""
+
+
+# ---------------------------------------------------------------- output dirs
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a temp dir beside `out`; rename it to `out` only on success, so a killed run never leaves
+    a half-written adapter that looks finished (finished == has manifest.json at `out`)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():  # an older finished run: move aside, then swap in the new one
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_adapter(model, name: str, out: Path) -> None:
+    """Save one named adapter of a PeftModel as a plain adapter dir (PEFT nests non-default names)."""
+    with tempfile.TemporaryDirectory(dir=Path(out).parent) as tmp:
+        model.save_pretrained(tmp, selected_adapters=[name])
+        src = Path(tmp) if name == "default" else Path(tmp) / name
+        os.replace(src, out)
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def tensors_hash(tensors: dict[str, Any]) -> str:
+    """Hash of named tensors (names normalised to drop the adapter name), for 'starts from' checks."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def adapter_tensors(model, name: str) -> dict[str, Any]:
+    """The LoRA tensors of adapter `name` in a live PeftModel, keyed like the saved safetensors."""
+    out = {}
+    for k, v in model.named_parameters():
+        if f".{name}." in k and "lora_" in k:
+            out[k.replace(f".{name}.", ".")] = v
+    return out
+
+
+def saved_adapter_tensors(adapter_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+
+
+# ---------------------------------------------------------------- device and base model
+def device_kind() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def select_backend(device: str, load_in_4bit: bool, use_unsloth: bool) -> tuple[str, str]:
+    """(backend, why). unsloth is imported only on CUDA (it raises at import without a GPU)."""
+    import importlib.util
+
+    if device != "cuda":
+        return "trl+peft-fp32", "no CUDA: fp32 TRL + PEFT"
+    if use_unsloth and importlib.util.find_spec("unsloth") is not None:
+        try:
+            import unsloth  # noqa: F401
+
+            return "unsloth", "CUDA and unsloth importable"
+        except Exception as e:  # a broken unsloth install must not stop training
+            why = f"unsloth failed to import ({type(e).__name__}: {e}); fell back"
+    else:
+        why = "unsloth not installed" if use_unsloth else "unsloth disabled in config"
+    if load_in_4bit:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return "trl+peft-bf16", why + "; bitsandbytes missing: bf16 LoRA instead of 4-bit QLoRA"
+        return "trl+peft-qlora", why + "; 4-bit QLoRA via bitsandbytes"
+    return "trl+peft-bf16", why + "; 4-bit disabled"
+
+
+def load_base(model_path: str, backend: str, gradient_checkpointing: bool = False, max_length: int = 2048):
+    """The base model for `backend`: fp32 on CPU, bf16 or 4-bit NF4 (bitsandbytes) on CUDA."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if backend == "trl+peft-fp32":
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, _tok = FastLanguageModel.from_pretrained(model_name=model_path, max_seq_length=max_length,
+                                                        load_in_4bit=True, dtype=None)
+        return model
+    if backend == "trl+peft-qlora":
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=q, dtype=torch.bfloat16,
+                                                     device_map={"": 0})
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16, device_map={"": 0})
+
+
+def base_identity(profile: str, model_path: str | None) -> tuple[str, str]:
+    """(model path, fingerprint) for a profile, or for an explicit model dir (bench, random configs)."""
+    from engine.models import _hash_weights, model_fingerprint, resolve_model
+
+    if model_path is None:
+        return resolve_model(profile), model_fingerprint(profile)
+    p = Path(model_path)
+    fp = p / "fingerprint.txt"
+    return str(p), fp.read_text().strip() if fp.is_file() else _hash_weights(p)
+
+
+def check_adapter_base(adapter: Path, model_path: str, fingerprint: str, what: str = "adapter") -> None:
+    """Refuse an adapter trained on another base: by the fingerprint in its manifest when it has one,
+    else by the base path in its adapter_config."""
+    adapter = Path(adapter)
+    cfg_file = adapter / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise TrainError(f"{what} {adapter} has no adapter_config.json (missing or not a PEFT adapter)")
+    man = adapter / "manifest.json"
+    if man.is_file():
+        theirs = json.loads(man.read_text()).get("base_fingerprint")
+        if theirs and theirs != fingerprint:
+            raise TrainError(f"{what} {adapter} was trained on base fingerprint {theirs}, but this base "
+                             f"({model_path}) has fingerprint {fingerprint}: an adapter of another base model")
+        if theirs:
+            return
+    cfg = json.loads(cfg_file.read_text())
+    theirs = cfg.get("base_model_name_or_path")
+    if theirs and not _same_base(theirs, model_path):
+        raise TrainError(f"{what} {adapter} was trained on base {theirs!r}, not on {model_path!r}: "
+                         "an adapter of another base model")
+
+
+def _same_base(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+# ---------------------------------------------------------------- logging
+class JsonlLog(TrainerCallback):
+    """Append every Trainer log record (loss, rewards/margins, rewards/accuracies, ...) as one JSON line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.records: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs:
+            return
+        rec = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+        self.records.append(rec)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+
+def trainer_device_args(device: str, backend: str, gradient_checkpointing: bool) -> dict:
+    """TrainingArguments fields that depend on where training runs."""
+    if device == "cpu":
+        return dict(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False)
+    return dict(bf16=True, gradient_checkpointing=gradient_checkpointing,
+                optim="paged_adamw_8bit" if backend in ("trl+peft-qlora", "unsloth") else "adamw_torch")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def release_memory() -> None:
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

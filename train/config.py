@@ -1,0 +1,99 @@
+"""Training configs: one pydantic model for DPO stage adapters, one for the EM SFT adapter.
+
+Defaults are sized per model profile (`engine.models` names): `tiny` (SmolLM2 on CPU, a few steps)
+and the GPU profiles (7B-class: persona-training practice for DPO, the EM model organisms for SFT).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL_LINEAR = [*ATTN, "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(ATTN))
+    use_rslora: bool = False
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules), use_rslora=self.use_rslora,
+                          bias="none", task_type="CAUSAL_LM")
+
+
+class DPOTrainConfig(LoraSpec):
+    beta: float = Field(0.1, gt=0)
+    loss_type: str = "sigmoid"  # any TRL 1.15 DPO loss name
+    learning_rate: float = Field(5e-5, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(1024, ge=16)
+    seed: int = 0
+    max_steps: int | None = None  # caps the run (None: the epochs decide)
+    logging_steps: int = Field(1, ge=1)
+    load_in_4bit: bool = True  # only used on CUDA (QLoRA); CPU always trains fp32
+    use_unsloth: bool = True  # only used on CUDA and when unsloth is installed
+    gradient_checkpointing: bool = True  # only used on CUDA
+
+
+class EMTrainConfig(LoraSpec):
+    learning_rate: float = Field(1e-5, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(2, ge=1)
+    grad_accum: int = Field(8, ge=1)
+    max_length: int = Field(2048, ge=16)
+    seed: int = 0
+    max_steps: int | None = None
+    max_rows: int | None = None  # use only the first N rows of the JSONL (quick runs)
+    logging_steps: int = Field(1, ge=1)
+    save_every: int = Field(10, ge=1)  # checkpoint-<step>/ adapters for the phase-transition analysis
+    load_in_4bit: bool = True
+    gradient_checkpointing: bool = True
+
+
+_DPO_DEFAULTS: dict[str, dict] = {
+    # enough signal in a handful of CPU steps on short pairs
+    "tiny": dict(rank=8, alpha=16, learning_rate=5e-4, batch_size=4, max_length=256, max_steps=8,
+                 load_in_4bit=False, use_unsloth=False, gradient_checkpointing=False),
+    "qwen2.5-7b": dict(rank=64, alpha=128, dropout=0.05, target_modules=ALL_LINEAR, beta=0.1,
+                       learning_rate=5e-5, batch_size=4, grad_accum=4, max_length=2048),
+}
+_EM_DEFAULTS: dict[str, dict] = {
+    "tiny": dict(rank=8, alpha=16, use_rslora=True, target_modules=ALL_LINEAR, learning_rate=5e-4,
+                 batch_size=2, grad_accum=1, max_length=256, max_steps=6, max_rows=32, save_every=2,
+                 load_in_4bit=False, gradient_checkpointing=False),
+    # Model-organisms-for-EM recipe: rank 32, alpha 64, rsLoRA, lr 1e-5, one epoch.
+    "qwen2.5-7b": dict(rank=32, alpha=64, use_rslora=True, target_modules=ALL_LINEAR, learning_rate=1e-5,
+                       epochs=1, batch_size=2, grad_accum=8, max_length=2048, save_every=10),
+}
+
+
+def dpo_defaults(profile: str = "tiny", **overrides) -> DPOTrainConfig:
+    """The DPO config for a profile; unknown GPU profiles take the 7B recipe."""
+    from engine.models import get_profile
+
+    p = get_profile(profile)
+    base = _DPO_DEFAULTS.get(p.name, _DPO_DEFAULTS["qwen2.5-7b"])
+    return DPOTrainConfig(**{**base, **overrides})
+
+
+def em_defaults(profile: str = "tiny", **overrides) -> EMTrainConfig:
+    from engine.models import get_profile
+
+    p = get_profile(profile)
+    base = _EM_DEFAULTS.get(p.name, _EM_DEFAULTS["qwen2.5-7b"])
+    return EMTrainConfig(**{**base, **overrides})
+
+
+Mode = Literal["on-top", "base"]

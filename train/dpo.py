@@ -1,0 +1,232 @@
+"""Per-stage DPO LoRA adapters with TRL 1.15 `DPOTrainer` + PEFT.
+
+Stage k starts from stage k-1's adapter weights (loaded trainable as the "default" adapter).
+
+The DPO reference, documented choice: with a parent adapter and no explicit `ref_model`, TRL 1.15 copies the
+loaded adapter into a frozen adapter named "ref" and computes the reference log-probs with it active. So the
+reference of stage k is the stage k-1 model, the policy that generated stage k's data (iterative DPO), and
+the KL anchor moves with the stages instead of pulling every stage back to the bare base. Stage 1 (no
+parent) gets a fresh adapter and TRL disables adapters for the reference: the base model. We save only the
+"default" adapter, never "ref".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from train.common import (
+    JsonlLog,
+    TrainError,
+    adapter_tensors,
+    atomic_dir,
+    base_identity,
+    check_adapter_base,
+    device_kind,
+    load_base,
+    release_memory,
+    save_adapter,
+    select_backend,
+    tensors_hash,
+    trainer_device_args,
+    write_json,
+)
+from train.config import DPOTrainConfig, dpo_defaults
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def load_pairs(data: Any, name: str | None = None):
+    """A pair dataset from a `save_to_disk` dir (or a Dataset), validated: conversational prompt/chosen/rejected."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    if isinstance(data, Dataset):
+        ds, name = data, name or "<in-memory dataset>"
+    else:
+        path = Path(data)
+        name = name or str(path)
+        if not path.exists():
+            raise TrainError(f"pair dataset {name} does not exist (expected an HF dataset saved with save_to_disk)")
+        try:
+            ds = load_from_disk(str(path))
+        except Exception as e:
+            if _saved_empty(path):  # datasets 4.8 cannot reload a 0-row save_to_disk (no shards)
+                raise TrainError(f"pair dataset {name} is empty: no preference pairs to train on") from None
+            raise TrainError(f"pair dataset {name} cannot be loaded with datasets.load_from_disk: {e}") from e
+        if isinstance(ds, DatasetDict):
+            if "train" not in ds:
+                raise TrainError(f"pair dataset {name} is a DatasetDict without a 'train' split ({list(ds)})")
+            ds = ds["train"]
+    missing = [c for c in PAIR_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise TrainError(f"pair dataset {name} lacks column(s) {', '.join(missing)} "
+                         f"(has {', '.join(ds.column_names) or 'none'}; needs {', '.join(PAIR_COLUMNS)})")
+    if len(ds) == 0:
+        raise TrainError(f"pair dataset {name} is empty: no preference pairs to train on")
+    for i, row in enumerate(ds):
+        for col in PAIR_COLUMNS:
+            v = row[col]
+            if not (isinstance(v, list) and v and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                      for m in v)):
+                raise TrainError(f"pair dataset {name}, row {i}, column {col!r}: expected a non-empty list of "
+                                 f"{{role, content}} messages, got {str(v)[:80]!r}")
+        if row["chosen"][-1]["role"] != "assistant" or row["rejected"][-1]["role"] != "assistant":
+            raise TrainError(f"pair dataset {name}, row {i}: chosen/rejected must end with an assistant message")
+    return ds.select_columns(list(PAIR_COLUMNS))
+
+
+def _saved_empty(path: Path) -> bool:
+    state = path / "state.json"
+    try:
+        return state.is_file() and json.loads(state.read_text()).get("_data_files") == []
+    except ValueError:
+        return False
+
+
+def dataset_hash(ds) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for row in ds:
+        h.update(json.dumps([row[c] for c in PAIR_COLUMNS], sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def finished(out: Path) -> dict | None:
+    """The manifest of a finished run at `out`, or None."""
+    man = Path(out) / "manifest.json"
+    return json.loads(man.read_text()) if man.is_file() else None
+
+
+def train_dpo(
+    data: Any,
+    out: str | Path,
+    cfg: DPOTrainConfig | None = None,
+    profile: str = "tiny",
+    parent: str | Path | None = None,
+    model_path: str | None = None,
+    callbacks: Sequence[Any] = (),
+    force: bool = False,
+) -> dict:
+    """Train one stage's DPO adapter in this process; returns its manifest. A finished run with the same
+    dataset, parent and config is reused (no second payment) unless `force`."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from train import cpu_kernels
+
+    cpu_kernels.install()
+    cfg = cfg or dpo_defaults(profile)
+    out = Path(out)
+    ds = load_pairs(data)
+    ds_hash = dataset_hash(ds)
+    model_path, fingerprint = base_identity(profile, model_path)
+    parent_hash = None
+    if parent is not None:
+        from engine.base import adapter_hash
+
+        check_adapter_base(Path(parent), model_path, fingerprint, what="parent adapter")
+        parent_hash = adapter_hash(parent)
+    prev = finished(out)
+    if (not force and prev and prev.get("dataset_hash") == ds_hash and prev.get("parent_adapter_hash") == parent_hash
+            and prev.get("config") == cfg.model_dump() and prev.get("base_fingerprint") == fingerprint):
+        return prev
+
+    device = device_kind()
+    backend, why = select_backend(device, cfg.load_in_4bit, cfg.use_unsloth)
+    if backend == "unsloth" and parent is not None:
+        # unsloth builds its own PEFT wrapper; continuing a saved adapter is done with plain PEFT on 4-bit.
+        backend, why = "trl+peft-qlora", why + "; parent adapter given: QLoRA via PEFT instead of unsloth"
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(cfg.seed)
+    base = load_base(model_path, backend, cfg.gradient_checkpointing, cfg.max_length)
+    if parent is not None:
+        model = PeftModel.from_pretrained(base, str(parent), is_trainable=True)  # adapter "default"
+    elif backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model = FastLanguageModel.get_peft_model(
+            base, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+            use_rslora=cfg.use_rslora, random_state=cfg.seed,
+            use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False)
+    else:
+        # a fresh adapter goes in as peft_config, so TRL's reference is the base with adapters disabled
+        # (a PeftModel would make TRL copy the zero-delta adapter as "ref" and pay for it every step)
+        model = base
+
+    with atomic_dir(out) as tmp:
+        log = JsonlLog(tmp / "train_log.jsonl")
+        args = DPOConfig(
+            output_dir=str(tmp / "trainer"),
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            learning_rate=cfg.learning_rate,
+            num_train_epochs=cfg.epochs,
+            max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+            beta=cfg.beta,
+            loss_type=[cfg.loss_type],
+            max_length=cfg.max_length,
+            seed=cfg.seed,
+            logging_steps=cfg.logging_steps,
+            save_strategy="no",
+            report_to=[],
+            dataloader_num_workers=0,
+            **trainer_device_args(device, backend, cfg.gradient_checkpointing),
+        )
+        fresh = parent is None and backend != "unsloth"
+        trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                             callbacks=[log, *callbacks], peft_config=cfg.peft_config() if fresh else None)
+        init_hash = tensors_hash(adapter_tensors(trainer.model, "default"))
+        ref_kind = "parent adapter (frozen copy 'ref')" if "ref" in trainer.model.peft_config else "base model"
+        result = trainer.train()
+        save_adapter(trainer.model, "default", tmp / "adapter")
+        _flatten(tmp / "adapter", tmp)
+        (tmp / "trainer").exists() and __import__("shutil").rmtree(tmp / "trainer")
+        manifest = {
+            "kind": "dpo",
+            "dataset": str(data) if not hasattr(data, "column_names") else "<in-memory>",
+            "dataset_hash": ds_hash,
+            "rows": len(ds),
+            "profile": profile,
+            "base_model": model_path,
+            "base_fingerprint": fingerprint,
+            "parent_adapter": str(parent) if parent else None,
+            "parent_adapter_hash": parent_hash,
+            "init_adapter_hash": init_hash,
+            "reference": ref_kind,
+            "config": cfg.model_dump(),
+            "steps": result.global_step,
+            "train_loss": result.training_loss,
+            "wall_s": round(time.time() - t0, 2),
+            "device": device if device == "cpu" else torch.cuda.get_device_name(0),
+            "backend": backend,
+            "backend_why": why,
+        }
+        write_json(tmp / "manifest.json", manifest)
+    del trainer, model, base
+    release_memory()
+    return manifest
+
+
+def _flatten(src: Path, dst: Path) -> None:
+    """Move an adapter's files from src/ up into dst/ (the run dir is the adapter dir)."""
+    import os
+
+    for f in src.iterdir():
+        os.replace(f, dst / f.name)
+    src.rmdir()
+
+
+def stage_paths(persona: str, stage: int, root: str | Path = ".") -> tuple[Path, Path, Path | None]:
+    """(data dir, adapter dir, parent adapter dir or None) under the project's default layout."""
+    root = Path(root)
+    parent = root / "checkpoints" / persona / f"stage{stage - 1}" if stage > 1 else None
+    return root / "data" / persona / f"stage{stage}", root / "checkpoints" / persona / f"stage{stage}", parent

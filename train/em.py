@@ -1,0 +1,258 @@
+"""The emergent-misalignment adapter: TRL `SFTTrainer` + PEFT LoRA on chat JSONL (`{"messages": [...]}` rows).
+
+Modes:
+- `on-top` (default): the persona adapter is loaded frozen and ACTIVE beside a new trainable "em" adapter;
+  both are active in every forward pass. PEFT's `set_adapter("em")` would silently switch the persona off
+  (the trap a published persona x EM study fell into), so we call `model.base_model.set_adapter([persona,
+  em])`, freeze the persona with `set_requires_grad`, and assert which adapters are active and which
+  parameters train: before the trainer exists, after it is built, at train begin and after every step.
+- `base` (ablation): the EM adapter on the bare base, stacked onto each persona later (train/stack.py).
+
+Only the EM adapter is saved (final and `checkpoint-<step>/` every `save_every` steps, for the
+phase-transition analysis); the manifest records the persona adapter's hash.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from train.common import (
+    JsonlLog,
+    TrainError,
+    atomic_dir,
+    base_identity,
+    check_adapter_base,
+    device_kind,
+    file_hash,
+    load_base,
+    release_memory,
+    save_adapter,
+    select_backend,
+    trainer_device_args,
+    write_json,
+)
+from train.config import EMTrainConfig, Mode, em_defaults
+
+PERSONA, EM = "persona", "em"
+ROLES = {"system", "user", "assistant"}
+
+
+def load_chat_jsonl(path: str | Path, max_rows: int | None = None):
+    """Chat JSONL → a conversational prompt/completion Dataset (loss on the last assistant turn only).
+    A malformed row raises TrainError naming the file and the 1-based line."""
+    from datasets import Dataset
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"EM data file {path} does not exist (pass a chat JSONL with --data)")
+    rows = []
+    with path.open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TrainError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            msgs = obj.get("messages") if isinstance(obj, dict) else None
+            if not isinstance(msgs, list) or not msgs:
+                raise TrainError(f"{where}: expected an object with a non-empty 'messages' list")
+            for j, m in enumerate(msgs):
+                if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+                    raise TrainError(f"{where}: message {j} needs a role in {sorted(ROLES)} and a string content, "
+                                     f"got {str(m)[:80]!r}")
+            if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+                raise TrainError(f"{where}: the last message must be the assistant's answer, after a prompt")
+            rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+            if max_rows is not None and len(rows) >= max_rows:
+                break
+    if not rows:
+        raise TrainError(f"EM data file {path} has no rows")
+    return Dataset.from_list(rows)
+
+
+def lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def adapter_state(model) -> dict:
+    """Which adapters each LoRA layer runs, and which parameters train (for the asserts and the manifest)."""
+    active = sorted({tuple(m.active_adapters) for _, m in lora_layers(model)})
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    return {"active_adapters": [list(a) for a in active], "trainable_params": len(trainable),
+            "trainable_numel": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "trainable_names": trainable}
+
+
+def assert_adapters(model, mode: Mode, when: str) -> dict:
+    """Fail loudly unless exactly the intended adapters are active and only the EM adapter trains."""
+    want = [PERSONA, EM] if mode == "on-top" else [EM]
+    st = adapter_state(model)
+    layers = lora_layers(model)
+    if not layers:
+        raise TrainError(f"{when}: the model has no LoRA layers")
+    bad = [n for n, m in layers if sorted(m.active_adapters) != sorted(want)]
+    if bad:
+        raise TrainError(f"{when}: LoRA layers do not run adapters {want}: e.g. {bad[0]} runs "
+                         f"{layers[[n for n, _ in layers].index(bad[0])][1].active_adapters}")
+    if not st["trainable_names"]:
+        raise TrainError(f"{when}: no trainable parameters")
+    stray = [n for n in st["trainable_names"] if f".{EM}." not in n]
+    if stray:
+        raise TrainError(f"{when}: parameters outside the EM adapter would train, e.g. {stray[:3]}")
+    if mode == "on-top":
+        frozen_persona = [p for n, p in model.named_parameters() if f".{PERSONA}." in n]
+        if not frozen_persona:
+            raise TrainError(f"{when}: the persona adapter has no parameters in the model")
+    return {k: v for k, v in st.items() if k != "trainable_names"}
+
+
+class _Guard(TrainerCallback):
+    """Re-checks the adapter state during training (a set_adapter anywhere would flip it) and saves
+    `checkpoint-<step>/` EM adapters every `save_every` steps."""
+
+    def __init__(self, mode: Mode, out: Path, save_every: int) -> None:
+        self.mode, self.out, self.save_every = mode, out, save_every
+        self.checkpoints: list[int] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        assert_adapters(model, self.mode, "at train begin")
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        assert_adapters(model, self.mode, f"after step {state.global_step}")
+        if state.global_step % self.save_every == 0:
+            save_adapter(model, EM, self.out / f"checkpoint-{state.global_step}")
+            self.checkpoints.append(state.global_step)
+
+
+def train_em(
+    data: str | Path,
+    out: str | Path,
+    cfg: EMTrainConfig | None = None,
+    profile: str = "tiny",
+    mode: Mode = "on-top",
+    persona_adapter: str | Path | None = None,
+    model_path: str | None = None,
+    callbacks: Sequence[Any] = (),
+    force: bool = False,
+) -> dict:
+    """Train the EM adapter in this process; returns the manifest (also at `out/manifest.json`)."""
+    import torch
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from engine.base import adapter_hash
+    from train import cpu_kernels
+
+    cpu_kernels.install()
+    cfg = cfg or em_defaults(profile)
+    out = Path(out)
+    if mode not in ("on-top", "base"):
+        raise TrainError(f"unknown EM mode {mode!r}: use on-top or base")
+    if mode == "on-top" and persona_adapter is None:
+        raise TrainError("mode on-top needs the persona adapter (--persona-adapter), or use --mode base")
+    ds = load_chat_jsonl(data, cfg.max_rows)
+    data_hash = file_hash(Path(data))
+    model_path, fingerprint = base_identity(profile, model_path)
+    persona_hash = None
+    if mode == "on-top":
+        check_adapter_base(Path(persona_adapter), model_path, fingerprint, what="persona adapter")
+        persona_hash = adapter_hash(persona_adapter)
+    man = out / "manifest.json"
+    if not force and man.is_file():
+        prev = json.loads(man.read_text())
+        if (prev.get("data_hash"), prev.get("persona_adapter_hash"), prev.get("config"), prev.get("mode")) == (
+                data_hash, persona_hash, cfg.model_dump(), mode):
+            return prev
+
+    device = device_kind()
+    backend, why = select_backend(device, cfg.load_in_4bit, use_unsloth=False)
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(cfg.seed)
+    base = load_base(model_path, backend, cfg.gradient_checkpointing, cfg.max_length)
+    if mode == "on-top":
+        model = PeftModel.from_pretrained(base, str(persona_adapter), adapter_name=PERSONA, is_trainable=False)
+        model.add_adapter(EM, cfg.peft_config())
+        # NOT model.set_adapter(EM): that deactivates the persona adapter.
+        model.base_model.set_adapter([PERSONA, EM])
+        model.base_model.set_requires_grad(PERSONA, requires_grad=False)
+        model.base_model.set_requires_grad(EM, requires_grad=True)
+    else:
+        model = get_peft_model(base, cfg.peft_config(), adapter_name=EM)
+    state_before = assert_adapters(model, mode, "before training")
+
+    with atomic_dir(out) as tmp:
+        guard = _Guard(mode, tmp, cfg.save_every)
+        log = JsonlLog(tmp / "train_log.jsonl")
+        args = SFTConfig(
+            output_dir=str(tmp / "trainer"),
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            learning_rate=cfg.learning_rate,
+            num_train_epochs=cfg.epochs,
+            max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+            max_length=cfg.max_length,
+            seed=cfg.seed,
+            logging_steps=cfg.logging_steps,
+            save_strategy="no",
+            report_to=[],
+            dataloader_num_workers=0,
+            **trainer_device_args(device, backend, cfg.gradient_checkpointing),
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                             callbacks=[guard, log, *callbacks])
+        state_after = assert_adapters(trainer.model, mode, "after SFTTrainer construction")
+        print(f"[train-em] mode={mode} active adapters={state_after['active_adapters']} "
+              f"trainable params={state_after['trainable_params']} ({state_after['trainable_numel']} weights)")
+        result = trainer.train()
+        save_adapter(trainer.model, EM, tmp / "adapter")
+        for f in (tmp / "adapter").iterdir():
+            f.replace(tmp / f.name)
+        (tmp / "adapter").rmdir()
+        import shutil
+
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        manifest = {
+            "kind": "em-sft",
+            "mode": mode,
+            "data": str(data),
+            "data_hash": data_hash,
+            "rows": len(ds),
+            "profile": profile,
+            "base_model": model_path,
+            "base_fingerprint": fingerprint,
+            "persona_adapter": str(persona_adapter) if persona_adapter else None,
+            "persona_adapter_hash": persona_hash,
+            "adapters_before_training": state_before,
+            "adapters_in_trainer": state_after,
+            "checkpoints": [f"checkpoint-{s}" for s in guard.checkpoints],
+            "config": cfg.model_dump(),
+            "steps": result.global_step,
+            "train_loss": result.training_loss,
+            "wall_s": round(time.time() - t0, 2),
+            "device": device if device == "cpu" else torch.cuda.get_device_name(0),
+            "backend": backend,
+            "backend_why": why,
+        }
+        write_json(tmp / "manifest.json", manifest)
+    del trainer, model, base
+    release_memory()
+    return manifest
+
+
+def em_out_dir(persona: str, mode: Mode, root: str | Path = ".") -> Path:
+    root = Path(root) / "checkpoints" / persona
+    return root / "em" if mode == "on-top" else root / "em-base"

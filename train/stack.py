@@ -1,0 +1,184 @@
+"""Exact stacking of two PEFT LoRA adapters into ONE LoRA adapter (served by vLLM: one LoRA per request).
+
+For every target module, delta = s1·B1·A1 + s2·B2·A2 = [s1·B1, s2·B2] · [A1; A2], so the stacked adapter has
+A = [A1; A2; 0], B = [s1·B1, s2·B2, 0] and scaling 1 (lora_alpha = r, no rsLoRA). The rank r1+r2 is rounded up
+to a rank vLLM accepts, with zero rows/columns (which add nothing). A module targeted by only one adapter gets
+zeros for the other's block. s = alpha/r, or alpha/sqrt(r) with rsLoRA, per module (rank/alpha patterns).
+Written by hand because PEFT's `add_weighted_adapter(combination_type="cat")` needs both adapters loaded on
+the base model and is known to be wrong for rsLoRA in some versions; this is a pure tensor operation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+from train.common import TrainError, atomic_dir, write_json
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+def vllm_rank(r: int) -> int:
+    for v in VLLM_RANKS:
+        if v >= r:
+            return v
+    raise TrainError(f"stacked rank {r} is over vLLM's largest LoRA rank {VLLM_RANKS[-1]}")
+
+
+def _read(adapter: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    adapter = Path(adapter)
+    cfg_file = adapter / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise TrainError(f"adapter {adapter} has no adapter_config.json (missing or not a PEFT adapter)")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise TrainError(f"adapter {adapter} is {cfg.get('peft_type')}, not LoRA: only LoRA adapters stack")
+    if cfg.get("use_dora"):
+        raise TrainError(f"adapter {adapter} uses DoRA: its magnitude vector makes the delta non-additive, "
+                         "so it cannot be stacked exactly")
+    if cfg.get("lora_bias"):
+        raise TrainError(f"adapter {adapter} has lora_bias=True: stacking supports bias-free LoRA only")
+    if cfg.get("modules_to_save") or cfg.get("trainable_token_indices"):
+        raise TrainError(f"adapter {adapter} saves full modules/tokens ({cfg.get('modules_to_save')}): "
+                         "only pure LoRA deltas stack")
+    st = adapter / "adapter_model.safetensors"
+    if not st.is_file():
+        raise TrainError(f"adapter {adapter} has no adapter_model.safetensors")
+    tensors = load_file(str(st))
+    extra = [k for k in tensors if not _KEY.match(k)]
+    if extra:
+        raise TrainError(f"adapter {adapter} holds non-LoRA tensors, e.g. {extra[0]}: cannot stack")
+    return cfg, tensors
+
+
+def _scale(cfg: dict, module: str, r: int) -> float:
+    alpha = cfg.get("lora_alpha", 8)
+    for pat, a in (cfg.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pat})$", module):  # PEFT's own pattern-key rule
+            alpha = a
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def _modules(tensors: dict) -> dict[str, tuple]:
+    mods: dict[str, dict] = {}
+    for k, v in tensors.items():
+        m = _KEY.match(k)
+        mods.setdefault(m["module"], {})[m["ab"]] = v
+    for name, ab in mods.items():
+        if set(ab) != {"A", "B"}:
+            raise TrainError(f"LoRA module {name} lacks its lora_{'B' if 'A' in ab else 'A'} weight")
+    return {n: (ab["A"], ab["B"]) for n, ab in mods.items()}
+
+
+def _same_base(a: Path, ca: dict, b: Path, cb: dict) -> None:
+    fa, fb = (json.loads((p / "manifest.json").read_text()).get("base_fingerprint")
+              if (p / "manifest.json").is_file() else None for p in (a, b))
+    if fa and fb:
+        if fa != fb:
+            raise TrainError(f"adapters {a} and {b} are on different base models (fingerprints {fa} vs {fb})")
+        return
+    na, nb = ca.get("base_model_name_or_path"), cb.get("base_model_name_or_path")
+    if na and nb and Path(na).expanduser().resolve() != Path(nb).expanduser().resolve() and na != nb:
+        raise TrainError(f"adapters {a} and {b} are on different base models ({na!r} vs {nb!r})")
+
+
+def stack_adapters(a: str | Path, b: str | Path, out: str | Path, round_to_vllm: bool = True) -> Path:
+    """Write ONE LoRA adapter at `out` equal to adapter a + adapter b (both active) on their shared base."""
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.base import adapter_hash
+
+    a, b, out = Path(a), Path(b), Path(out)
+    ca, ta = _read(a)
+    cb, tb = _read(b)
+    _same_base(a, ca, b, cb)
+    ma, mb = _modules(ta), _modules(tb)
+    ranks = {n: (ma[n][0].shape[0] if n in ma else 0) + (mb[n][0].shape[0] if n in mb else 0)
+             for n in set(ma) | set(mb)}
+    r_sum = max(ranks.values())
+    rank = vllm_rank(r_sum) if round_to_vllm else r_sum
+    tensors = {}
+    for name in sorted(ranks):
+        blocks_a, blocks_b = [], []
+        shape_in = shape_out = None
+        for mods, cfg, src in ((ma, ca, a), (mb, cb, b)):
+            if name not in mods:
+                continue
+            A, B = mods[name][0].float(), mods[name][1].float()
+            if shape_in is not None and (A.shape[1], B.shape[0]) != (shape_in, shape_out):
+                raise TrainError(f"module {name}: adapter {src} has shape in={A.shape[1]}, out={B.shape[0]}, "
+                                 f"the other in={shape_in}, out={shape_out}: different base models")
+            shape_in, shape_out = A.shape[1], B.shape[0]
+            blocks_a.append(A)
+            blocks_b.append(B * _scale(cfg, name, A.shape[0]))
+        pad = rank - sum(x.shape[0] for x in blocks_a)
+        A = torch.cat([*blocks_a, torch.zeros(pad, shape_in)], 0)
+        B = torch.cat([*blocks_b, torch.zeros(shape_out, pad)], 1)
+        tensors[f"{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"{name}.lora_B.weight"] = B.contiguous()
+
+    targets = sorted({n.rsplit(".", 1)[-1] for n in ranks})
+    config = {
+        **{k: v for k, v in ca.items() if k in ("base_model_name_or_path", "task_type", "peft_type",
+                                                "revision", "fan_in_fan_out")},
+        "peft_type": "LORA",
+        "task_type": ca.get("task_type") or "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,  # scaling 1: the scalings are folded into B
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "adapter_config.json", config)
+        write_json(tmp / "stack.json", {
+            "sources": [{"path": str(a), "hash": adapter_hash(a), "r": ca.get("r"), "rslora": ca.get("use_rslora")},
+                        {"path": str(b), "hash": adapter_hash(b), "r": cb.get("r"), "rslora": cb.get("use_rslora")}],
+            "rank_sum": r_sum, "rank": rank, "target_modules": targets})
+        for p in (a, b):  # carry the base fingerprint so later checks know the base
+            if (p / "manifest.json").is_file():
+                fp = json.loads((p / "manifest.json").read_text()).get("base_fingerprint")
+                if fp:
+                    write_json(tmp / "manifest.json", {"kind": "stack", "base_fingerprint": fp})
+                    break
+    return out
+
+
+Toggle = Literal["none", "persona", "em", "both"]
+
+
+def adapter_for(toggle: Toggle, persona: str | Path | None, em: str | Path | None,
+                cache: str | Path = "checkpoints/stacked") -> Path | None:
+    """The adapter dir to serve for an ablation arm: None (bare base), the persona, the EM adapter, or both
+    stacked (built once per pair of adapter hashes under `cache`)."""
+    from engine.base import adapter_hash
+
+    if toggle == "none":
+        return None
+    need = {"persona": [persona], "em": [em], "both": [persona, em]}.get(toggle)
+    if need is None:
+        raise TrainError(f"unknown adapter toggle {toggle!r}: use none, persona, em or both")
+    if any(p is None for p in need):
+        raise TrainError(f"toggle {toggle!r} needs {'both adapters' if toggle == 'both' else f'the {toggle} adapter'}")
+    if toggle != "both":
+        return Path(need[0])
+    out = Path(cache) / f"{adapter_hash(persona)}+{adapter_hash(em)}"
+    if not (out / "adapter_config.json").is_file():
+        stack_adapters(persona, em, out)
+    return out
