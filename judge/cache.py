@@ -1,0 +1,148 @@
+"""Content-addressed SQLite (WAL) cache of judge responses.
+
+The key is sha256 of the canonical request: judge model, messages, every sampling setting and the judge
+template's version. Nothing volatile (ids, timestamps, endpoint, key) goes in, so a rerun, a resume after
+kill -9 or a different provider serving the same model all hit. Each part's own hash is stored too, so
+`explain_miss` can say which part differs from the nearest cached request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+KEY_PARTS = ("model", "messages", "sampling", "template")
+
+
+class ChatRequest(BaseModel):
+    """One judge call, provider-independent."""
+
+    messages: list[dict[str, str]]
+    max_tokens: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    seed: int | None = 0
+    response_format: dict[str, Any] | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"messages"})
+
+    def body(self, model: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, "messages": self.messages, **self.sampling()}
+        if not self.logprobs:
+            body.pop("top_logprobs")
+        return {k: v for k, v in body.items() if v is not None}
+
+    def prompt_bytes(self) -> int:
+        # upper bound on prompt tokens: every BPE token covers >= 1 byte; + chat-template overhead per turn
+        return sum(len(m.get("content", "").encode()) + 16 for m in self.messages) + 16
+
+
+def _canon(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def key_parts(model: str, req: ChatRequest, template_version: str) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": req.messages,
+        "sampling": req.sampling(),
+        "template": template_version,
+    }
+
+
+def cache_key(model: str, req: ChatRequest, template_version: str) -> str:
+    return hashlib.sha256(_canon(key_parts(model, req, template_version)).encode()).hexdigest()
+
+
+def _part_hashes(parts: dict[str, Any]) -> list[str]:
+    return [hashlib.sha256(_canon(parts[p]).encode()).hexdigest()[:16] for p in KEY_PARTS]
+
+
+class Cache:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives kill -9 of the process
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS judge_cache (key TEXT PRIMARY KEY, h_model TEXT, h_messages TEXT,"
+            " h_sampling TEXT, h_template TEXT, parts TEXT, response TEXT, created REAL)"
+        )
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> dict | None:
+        row = self.db.execute("SELECT response FROM judge_cache WHERE key=?", (key,)).fetchone()
+        if row is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return json.loads(row[0])
+
+    def put(self, key: str, parts: dict[str, Any], response: dict) -> None:
+        """Committed immediately (autocommit): a kill after this line never loses the paid result."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO judge_cache VALUES (?,?,?,?,?,?,?,?)",
+            (key, *_part_hashes(parts), _canon(parts), _canon(response), time.time()),
+        )
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM judge_cache").fetchone()[0]
+
+    def explain_miss(self, model: str, req: ChatRequest, template_version: str) -> str:
+        """Which key part(s) differ from the nearest cached request (most equal parts wins)."""
+        parts = key_parts(model, req, template_version)
+        key = cache_key(model, req, template_version)
+        if self.db.execute("SELECT 1 FROM judge_cache WHERE key=?", (key,)).fetchone():
+            return "hit: this exact request is cached"
+        h = _part_hashes(parts)
+        row = self.db.execute(
+            "SELECT parts, (h_model=?)+(h_messages=?)+(h_sampling=?)+(h_template=?) AS same FROM judge_cache"
+            " ORDER BY same DESC LIMIT 1",
+            h,
+        ).fetchone()
+        if row is None:
+            return "miss: the cache is empty"
+        near = json.loads(row[0])
+        diffs = [_diff_part(p, near[p], parts[p]) for p in KEY_PARTS if _canon(near[p]) != _canon(parts[p])]
+        return f"miss: nearest cached request differs in {len(diffs)} part(s): " + "; ".join(diffs)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _short(v: Any, n: int = 60) -> str:
+    s = v if isinstance(v, str) else _canon(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _diff_part(part: str, old: Any, new: Any) -> str:
+    if part == "sampling":
+        keys = sorted(set(old) | set(new))
+        fields = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+        return "sampling (" + ", ".join(fields) + ")"
+    if part == "messages":
+        if len(old) != len(new):
+            return f"messages (count {len(old)} -> {len(new)})"
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            for f in sorted(set(a) | set(b)):
+                if a.get(f) != b.get(f):
+                    x, y = a.get(f) or "", b.get(f) or ""
+                    at = next(
+                        (j for j, (c, d) in enumerate(zip(x, y, strict=False)) if c != d), min(len(x), len(y))
+                    )
+                    return (
+                        f"messages[{i}].{f} (first difference at char {at}: "
+                        f"{_short(x[at : at + 40])!r} -> {_short(y[at : at + 40])!r})"
+                    )
+    return f"{part} ({_short(old)!r} -> {_short(new)!r})"

@@ -1,0 +1,96 @@
+"""Judge farm configuration: a pool of OpenAI-compatible endpoints plus retry/deadline policy (YAML)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+
+
+class ConfigError(ValueError):
+    """A judge config that cannot be used; the message names the file and field."""
+
+
+class Endpoint(BaseModel):
+    """One provider endpoint. `api_key_env` names an environment variable; the key itself never lives here."""
+
+    name: str
+    base_url: str  # e.g. https://api.openai.com/v1 (the farm appends /chat/completions)
+    model: str | None = None  # the provider's id for the judge model (default: the pool's `model`)
+    api_key_env: str | None = None  # None: no Authorization header (local servers)
+    rpm: float = Field(60.0, gt=0)  # requests per minute
+    tpm: float | None = Field(
+        None, gt=0
+    )  # tokens per minute (prompt estimate + max_tokens), None = unlimited
+    max_concurrent: int = Field(8, ge=1)
+    usd_per_m_in: float = Field(0.0, ge=0)
+    usd_per_m_out: float = Field(0.0, ge=0)
+    logprobs: bool = True  # whether it returns top_logprobs (the EM scorer needs them)
+    local: bool = False  # the embedded vLLM server (started by the farm when `model_dir` is set)
+
+    def api_key(self) -> str | None:
+        """Read at call time, never stored on the object (so it never reaches a repr, cache or log)."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def has_key(self) -> bool:
+        return self.api_key_env is None or bool(os.environ.get(self.api_key_env))
+
+
+class RetryPolicy(BaseModel):
+    max_attempts: int = Field(8, ge=1)  # per request, all causes
+    deadline_s: float = Field(300.0, gt=0)  # per item wall time, waits included
+    request_timeout_s: float = Field(60.0, gt=0)  # one attempt, body included (slow bodies are cut off)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    backoff_base_s: float = Field(0.5, gt=0)
+    backoff_cap_s: float = Field(30.0, gt=0)
+    same_5xx_limit: int = Field(3, ge=1)  # the same 5xx status this many times fails the item
+    slowdown_factor: float = Field(0.5, gt=0, le=1)  # rate multiplier right after a 429
+    recover_s: float = Field(30.0, gt=0)  # time to climb back to the configured rate after a 429
+
+
+class JudgeConfig(BaseModel):
+    model: str  # the canonical judge model name (part of every cache key)
+    endpoints: list[Endpoint]
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    concurrency: int | None = Field(None, ge=1)  # workers; default: sum of endpoints' max_concurrent
+    cache_path: str = "data/judge/cache.sqlite"
+    ledger_path: str = "data/ledger.sqlite"
+    # the embedded default: a local vLLM server for `local: true` endpoints when no keyed endpoint is usable
+    local_model: str | None = None  # model profile name or directory served by judge.local_server
+
+    @model_validator(mode="after")
+    def _check(self) -> JudgeConfig:
+        if not self.endpoints:
+            raise ValueError("endpoints: at least one endpoint is needed")
+        names = [e.name for e in self.endpoints]
+        if len(set(names)) != len(names):
+            raise ValueError(f"endpoints: names must be unique, got {names}")
+        return self
+
+    @property
+    def workers(self) -> int:
+        return self.concurrency or sum(e.max_concurrent for e in self.endpoints)
+
+    def usable(self) -> list[Endpoint]:
+        """Endpoints whose key is present; local ones only when no keyed endpoint is usable."""
+        remote = [e for e in self.endpoints if not e.local and e.has_key()]
+        return remote or [e for e in self.endpoints if e.local]
+
+
+def load_config(path: str | Path | None = None) -> JudgeConfig:
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"judge config {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"judge config {path} is not valid YAML: {e}") from None
+    try:
+        return JudgeConfig.model_validate(raw)
+    except ValidationError as e:
+        errs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise ConfigError(f"judge config {path}: {errs}") from None

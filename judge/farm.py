@@ -1,0 +1,470 @@
+"""The farm: stream items through a bounded queue to a fixed set of workers, cache-first, budgeted.
+
+Memory stays flat however many items come in: one producer reads the input lazily into a queue of
+about twice the worker count, and a fixed number of workers drain it (a million items never become a
+million tasks). Each result is cached and ledgered the moment it arrives, so a rerun or a resume after
+kill -9 sends only what is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import AsyncIterable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from judge.cache import Cache, ChatRequest, cache_key, key_parts
+from judge.client import ItemFailed, Pool
+from judge.config import JudgeConfig
+from judge.ledger import Ledger
+from judge.limits import Budget, BudgetExceeded
+from judge.scorers import Scorer, ScorerError
+
+_DONE = object()
+
+
+@dataclass
+class Result:
+    id: Any
+    status: str  # ok | failed | invalid | budget
+    item: dict
+    scores: dict = field(default_factory=dict)
+    reason: str | None = None
+    endpoint: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    usd: float = 0.0
+    cached: bool = False
+
+    def row(self) -> dict:
+        """The output row: the input row carried through, plus scores and judge bookkeeping."""
+        return {
+            **self.item,
+            **self.scores,
+            "judge_status": self.status,
+            "judge_reason": self.reason,
+            "judge_endpoint": self.endpoint,
+            "judge_tokens_in": self.tokens_in,
+            "judge_tokens_out": self.tokens_out,
+            "judge_usd": round(self.usd, 8),
+            "cached": self.cached,
+        }
+
+
+@dataclass
+class Summary:
+    run: str
+    items: int = 0
+    ok: int = 0
+    failures: Counter = field(default_factory=Counter)  # reason kind -> count
+    cached_items: int = 0
+    usd: float = 0.0
+    budget_stopped: bool = False
+    remaining: int = 0  # items not sent because the budget ran out
+    remaining_usd: float = 0.0  # their worst-case cost
+    requests_sent: int = 0
+    r429: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+    drift: dict | None = None
+
+    def as_dict(self) -> dict:
+        d = self.__dict__.copy()
+        d["failures"] = dict(self.failures)
+        d["usd"] = round(self.usd, 8)
+        d["remaining_usd"] = round(self.remaining_usd, 8)
+        return d
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0].split(" from ")[0][:40]
+
+
+async def _aiter(items: Iterable[dict] | AsyncIterable[dict]):
+    if hasattr(items, "__aiter__"):
+        async for it in items:  # type: ignore[union-attr]
+            yield it
+    else:
+        for it in items:  # type: ignore[union-attr]
+            yield it
+
+
+class Farm:
+    def __init__(
+        self,
+        scorer: Scorer,
+        config: JudgeConfig,
+        cache: Cache | None,
+        ledger: Ledger | None,
+        budget_usd: float | None,
+        run: str,
+        purpose: str,
+        model: str,
+        endpoints,
+        *,
+        phase: str = "judge",
+        persona_field: str = "persona",
+    ) -> None:
+        self.scorer, self.cfg, self.cache, self.ledger = scorer, config, cache, ledger
+        self.run, self.purpose, self.model, self.phase, self.persona_field = (
+            run,
+            purpose,
+            model,
+            phase,
+            persona_field,
+        )
+        spent = ledger.total_usd(run) if (ledger is not None and budget_usd is not None) else 0.0
+        self.budget = Budget(budget_usd, spent)
+        self.spent_at_start = spent
+        self.pool = Pool(config, endpoints, self.budget)
+        self.summary = Summary(run=run)
+        self.stop = False
+
+    # ---------------------------------------------------------------- one request, cache first
+    async def _one(self, item: dict, name: str, req: ChatRequest, deadline: float, use_cache: bool):
+        key = cache_key(self.model, req, self.scorer.template_version)
+        hit = self.cache.get(key) if (self.cache is not None and use_cache) else None
+        if hit is not None:
+            self._record(item, hit["endpoint"], hit["tokens_in"], hit["tokens_out"], 0.0, cached=True)
+            return hit, True
+        reply = await self.pool.send(req, deadline)
+        val = {
+            "body": reply.body,
+            "endpoint": reply.endpoint,
+            "tokens_in": reply.tokens_in,
+            "tokens_out": reply.tokens_out,
+        }
+        if self.cache is not None:
+            self.cache.put(key, key_parts(self.model, req, self.scorer.template_version), val)
+        self._record(item, reply.endpoint, reply.tokens_in, reply.tokens_out, reply.usd, cached=False)
+        return val | {"usd": reply.usd}, False
+
+    def _record(self, item, endpoint, tin, tout, usd, cached):
+        if self.ledger is not None:
+            self.ledger.record(
+                run=self.run,
+                kind="api",
+                phase=self.phase,
+                purpose=self.purpose,
+                persona=item.get(self.persona_field) if isinstance(item, dict) else None,
+                endpoint=endpoint,
+                model=self.model,
+                item=str(item.get("id")),
+                tokens_in=tin,
+                tokens_out=tout,
+                usd=usd,
+                cached=cached,
+            )
+
+    async def judge(self, item: dict) -> Result:
+        iid = item.get("id")
+        try:
+            reqs = self.scorer.requests(item)
+        except ScorerError as e:
+            return Result(iid, "invalid", item, reason=str(e))
+        if self.stop:
+            return Result(iid, "budget", item, reason="budget: not sent, the cap was reached")
+        deadline = time.monotonic() + self.cfg.retry.deadline_s
+        use_cache = not item.get("anchor")  # anchors are re-judged every run: that is how drift shows
+        names = list(reqs)
+        outs = await asyncio.gather(
+            *(self._one(item, n, reqs[n], deadline, use_cache) for n in names), return_exceptions=True
+        )
+        replies, usd, tin, tout, cached, eps = {}, 0.0, 0, 0, True, set()
+        for n, o in zip(names, outs, strict=True):
+            if isinstance(o, BaseException):
+                continue
+            val, hit = o
+            replies[n] = val["body"]
+            usd += val.get("usd", 0.0)
+            tin, tout, cached = tin + val["tokens_in"], tout + val["tokens_out"], cached and hit
+            eps.add(val["endpoint"])
+        errs = [o for o in outs if isinstance(o, BaseException)]
+        base = dict(endpoint=",".join(sorted(eps)) or None, tokens_in=tin, tokens_out=tout, usd=usd)
+        if any(isinstance(e, BudgetExceeded) for e in errs):
+            self.stop = True
+            return Result(
+                iid,
+                "budget",
+                item,
+                reason=f"budget: {next(e for e in errs if isinstance(e, BudgetExceeded))}",
+                cached=False,
+                **base,
+            )
+        if errs:
+            e = errs[0]
+            if not isinstance(e, ItemFailed):
+                raise e
+            return Result(iid, "failed", item, reason=e.reason, cached=False, **base)
+        try:
+            scores = self.scorer.score(item, replies)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            return Result(
+                iid,
+                "failed",
+                item,
+                reason=f"unscorable reply: {type(e).__name__}: {e}"[:200],
+                cached=cached,
+                **base,
+            )
+        return Result(iid, "ok", item, scores=scores, cached=cached, **base)
+
+    def remaining_cost(self, item: dict) -> float:
+        try:
+            reqs = self.scorer.requests(item).values()
+        except ScorerError:
+            return 0.0
+        cost = 0.0
+        for r in reqs:
+            if (
+                self.cache is None
+                or self.cache.get(cache_key(self.model, r, self.scorer.template_version)) is None
+            ):
+                cost += self.pool.worst_usd(r)
+        return cost
+
+    # ---------------------------------------------------------------- the stream
+    async def run_stream(self, items, on_result: Callable[[Result], None]) -> Summary:
+        t0 = time.monotonic()
+        n_workers = self.cfg.workers
+        queue: asyncio.Queue = asyncio.Queue(maxsize=2 * n_workers)
+        s = self.summary
+
+        async def produce():
+            async for it in _aiter(items):
+                if self.stop:  # the cap was reached: count what is left and what it would cost, send nothing
+                    s.remaining += 1
+                    s.remaining_usd += self.remaining_cost(it)
+                    continue
+                await queue.put(it)
+            for _ in range(n_workers):
+                await queue.put(_DONE)
+
+        async def work():
+            while (it := await queue.get()) is not _DONE:
+                if not isinstance(it, dict):
+                    r = Result(None, "invalid", {"value": repr(it)[:80]}, reason="item is not a JSON object")
+                else:
+                    r = await self.judge(it)
+                self._tally(r)
+                on_result(r)
+
+        producer = asyncio.create_task(produce())
+        workers = [asyncio.create_task(work()) for _ in range(n_workers)]
+        try:
+            await asyncio.gather(producer, *workers)
+        finally:
+            for t in (producer, *workers):
+                t.cancel()
+            await self.pool.aclose()
+        st = self.pool.stats
+        s.requests_sent, s.r429, s.retries = st.sent, st.r429, st.retries
+        s.budget_stopped = self.budget.refused
+        s.seconds = round(time.monotonic() - t0, 3)
+        return s
+
+    def _tally(self, r: Result) -> None:
+        s = self.summary
+        s.items += 1
+        s.usd += r.usd
+        if r.status == "ok":
+            s.ok += 1
+            s.cached_items += r.cached
+        elif r.status == "budget":
+            s.remaining += 1
+            s.remaining_usd += self.remaining_cost(r.item)
+        else:
+            s.failures[_reason_kind(r.reason or r.status)] += 1
+
+
+# ------------------------------------------------------------------------- progress
+class _Progress:
+    """done/total, rate, 429s, retries, $ spent and reserved, ETA (rich)."""
+
+    def __init__(self, total: int | None, farm: Farm, enabled: bool) -> None:
+        self.farm, self.enabled, self.p = farm, enabled, None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.p = Progress(
+                TextColumn("judge"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:.1f}/s"),
+                TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self.task = self.p.add_task("judge", total=total, rate=0.0, stats="")
+            self.t0 = time.monotonic()
+
+    def __enter__(self):
+        if self.p:
+            self.p.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.p:
+            self.update()
+            self.p.stop()
+
+    def update(self) -> None:
+        if not self.p:
+            return
+        f, st = self.farm, self.farm.pool.stats
+        done = f.summary.items
+        stats = (
+            f"429s {st.r429} retries {st.retries} fail {sum(f.summary.failures.values())} "
+            f"${f.budget.spent - f.spent_at_start:.4f} spent ${f.budget.reserved:.4f} reserved"
+        )
+        self.p.update(
+            self.task, completed=done, rate=done / max(1e-9, time.monotonic() - self.t0), stats=stats
+        )
+
+
+# ------------------------------------------------------------------------- the API
+@contextlib.contextmanager
+def _endpoints(config: JudgeConfig, start_local: bool = True):
+    """(judge model name for cache keys, usable endpoints), starting the embedded vLLM server if needed."""
+    eps = [e.model_copy() for e in config.usable()]
+    if not eps:
+        raise ItemFailed(
+            "no usable endpoint: set an endpoint's api_key_env variable or add a `local: true` one"
+        )
+    if not eps[0].local:
+        yield config.model, eps
+        return
+    if not config.local_model or not start_local:
+        yield eps[0].model or config.model, eps
+        return
+    from judge.local_server import LocalVLLMServer
+
+    with LocalVLLMServer(config.local_model) as srv:
+        for e in eps:
+            e.base_url, e.model = srv.base_url, srv.served_name
+        yield srv.served_name, eps
+
+
+async def judge_stream(
+    items,
+    scorer: Scorer,
+    config: JudgeConfig,
+    cache: Cache | None,
+    ledger: Ledger | None,
+    budget_usd: float | None,
+    run: str,
+    purpose: str,
+    on_result: Callable[[Result], None],
+    *,
+    progress: bool = True,
+    total: int | None = None,
+    anchors: list[dict] | None = None,
+    model: str | None = None,
+    endpoints=None,
+    phase: str = "judge",
+) -> Summary:
+    """Judge a (possibly huge, lazy) stream; `on_result` gets each Result as it completes (any order).
+
+    Pass `model`/`endpoints` when the caller already resolved them (e.g. a running local server);
+    otherwise this resolves them from the config, starting the embedded vLLM server when no key is set.
+    """
+    if endpoints is None:
+        with _endpoints(config) as (m, eps):
+            return await judge_stream(
+                items,
+                scorer,
+                config,
+                cache,
+                ledger,
+                budget_usd,
+                run,
+                purpose,
+                on_result,
+                progress=progress,
+                total=total,
+                anchors=anchors,
+                model=m,
+                endpoints=eps,
+                phase=phase,
+            )
+    farm = Farm(
+        scorer, config, cache, ledger, budget_usd, run, purpose, model or config.model, endpoints, phase=phase
+    )
+    if total is None and hasattr(items, "__len__"):
+        total = len(items) + len(anchors or [])
+    anchor_rows: list[dict] = []
+
+    def sink(r: Result) -> None:
+        if r.item.get("anchor"):
+            anchor_rows.append({**r.item, **r.scores})
+        on_result(r)
+        bar.update()
+
+    stream = _chain(anchors or [], items)
+    with _Progress(total, farm, progress) as bar:
+        summary = await farm.run_stream(stream, sink)
+    if anchors:
+        from judge.scorers import drift_report
+
+        summary.drift = drift_report(anchor_rows)
+    return summary
+
+
+async def _chain(first: list[dict], rest):
+    for it in first:
+        yield it
+    async for it in _aiter(rest):
+        yield it
+
+
+async def judge_items(
+    items,
+    scorer: Scorer,
+    config: JudgeConfig,
+    cache: Cache | None = None,
+    ledger: Ledger | None = None,
+    budget_usd: float | None = None,
+    run: str = "adhoc",
+    purpose: str = "judge",
+    **kw,
+) -> tuple[list[Result], Summary]:
+    """Judge a list; returns (results in input order, summary)."""
+    items = list(items)
+    got: dict[int, Result] = {}
+    order = {id(it): i for i, it in enumerate(items)}
+    extra: list[Result] = []
+
+    def keep(r: Result) -> None:
+        if id(r.item) in order:
+            got[order[id(r.item)]] = r
+        else:
+            extra.append(r)  # anchors
+
+    summary = await judge_stream(items, scorer, config, cache, ledger, budget_usd, run, purpose, keep, **kw)
+    return [got[i] for i in sorted(got)] + extra, summary
+
+
+def run_judge(
+    items,
+    scorer: Scorer,
+    config: JudgeConfig,
+    cache: Cache | None = None,
+    ledger: Ledger | None = None,
+    budget_usd: float | None = None,
+    run: str = "adhoc",
+    purpose: str = "judge",
+    **kw,
+) -> tuple[list[Result], Summary]:
+    """Sync wrapper of `judge_items` for callers outside an event loop."""
+    return asyncio.run(judge_items(items, scorer, config, cache, ledger, budget_usd, run, purpose, **kw))

