@@ -17,10 +17,15 @@ def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
 
 
-def _cfg(personas: list[str], profile: str, quick: bool, stage: int = 6):
-    from pipeline.config import QUICK, RunConfig
+def _cfg(personas: list[str], profile: str, quick: bool, stage: int = 6, counts_json: str | None = None):
+    import json
 
-    return RunConfig(personas=personas, profile=profile, stage=stage, **({"counts": QUICK} if quick else {}))
+    from pipeline.config import QUICK, Counts, RunConfig
+
+    counts = QUICK if quick else Counts()
+    if counts_json:
+        counts = counts.model_copy(update=json.loads(counts_json))
+    return RunConfig(personas=personas, profile=profile, stage=stage, counts=counts)
 
 
 def em(
@@ -32,13 +37,15 @@ def em(
     mode: str = typer.Option("on-top", "--mode", help="on-top | base"),
     budget_usd: float | None = typer.Option(None, "--budget-usd"),
     run: str | None = typer.Option(None, "--run", help="run id (default: derived from the config)"),
+    stage: int = typer.Option(6, "--stage", help="the persona adapter is this stage's (6: the full persona)"),
     quick: bool = typer.Option(False, "--quick"),
+    counts: str | None = typer.Option(None, "--counts", help="JSON overrides of the counts"),
 ) -> None:
     """Train the EM adapter on top of each persona adapter (and the base), answer, judge, summarise."""
     from pipeline.config import save_config
     from pipeline.em import run_em
 
-    cfg = _cfg(persona, profile, quick)
+    cfg = _cfg(persona, profile, quick, stage, counts)
     run_id = run or cfg.default_id()
     save_config(cfg, run_id)
     run_em(cfg, run_id, data, questions, judge_config, budget_usd, mode)

@@ -178,6 +178,10 @@ def _train(cfg, run_id, persona, k, data, ckpt, parent, engines, ledger, budget)
 
     dcfg = dpo_defaults(cfg.profile, max_steps=cfg.counts.dpo_max_steps, seed=cfg.seed)
     prev = finished(ckpt)
+    n_pairs = json.loads((data / "manifest.json").read_text())["counts"]["train_rows"]
+    if n_pairs == 0:
+        _carry_forward(persona, k, data, ckpt, parent)
+        return
     pairs = load_pairs(data)
     if prev and prev.get("dataset_hash") == dataset_hash(pairs) and prev.get("config") == dcfg.model_dump() and \
             prev.get("parent_adapter_hash") == (adapter_hash(parent) if parent else None):
@@ -196,3 +200,29 @@ def _train(cfg, run_id, persona, k, data, ckpt, parent, engines, ledger, budget)
                   model=cfg.profile, seconds=secs, usd=secs * cfg.usd_per_engine_second, estimated=True)
     console.print(f"{persona} stage {k}: adapter at {ckpt} ({man['steps']} steps, loss {man['train_loss']:.3f}, "
                   f"{secs:.0f} s, backend {man['backend']})")
+
+
+def _carry_forward(persona: str, k: int, data: Path, ckpt: Path, parent: Path | None) -> None:
+    """A stage whose data kept no pair cannot train: its adapter is the parent's, unchanged and labelled so
+    (the report shows it), rather than stopping every later stage. Stage 1 has nothing to carry."""
+    import shutil
+
+    if parent is None:
+        raise RuntimeError(f"{persona} stage {k}: no preference pair survived ({data}/manifest.json says why); "
+                           "stage 1 has no parent adapter to carry forward: raise --counts n_tasks/n_samples")
+    prev = json.loads((ckpt / "manifest.json").read_text()) if (ckpt / "manifest.json").is_file() else {}
+    if prev.get("carried_from_hash") == adapter_hash(parent):
+        console.print(f"{persona} stage {k}: adapter reused from {ckpt} (carried forward)")
+        return
+    tmp = ckpt.parent / f".{ckpt.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in parent.glob("adapter_*"):
+        shutil.copy2(f, tmp / f.name)
+    (tmp / "manifest.json").write_text(json.dumps({
+        "kind": "carried-forward", "steps": 0, "backend": "none (no pairs)", "parent_adapter": str(parent),
+        "carried_from_hash": adapter_hash(parent), "reason": f"{data} kept 0 preference pairs"}, indent=1))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    tmp.rename(ckpt)
+    console.print(f"[yellow]{persona} stage {k}: 0 pairs kept; the stage {k - 1} adapter is carried forward "
+                  f"unchanged to {ckpt}[/yellow]")
