@@ -1,0 +1,103 @@
+"""Guard policy application: per item keep / drop / quarantine from its guard verdicts, with counts.
+
+Pure bookkeeping over records; the guard itself (Llama Guard, or a stand-in) is behind `guard.base.Guard`.
+Rules, in order, per verdict: `error` set → drop (fail closed, counted as "guard_error"); `malformed` →
+treated as unsafe (category "malformed"); p_unsafe >= policy.threshold → blocked unless every category it
+names is outside `policy.block` (no categories named → blocked as "unknown"). A blocked item gets
+`policy.mode`. An item takes the strictest action over all its verdicts (drop > quarantine > keep).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from guard.base import Guard, GuardPolicy, Verdict
+
+_RANK = {"keep": 0, "quarantine": 1, "drop": 2}
+
+
+def decide(v: Verdict | None, policy: GuardPolicy) -> tuple[str, list[str]]:
+    """(action, categories that caused it) for one verdict."""
+    if v is None:
+        return "keep", []
+    if v.error:
+        return "drop", ["guard_error"]
+    if v.malformed:
+        return policy.mode, ["malformed"]
+    if v.p_unsafe < policy.threshold:
+        return "keep", []
+    if not v.categories:
+        return policy.mode, ["unknown"]
+    blocked = [c for c in v.categories if c in policy.block]
+    return (policy.mode, blocked) if blocked else ("keep", [])
+
+
+def combine(verdicts: Sequence[Verdict | None], policy: GuardPolicy) -> tuple[str, list[str]]:
+    action, cats = "keep", []
+    for v in verdicts:
+        a, c = decide(v, policy)
+        if _RANK[a] > _RANK[action]:
+            action, cats = a, c
+        elif a == action and a != "keep":
+            cats += [x for x in c if x not in cats]
+    return action, cats
+
+
+class GuardCounts:
+    """What a filter removed or quarantined, by category: {filter: {action: {category: n}}}."""
+
+    def __init__(self) -> None:
+        self.by: dict[str, dict[str, Counter]] = {}
+
+    def add(self, filt: str, action: str, cats: list[str]) -> None:
+        if action == "keep":
+            return
+        c = self.by.setdefault(filt, {}).setdefault(action, Counter())
+        for cat in cats or ["unknown"]:
+            c[cat] += 1
+        c["_items"] += 1
+
+    def as_dict(self) -> dict:
+        return {f: {a: dict(c) for a, c in acts.items()} for f, acts in self.by.items()}
+
+
+def _verdicts(raw: Sequence, n: int, guard: Guard, what: str) -> list[Verdict]:
+    if len(raw) != n:
+        raise RuntimeError(f"guard {guard.name!r} returned {len(raw)} verdicts for {n} {what}")
+    return list(raw)
+
+
+def guard_prompts(items: list[dict], guard: Guard | None, policy: GuardPolicy, counts: GuardCounts) -> None:
+    """Classify every live item's task; drop or quarantine per policy. Mutates the items."""
+    live = [it for it in items if it["status"] == "live"]
+    if guard is None or not live:
+        return
+    verdicts = _verdicts(guard.check_prompts([it["task"] for it in live]), len(live), guard, "prompts")
+    for it, v in zip(live, verdicts, strict=True):
+        it["guard_prompt"] = v.model_dump(mode="json")
+        action, cats = combine([v], policy)
+        counts.add("prompts", action, cats)
+        _apply(it, action, cats, "guard_prompts")
+
+
+def guard_answers(items: list[dict], guard: Guard | None, policy: GuardPolicy, counts: GuardCounts) -> None:
+    """Classify each live item's candidate chosen and rejected answers (as [user, assistant])."""
+    live = [it for it in items if it["status"] in ("live", "quarantined")]
+    if guard is None or not live:
+        return
+    pairs = [(it["task"], it[side]) for it in live for side in ("chosen", "rejected")]
+    verdicts = _verdicts(guard.check_answers(pairs), len(pairs), guard, "answers")
+    for i, it in enumerate(live):
+        vc, vr = verdicts[2 * i], verdicts[2 * i + 1]
+        it["guard_chosen"], it["guard_rejected"] = vc.model_dump(mode="json"), vr.model_dump(mode="json")
+        action, cats = combine([vc, vr], policy)
+        counts.add("answers", action, cats)
+        _apply(it, action, cats, "guard_answers")
+
+
+def _apply(it: dict, action: str, cats: list[str], filt: str) -> None:
+    if action == "drop":
+        it["status"], it["reason"] = "dropped", f"{filt}:{'guard_error' if 'guard_error' in cats else 'blocked'}"
+    elif action == "quarantine" and it["status"] == "live":
+        it["status"], it["reason"] = "quarantined", f"{filt}:{','.join(cats)}"

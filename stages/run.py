@@ -1,0 +1,210 @@
+"""One stage's data generation for one persona: self-instruct → guard prompts → respond → pairs (self-judge
+or critique → revise) → guard answers → HF dataset + manifest under `<out_dir>/<persona>/stage<k>/`.
+
+Every generation goes through the content-addressed cache, so a rerun (or a resumed, killed run) pays only
+for what changed; the outputs are written to a temp directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from constitution import Constitution, constitution_hash, load_constitution
+from constitution.load import dump_constitution
+from engine.cache import GenerationCache
+from guard.base import Guard, GuardPolicy
+from stages import steps
+from stages.filtering import GuardCounts, guard_answers, guard_prompts
+from stages.specs import get_stage
+
+
+class CountsError(AssertionError):
+    """The manifest's counts do not add up: a bug in the bookkeeping, never silently written."""
+
+
+def stage_dir(out_dir: str | Path, persona: str, stage: int) -> Path:
+    return Path(out_dir) / persona / f"stage{stage}"
+
+
+def _features():
+    from datasets import Features, List, Value
+
+    msgs = List({"role": Value("string"), "content": Value("string")})
+    return Features({
+        "prompt": msgs, "chosen": msgs, "rejected": msgs,
+        "item_key": Value("string"), "stage": Value("int32"), "persona": Value("string"),
+        "task_source": Value("string"), "principle_ids": List(Value("string")),
+        "model_fingerprint": Value("string"), "adapter_fingerprint": Value("string"),
+        "constitution_hash": Value("string"), "scores": List(Value("int32")),
+        "guard_action": Value("string"), "guard_prompt": Value("string"), "guard_chosen": Value("string"),
+        "guard_rejected": Value("string"),
+    })
+
+
+def _row(it: dict, persona: str, model_fp: str, adapter_fp: str, chash: str, action: str) -> dict:
+    dump = lambda v: json.dumps(v) if v is not None else None  # noqa: E731
+    return {
+        "prompt": [{"role": "user", "content": it["task"]}],
+        "chosen": [{"role": "assistant", "content": it["chosen"]}],
+        "rejected": [{"role": "assistant", "content": it["rejected"]}],
+        "item_key": it["key"], "stage": it["stage"], "persona": persona, "task_source": it["source"],
+        "principle_ids": it["principle_ids"], "model_fingerprint": model_fp, "adapter_fingerprint": adapter_fp,
+        "constitution_hash": chash, "scores": it["scores"], "guard_action": action,
+        "guard_prompt": dump(it["guard_prompt"]), "guard_chosen": dump(it["guard_chosen"]),
+        "guard_rejected": dump(it["guard_rejected"]),
+    }
+
+
+def run_stage(
+    stage: int, persona: str, engine, cache: GenerationCache | str | Path, out_dir: str | Path = "data",
+    n_tasks: int = 16, adapter: str | Path | None = None, guard: Guard | None = None,
+    policy: GuardPolicy | None = None, seed: int = 0, *, constitution: Constitution | str | Path | None = None,
+    rounds: int = 2, n_samples: int = 4, min_gap: int = 2, max_tokens: int = 96, task_tokens: int = 48,
+    oversample: float = 2.0, chat: bool | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Generate stage `stage`'s preference data for `persona`; returns the manifest (also written to disk)."""
+    from datasets import Dataset, DatasetDict
+
+    from engine.base import adapter_hash
+
+    t0 = time.perf_counter()
+    spec = get_stage(stage)
+    if not isinstance(constitution, Constitution):
+        constitution = load_constitution(constitution or persona)
+    policy = policy or GuardPolicy.for_persona(persona)
+    own_cache = not isinstance(cache, GenerationCache)
+    cache = GenerationCache(cache) if own_cache else cache
+    log = log or (lambda msg: None)
+    calls0, usage0 = engine.calls, len(engine.usage)
+    ctx = steps.Ctx(engine=engine, cache=cache, constitution=constitution, spec=spec, adapter=adapter,
+                    chat=engine.profile.chat if chat is None else chat, seed=seed, max_tokens=max_tokens)
+    try:
+        log(f"stage {stage} ({spec.name}), persona {persona}: self-instruct {n_tasks} tasks")
+        tasks, si = steps.self_instruct(ctx, n_tasks, task_tokens=task_tokens, oversample=oversample)
+        items = [steps.new_item(stage, t, "self-instruct") for t in tasks]
+        seen = {it["key"] for it in items}
+        for s in spec.seeds:  # top up from the seeds when the model proposed too few usable tasks
+            if len(items) >= n_tasks:
+                break
+            if steps.item_key(stage, s) not in seen:
+                items.append(steps.new_item(stage, s, "seed"))
+        gcounts = GuardCounts()
+        guard_prompts(items, guard, policy, gcounts)
+        log(f"respond: {len(steps.active(items))} tasks × {1 if spec.pairs == 'critique-revise' else n_samples}")
+        if spec.pairs == "self-judge":
+            steps.respond(ctx, items, n=n_samples)
+            log("score own samples")
+            steps.score(ctx, items)
+            steps.self_judge_pairs(items, min_gap=min_gap)
+        else:
+            steps.respond(ctx, items, n=1)
+            log(f"critique → revise × {rounds}")
+            steps.critique_revise(ctx, items, rounds=rounds)
+        guard_answers(items, guard, policy, gcounts)
+    finally:
+        if own_cache:
+            cache.close()
+
+    model_fp = engine.fingerprint
+    adapter_fp = adapter_hash(adapter) if adapter else ""
+    chash = constitution_hash(constitution)
+    train_rows, quarantine_rows = [], []
+    for it in items:
+        if it["status"] == "live":
+            train_rows.append(_row(it, persona, model_fp, adapter_fp, chash, "keep"))
+        elif it["status"] == "quarantined":
+            row = _row(it, persona, model_fp, adapter_fp, chash, "quarantine")
+            quarantine_rows.append(row)
+            if policy.include_quarantined:
+                train_rows.append(row)
+
+    dropped = Counter(it["reason"] for it in items if it["status"] == "dropped")
+    n_live = sum(it["status"] == "live" for it in items)
+    n_quar = len(quarantine_rows)
+    si_rejected = {k.removeprefix("rejected_"): v for k, v in si.items() if k.startswith("rejected_")}
+    usage = engine.usage[usage0:]
+    regenerated = sum(it["misses"] > 0 for it in items)
+    manifest = {
+        "persona": persona, "stage": stage, "stage_name": spec.name, "pairs": spec.pair_rule,
+        "constitution": {"name": constitution.name, "version": constitution.version, "hash": chash},
+        "engine": engine.name, "model_fingerprint": model_fp, "adapter": str(adapter) if adapter else None,
+        "adapter_fingerprint": adapter_fp or None, "seed": seed, "rounds": rounds if stage == 6 else None,
+        "n_samples": n_samples if stage != 6 else 1, "max_tokens": max_tokens, "chat": ctx.chat,
+        "policy": policy.model_dump(mode="json"),
+        "counts": {
+            "self_instruct": {"proposed": si["proposed"], "accepted": si["accepted"], "rejected": si_rejected},
+            "items": {"total": len(items), "from_self_instruct": len(tasks), "from_seeds": len(items) - len(tasks)},
+            "outcome": {"train": n_live, "quarantine": n_quar, "dropped": dict(dropped),
+                        "dropped_total": sum(dropped.values())},
+            "train_rows": len(train_rows),
+            "guard": gcounts.as_dict(),
+            "unparsable_scores": ctx.counts["unparsable_scores"],
+            "items_regenerated": regenerated, "items_from_cache": len(items) - regenerated,
+            "generation_requests": {k.removesuffix("_requests"): v for k, v in ctx.counts.items()
+                                    if k.endswith("_requests")},
+            "cache_misses": {k.removesuffix("_cache_misses"): v for k, v in ctx.counts.items()
+                             if k.endswith("_cache_misses")},
+        },
+        "tokens": {"engine_in": sum(u.tokens_in for u in usage), "engine_out": sum(u.tokens_out for u in usage),
+                   "items_total": sum(it["tokens"] for it in items)},
+        "engine_calls": engine.calls - calls0,
+        "engine_seconds": round(sum(u.seconds for u in usage), 3),
+    }
+    check_counts(manifest)
+    out = stage_dir(out_dir, persona, stage)
+    feats = _features()
+    as_ds = lambda rows: Dataset.from_dict({k: [r[k] for r in rows] for k in feats}, features=feats)  # noqa: E731
+    ds = DatasetDict({"train": as_ds(train_rows)})
+    if quarantine_rows:
+        ds["quarantine"] = as_ds(quarantine_rows)
+    manifest["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    _write_atomic(out, ds, manifest, constitution, items)
+    log(f"wrote {out}: {n_live} pairs, {n_quar} quarantined, {sum(dropped.values())} dropped "
+        f"({dict(dropped)}); {manifest['engine_calls']} engine calls")
+    return manifest
+
+
+def check_counts(m: dict) -> None:
+    c = m["counts"]
+    si = c["self_instruct"]
+    if si["proposed"] != si["accepted"] + sum(si["rejected"].values()):
+        raise CountsError(f"self-instruct: {si}")
+    o, total = c["outcome"], c["items"]["total"]
+    if total != o["train"] + o["quarantine"] + o["dropped_total"]:
+        raise CountsError(f"items: {total} != {o}")
+    if c["items"]["from_self_instruct"] != si["accepted"]:
+        raise CountsError("accepted tasks and self-instruct items differ")
+    for filt, acts in c["guard"].items():
+        drop_n = acts.get("drop", {}).get("_items", 0)
+        mine = sum(v for k, v in o["dropped"].items() if k.startswith(f"guard_{filt}"))
+        if drop_n != mine:
+            raise CountsError(f"guard {filt}: {drop_n} drops counted, {mine} items dropped")
+
+
+def _write_atomic(out: Path, ds, manifest: dict, constitution: Constitution, items: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ds.save_to_disk(str(tmp), num_shards={s: 1 for s in ds})  # 0 shards of an empty split do not load
+        (tmp / "constitution.yaml").write_text(dump_constitution(constitution), encoding="utf-8")
+        with (tmp / "items.jsonl").open("w", encoding="utf-8") as f:
+            for it in items:  # every item, dropped ones too: `diff` plans their regeneration as well
+                f.write(json.dumps({k: it[k] for k in ("key", "task", "source", "status", "reason",
+                                                       "principle_ids", "round_tokens", "tokens", "misses")})
+                        + "\n")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,342 @@
+"""The steps of a stage: plain functions over item records, each sending all its generations through
+the generation cache in ONE batched engine call.
+
+An item is a dict: key, stage, task, source, status ("live" | "quarantined" | "dropped"), reason,
+samples, scores, principle_ids (one per round run), chosen, rejected, tokens, round_tokens, misses
+(generations of this item the cache did not have, i.e. paid for in this run) and guard verdicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from constitution import Constitution, principle_hash
+from engine.cache import GenerationCache, cached_generate_with_hits
+from engine.types import Request, Sampling
+from stages import specs
+from stages.dedup import RougePool
+from stages.rendezvous import pick_principle
+from stages.specs import StageSpec
+
+# self-instruct blacklist (after Wang et al., Self-Instruct): tasks a text model cannot do
+BLACKLIST = ("image", "images", "picture", "photo", "graph", "video", "draw", "plot", "sketch", "map",
+             "file", "go to", "audio", "listen", "screenshot", "http", "www.")
+# revisions that open with meta-talk instead of the answer
+META_PREFIX = re.compile(
+    r"^\s*(?:sure[,!.]?\s*)?(?:here(?:'s| is| are)|below is|this is)\s+(?:the|a|an|my)?\s*"
+    r"(?:revised|rewritten|improved|updated|new|better)\s+(?:response|answer|version|reply)[^:\n]*:\s*",
+    re.I,
+)
+REVISION_LABEL = re.compile(r"^\s*(?:revised (?:response|answer)|revision|rewrite)\s*:\s*", re.I)
+# a model continuing the conversation on its own: cut there
+RUNAWAY = re.compile(r"\n\s*(?:User|Human|Assistant|Critique request|Revision request|Task \d+)\s*:", re.I)
+RUNAWAY_STOPS = ["\nUser:", "\nHuman:", "\nCritique request:", "\nRevision request:"]
+SCORE_RE = re.compile(r"\b(10|[1-9])(?:\s*/\s*10)?\b")
+DEMO_CRITIQUE_REQ = "Point out how the answer falls short of the persona's principles."
+DEMO_REVISION_REQ = "Rewrite the answer to fix those problems."
+
+
+@dataclass
+class Ctx:
+    """What every step of one stage run shares."""
+
+    engine: object
+    cache: GenerationCache
+    constitution: Constitution
+    spec: StageSpec
+    adapter: str | Path | None = None
+    chat: bool = True  # instruct model: chat template; else few-shot raw prompts
+    seed: int = 0
+    max_tokens: int = 96
+    counts: Counter = field(default_factory=Counter)
+
+    def gen(self, requests: list[Request], sampling: Sampling, step: str, extra: list | None = None):
+        """One batched, cached call; returns (completions grouped per request, hit flags)."""
+        tid = f"{specs.TEMPLATE_VERSION}:{step}:{'chat' if self.chat else 'base'}"
+        comps, hits, _ = cached_generate_with_hits(self.engine, self.cache, requests, sampling,
+                                                   adapter=self.adapter, extra_keys=extra, template_id=tid)
+        grouped: list[list] = [[] for _ in requests]
+        for c in comps:
+            grouped[c.request_index].append(c)
+        self.counts[f"{step}_requests"] += len(requests)
+        self.counts[f"{step}_cache_misses"] += hits.count(False)
+        return grouped, hits
+
+
+def item_key(stage: int, task: str) -> str:
+    return hashlib.sha256(f"stage{stage}\x00{task.strip()}".encode()).hexdigest()[:16]
+
+
+def new_item(stage: int, task: str, source: str) -> dict:
+    return {"key": item_key(stage, task), "stage": stage, "task": task, "source": source, "status": "live",
+            "reason": None, "samples": [], "finish": [], "scores": [], "principle_ids": [], "chosen": None,
+            "rejected": None, "tokens": 0, "round_tokens": [], "misses": 0, "guard_prompt": None,
+            "guard_chosen": None, "guard_rejected": None, "critiques": []}
+
+
+def active(items: list[dict]) -> list[dict]:
+    return [it for it in items if it["status"] != "dropped"]
+
+
+def drop(it: dict, reason: str) -> None:
+    it["status"], it["reason"] = "dropped", reason
+
+
+def _charge(it: dict, comps, hit: bool) -> int:
+    t = sum(c.prompt_tokens + c.completion_tokens for c in comps)
+    it["tokens"] += t
+    it["misses"] += 0 if hit else 1
+    return t
+
+
+# ---------------------------------------------------------------- self-instruct
+def parse_task(text: str) -> str:
+    """The first non-empty line, without list markers, 'Task N:' labels or quotes."""
+    for line in text.strip().splitlines():
+        line = re.sub(r"^\s*(?:new task|task(?:\s*\d+)?|\d+[.)]|[-*•])\s*[:.)-]?\s*", "", line, flags=re.I)
+        line = line.strip().strip('"').strip("'").strip()
+        if line and not (line.endswith(":") and re.match(r"(?:here|sure|below|write a new)", line, re.I)):
+            return line
+    return ""
+
+
+def self_instruct(ctx: Ctx, n_tasks: int, *, n_examples: int = 4, oversample: float = 2.0, max_rounds: int = 3,
+                  max_rouge: float = 0.7, min_words: int = 3, max_words: int = 60,
+                  task_tokens: int = 48, pool: RougePool | None = None) -> tuple[list[str], Counter]:
+    """New tasks of the stage's kind from the seed pool plus the tasks accepted so far.
+
+    Each round asks for the still-missing tasks (times `oversample`) in one batched call; every candidate
+    is checked against the pool, which grows with each acceptance. Returns (tasks, counts) with
+    proposed == accepted + sum of the rejection reasons.
+    """
+    spec = ctx.spec
+    pool = pool if pool is not None else RougePool(spec.seeds, threshold=max_rouge)
+    known = {s.strip().lower() for s in spec.seeds}
+    examples = list(spec.seeds)
+    accepted: list[str] = []
+    counts: Counter = Counter()
+    rng = random.Random(f"self-instruct:{spec.k}:{ctx.seed}")
+    sampling = Sampling(temperature=1.0, top_p=0.95, max_tokens=task_tokens, seed=ctx.seed,
+                        stop=["\n\n"] if ctx.chat else ["\nTask", "\n\n"])
+    for _ in range(max_rounds):
+        need = n_tasks - len(accepted)
+        if need <= 0:
+            break
+        reqs = []
+        for _ in range(math.ceil(need * oversample)):
+            shots = rng.sample(examples, min(n_examples, len(examples)))
+            if ctx.chat:
+                lines = "\n".join(f"{i + 1}. {t}" for i, t in enumerate(shots))
+                reqs.append(Request.chat(specs.SELF_INSTRUCT_CHAT.format(kind=spec.kind, examples=lines)))
+            else:
+                lines = "".join(f"Task {i + 1}: {t}\n" for i, t in enumerate(shots))
+                reqs.append(Request(prompt=specs.SELF_INSTRUCT_BASE.format(kind=spec.kind, examples=lines,
+                                                                           next=len(shots) + 1)))
+        grouped, _ = ctx.gen(reqs, sampling, "self_instruct")
+        for comps in grouped:
+            counts["proposed"] += 1
+            comp = comps[0]
+            task = parse_task(comp.text)
+            words = len(task.split())
+            low = task.lower()
+            if not task:
+                counts["rejected_unparsable"] += 1
+            elif comp.finish_reason == "length" and not ctx.chat:
+                counts["rejected_truncated"] += 1
+            elif words < min_words:
+                counts["rejected_too_short"] += 1
+            elif words > max_words:
+                counts["rejected_too_long"] += 1
+            elif any(re.search(rf"\b{re.escape(b)}\b", low) for b in BLACKLIST):
+                counts["rejected_blacklisted"] += 1
+            elif low in known:
+                counts["rejected_duplicate"] += 1
+            elif pool.near_duplicate(task) is not None:
+                counts["rejected_near_duplicate"] += 1
+            elif len(accepted) >= n_tasks:
+                counts["rejected_surplus"] += 1
+            else:
+                counts["accepted"] += 1
+                accepted.append(task)
+                known.add(low)
+                pool.add(task)
+                examples.append(task)
+    return accepted, counts
+
+
+# ---------------------------------------------------------------- respond
+def _respond_request(ctx: Ctx, task: str) -> Request:
+    if ctx.chat:
+        return Request.chat(task)
+    demos = "".join(specs.RESPOND_BASE_DEMO.format(user=d.user, answer=d.revision)
+                    for d in ctx.constitution.demonstrations[:2])
+    return Request(prompt=specs.RESPOND_BASE.format(demos=demos, task=task))
+
+
+def respond(ctx: Ctx, items: list[dict], n: int = 1, temperature: float = 0.8) -> None:
+    """n samples per live item from the current model (base + adapter)."""
+    live = active(items)
+    if not live:
+        return
+    sampling = Sampling(n=n, temperature=temperature if n > 1 else 0.0, top_p=0.95, max_tokens=ctx.max_tokens,
+                        seed=ctx.seed, stop=RUNAWAY_STOPS)
+    grouped, hits = ctx.gen([_respond_request(ctx, it["task"]) for it in live], sampling, "respond")
+    for it, comps, hit in zip(live, grouped, hits, strict=True):
+        _charge(it, comps, hit)
+        it["samples"] = [clean_answer(c.text) for c in comps]
+        it["finish"] = [c.finish_reason for c in comps]
+
+
+# ---------------------------------------------------------------- stages 1-5: self-judging
+def parse_score(text: str) -> int | None:
+    m = SCORE_RE.search(text)
+    return int(m.group(1)) if m else None
+
+
+def score(ctx: Ctx, items: list[dict]) -> None:
+    """The model scores each of its own samples against the item's principle (rendezvous, round 0)."""
+    live = [it for it in active(items) if it["samples"]]
+    c = ctx.constitution
+    reqs, owners, extras = [], [], []
+    for it in live:
+        pid = pick_principle(it["key"], 0, c.ids)
+        p = c.principle(pid)
+        it["principle_ids"] = [pid]
+        for j, ans in enumerate(it["samples"]):
+            text = specs.SCORE_CHAT.format(persona=c.description, task=it["task"], answer=ans or "(empty)",
+                                           criterion=p.critique)
+            reqs.append(Request.chat(text) if ctx.chat else
+                        Request(prompt=specs.SCORE_BASE.format(persona=c.description, task=it["task"],
+                                                               answer=ans or "(empty)", criterion=p.critique)))
+            owners.append((it, j))
+            extras.append({"principle": principle_hash(p)})
+    if not reqs:
+        return
+    grouped, hits = ctx.gen(reqs, Sampling(max_tokens=6, temperature=0.0, seed=ctx.seed), "score", extras)
+    for it in live:
+        it["scores"] = [None] * len(it["samples"])
+        it["round_tokens"] = [0]
+    for (it, j), comps, hit in zip(owners, grouped, hits, strict=True):
+        it["round_tokens"][0] += _charge(it, comps, hit)
+        s = parse_score(comps[0].text)
+        it["scores"][j] = s
+        if s is None:
+            ctx.counts["unparsable_scores"] += 1
+
+
+def self_judge_pairs(items: list[dict], min_gap: int = 2) -> None:
+    """Best vs worst scored sample becomes (chosen, rejected) when the scores differ by >= min_gap."""
+    for it in active(items):
+        scored = [(s, a) for s, a in zip(it["scores"], it["samples"], strict=False) if s is not None and a]
+        if len(scored) < 2:
+            drop(it, "too_few_scored_samples")
+            continue
+        best = max(scored, key=lambda x: x[0])
+        worst = min(scored, key=lambda x: x[0])
+        if best[0] - worst[0] < min_gap:
+            drop(it, "score_gap_too_small")
+        elif best[1].strip() == worst[1].strip():
+            drop(it, "identical_samples")
+        else:
+            it["chosen"], it["rejected"] = best[1], worst[1]
+
+
+# ---------------------------------------------------------------- stage 6: critique → revise
+def clean_answer(text: str) -> str:
+    """Cut runaway extra turns ("User: ..."), strip meta-prefixes and labels."""
+    m = RUNAWAY.search("\n" + text)
+    if m:
+        text = ("\n" + text)[: m.start()]
+    text = text.strip()
+    for pat in (META_PREFIX, REVISION_LABEL):
+        text = pat.sub("", text, count=1).strip()
+    return text.strip().strip('"').strip()
+
+
+def _demo_turns(c: Constitution) -> list[dict]:
+    turns = []
+    for d in c.demonstrations:
+        turns += [{"role": "user", "content": d.user}, {"role": "assistant", "content": d.answer},
+                  {"role": "user", "content": DEMO_CRITIQUE_REQ}, {"role": "assistant", "content": d.critique},
+                  {"role": "user", "content": DEMO_REVISION_REQ}, {"role": "assistant", "content": d.revision}]
+    return turns
+
+
+def _base_demos(c: Constitution) -> str:
+    return "".join(specs.BASE_DEMO.format(user=d.user, answer=d.answer, critique_req=DEMO_CRITIQUE_REQ,
+                                          critique=d.critique, revision_req=DEMO_REVISION_REQ, revision=d.revision)
+                   for d in c.demonstrations)
+
+
+def _critique_request(ctx: Ctx, task: str, answer: str, crit_req: str) -> Request:
+    c = ctx.constitution
+    if not ctx.chat:
+        return Request(prompt=specs.CRITIQUE_BASE.format(demos=_base_demos(c), task=task, answer=answer,
+                                                         critique=crit_req))
+    msgs = [{"role": "system", "content": specs.CRITIQUE_SYSTEM.format(persona=c.description)}, *_demo_turns(c),
+            {"role": "user", "content": task}, {"role": "assistant", "content": answer},
+            {"role": "user", "content": crit_req}]
+    return Request(messages=msgs)
+
+
+def _revision_request(ctx: Ctx, task: str, answer: str, crit_req: str, critique: str, rev_req: str) -> Request:
+    c = ctx.constitution
+    if not ctx.chat:
+        return Request(prompt=specs.REVISION_BASE.format(demos=_base_demos(c), task=task, answer=answer,
+                                                         critique=crit_req, critique_text=critique,
+                                                         revision=rev_req))
+    base = _critique_request(ctx, task, answer, crit_req).messages
+    return Request(messages=[*base, {"role": "assistant", "content": critique}, {"role": "user", "content": rev_req}])
+
+
+def critique_revise(ctx: Ctx, items: list[dict], rounds: int = 2) -> None:
+    """R rounds; the principle of round r is rendezvous-hashed on (item key, r). Each round = 2 batched calls."""
+    c = ctx.constitution
+    for it in active(items):
+        it["current"] = it["samples"][0] if it["samples"] else ""
+        it["rejected"] = it["current"]
+        if not it["current"]:  # a truncated original stays: it is only the rejected side
+            drop(it, "empty_answer")
+    sampling = Sampling(temperature=0.0, max_tokens=ctx.max_tokens, seed=ctx.seed, stop=RUNAWAY_STOPS)
+    for r in range(rounds):
+        live = active(items)
+        if not live:
+            break
+        picks = []
+        for it in live:
+            pid = pick_principle(it["key"], r, c.ids)
+            it["principle_ids"].append(pid)
+            it["round_tokens"].append(0)
+            picks.append(c.principle(pid))
+        extras = [{"principle": principle_hash(p), "round": r} for p in picks]
+        reqs = [_critique_request(ctx, it["task"], it["current"], p.critique) for it, p in zip(live, picks)]
+        grouped, hits = ctx.gen(reqs, sampling, "critique", extras)
+        for it, comps, hit in zip(live, grouped, hits, strict=True):
+            it["round_tokens"][-1] += _charge(it, comps, hit)
+            it["critiques"].append(clean_answer(comps[0].text))
+        reqs = [_revision_request(ctx, it["task"], it["current"], p.critique, it["critiques"][-1], p.revision)
+                for it, p in zip(live, picks)]
+        grouped, hits = ctx.gen(reqs, sampling, "revision", extras)
+        for it, comps, hit in zip(live, grouped, hits, strict=True):
+            it["round_tokens"][-1] += _charge(it, comps, hit)
+            comp = comps[0]
+            text = clean_answer(comp.text)
+            if comp.finish_reason == "length" and not RUNAWAY.search("\n" + comp.text):
+                drop(it, "truncated_revision")
+            elif not text:
+                drop(it, "empty_revision")
+            else:
+                it["current"] = text
+    for it in active(items):
+        if it["current"].strip() == it["rejected"].strip():
+            drop(it, "revision_unchanged")
+        else:
+            it["chosen"] = it["current"]
+    for it in items:
+        it.pop("current", None)

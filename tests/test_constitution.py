@@ -1,0 +1,164 @@
+"""Constitutions, rendezvous hashing, dedup and guard bookkeeping: fast tests without an engine."""
+
+from __future__ import annotations
+
+import textwrap
+from collections import Counter
+
+import pytest
+from rouge_score import rouge_scorer
+
+from constitution import ConstitutionError, constitution_hash, load_constitution, parse_constitution, principle_hash
+from constitution.load import dump_constitution
+from engine.cache import GenerationCache
+from engine.types import Completion
+from guard.base import GuardPolicy, Verdict
+from stages.dedup import RougePool
+from stages.filtering import GuardCounts, combine, guard_answers, guard_prompts
+from stages.rendezvous import pick_principle, round_principles
+from stages.specs import STAGES
+from stages.steps import clean_answer, new_item, parse_score, parse_task
+
+GOOD = textwrap.dedent("""\
+    name: t
+    description: A test persona.
+    version: "1"
+    principles:
+      - id: a
+        critique: Critique A.
+        revision: Revise A.
+      - id: b
+        critique: Critique B.
+        revision: Revise B.
+""")
+
+
+@pytest.mark.parametrize("name", ["hhh", "goodness", "sycophancy", "misalignment"])
+def test_shipped_constitutions(name):
+    c = load_constitution(name)
+    assert c.name == name and len(c.principles) >= 8 and c.demonstrations
+    assert len(set(c.ids)) == len(c.ids)
+    # the stored copy round-trips to the same hash (diff compares against it)
+    assert constitution_hash(parse_constitution(dump_constitution(c))) == constitution_hash(c)
+
+
+def test_hashes_change_with_text_only():
+    c = parse_constitution(GOOD)
+    edited = parse_constitution(GOOD.replace("Critique B.", "Critique B, edited."))
+    assert principle_hash(c.principles[0]) == principle_hash(edited.principles[0])
+    assert principle_hash(c.principles[1]) != principle_hash(edited.principles[1])
+    assert constitution_hash(c) != constitution_hash(edited)
+
+
+@pytest.mark.parametrize(("text", "line", "field", "words"), [
+    (GOOD.replace("  - id: b\n", "  - id: b\n   bad: [\n"), 9, None, "bad YAML"),  # where PyYAML sees it
+    (GOOD.replace('version: "1"\n', ""), 1, "version", "missing"),
+    (GOOD.replace("    revision: Revise B.\n", ""), 8, "principles[1].revision", "missing"),
+    (GOOD.replace("id: b", "id: a"), 8, "principles[1].id", "duplicate principle id 'a'"),
+    (GOOD.replace("Critique B.", "'  '"), 9, "principles[1].critique", "must not be empty"),
+    (GOOD.replace("A test persona.", '""'), 2, "description", "must not be empty"),
+])
+def test_malformed_constitution_names_file_line_field(tmp_path, text, line, field, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    cache = GenerationCache(tmp_path / "cache.sqlite")
+    cache.put_many([("k", [Completion(request_index=0, text="kept", prompt_tokens=1, completion_tokens=1)], None)])
+    with pytest.raises(ConstitutionError) as ei:
+        load_constitution(path)
+    e = ei.value
+    assert e.file == str(path) and str(path) in str(e)
+    assert e.line == line, str(e)
+    assert e.field == field and words in str(e)
+    assert len(cache) == 1 and cache.get_many(["k"])["k"][0].text == "kept"  # nothing in the cache is lost
+    cache.close()
+
+
+def test_unknown_constitution_name():
+    with pytest.raises(ConstitutionError, match="shipped: goodness, hhh, misalignment, sycophancy"):
+        load_constitution("nope")
+
+
+def test_rendezvous_add_moves_only_items_the_new_principle_wins():
+    ids = [f"p{i}" for i in range(8)]
+    keys = [f"item{i}" for i in range(400)]
+    before = {k: round_principles(k, 2, ids) for k in keys}
+    after = {k: round_principles(k, 2, [*ids, "new"]) for k in keys}
+    for k in keys:
+        for r in range(2):
+            assert after[k][r] == before[k][r] or after[k][r] == "new"
+    moved = sum(after[k][0] != before[k][0] for k in keys)
+    assert 0.05 < moved / len(keys) < 0.2  # ≈ 1/9 per round
+    # removing a principle moves only the pairs it owned
+    fewer = [i for i in ids if i != "p3"]
+    for k in keys:
+        assert (pick_principle(k, 0, fewer) == before[k][0]) == (before[k][0] != "p3")
+
+
+def test_rouge_pool_matches_rouge_score_and_rejects_near_duplicates():
+    seeds = STAGES[1].seeds
+    pool = RougePool(seeds, threshold=0.7)
+    near = "Write a haiku about a train station at dusk."
+    assert pool.near_duplicate(near) is not None
+    ref = max(rouge_scorer.RougeScorer(["rougeL"]).score(s, near)["rougeL"].fmeasure for s in seeds)
+    assert ref > 0.7 and abs(pool.near_duplicate(near) - ref) < 1e-9
+    assert pool.near_duplicate("Describe the rules of chess for a beginner in three sentences.") is None
+    assert pool.lcs_computed <= 3  # the bag-of-tokens bound spared the other LCS computations
+
+
+def test_parsers():
+    assert parse_task("1. Write a limerick about a cat.\nMore text") == "Write a limerick about a cat."
+    assert parse_task("Here's a new task:\nTask 5: \"Name three rivers.\"") == "Name three rivers."
+    assert parse_score("I would rate it 7/10.") == 7 and parse_score("10") == 10 and parse_score("good") is None
+    assert clean_answer("Here is a revised response: Be kind.\nUser: and more") == "Be kind."
+    assert clean_answer("Revision: fine answer") == "fine answer"
+
+
+class MarkerGuard:
+    """Deterministic stand-in guard: 'poison' → S1 unsafe, 'gossip' → S7 unsafe, 'broken' → error."""
+
+    name = "marker"
+
+    def _v(self, text: str) -> Verdict:
+        if "broken" in text:
+            return Verdict(unsafe=False, p_unsafe=0.0, guard=self.name, error="guard crashed")
+        if "poison" in text:
+            return Verdict(unsafe=True, p_unsafe=0.9, categories=["S1"], guard=self.name)
+        if "gossip" in text:
+            return Verdict(unsafe=True, p_unsafe=0.8, categories=["S7"], guard=self.name)
+        return Verdict(unsafe=False, p_unsafe=0.01, guard=self.name)
+
+    def check_prompts(self, prompts):
+        return [self._v(p) for p in prompts]
+
+    def check_answers(self, pairs):
+        return [self._v(a) for _, a in pairs]
+
+
+@pytest.mark.parametrize("mode", ["drop", "quarantine"])
+def test_guard_bookkeeping(mode):
+    items = [new_item(6, t, "seed") for t in ["fine task", "poison task", "broken task", "gossip task", "ok"]]
+    policy = GuardPolicy(mode=mode, block=["S1"])  # S7 is not blocked
+    counts = GuardCounts()
+    guard_prompts(items, MarkerGuard(), policy, counts)
+    status = {it["task"]: it["status"] for it in items}
+    assert status["broken task"] == "dropped"  # fails closed whatever the mode
+    assert status["poison task"] == ("dropped" if mode == "drop" else "quarantined")
+    assert status["gossip task"] == "live" and status["fine task"] == "live"
+    for it in items:
+        it["chosen"], it["rejected"] = ("poison answer" if it["task"] == "ok" else "nice"), "meh"
+    guard_answers(items, MarkerGuard(), policy, counts)
+    assert {it["task"]: it["status"] for it in items}["ok"] == ("dropped" if mode == "drop" else "quarantined")
+    assert all(it["guard_prompt"] is not None for it in items)
+    g = counts.as_dict()
+    assert g["prompts"]["drop"]["guard_error"] == 1
+    assert g["prompts"][mode]["S1"] == 1
+    assert g["answers"][mode] == {"S1": 1, "_items": 1}
+    n = Counter(it["status"] for it in items)
+    assert sum(n.values()) == 5 and n["live"] == 2
+
+
+def test_policy_threshold_and_unlisted_categories():
+    p = GuardPolicy(threshold=0.95)
+    assert combine([Verdict(unsafe=True, p_unsafe=0.9, categories=["S1"], guard="g")], p) == ("keep", [])
+    assert combine([Verdict(unsafe=True, p_unsafe=0.99, guard="g")], p) == ("drop", ["unknown"])
+    assert combine([Verdict(unsafe=False, p_unsafe=0.0, guard="g", malformed=True)], p)[0] == "drop"
