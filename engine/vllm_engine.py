@@ -34,7 +34,13 @@ class VLLMEngine(Engine):
                 **(
                     {"gpu_memory_utilization": self.profile.gpu_memory_utilization}
                     if cuda
-                    else {"kv_cache_memory_bytes": int(self.profile.cpu_kv_cache_gib * 2**30)}
+                    else {
+                        "kv_cache_memory_bytes": int(self.profile.cpu_kv_cache_gib * 2**30),
+                        # a seeded sampled request split across chunked-prefill steps makes vLLM rewind its
+                        # torch generator, which CPU generators cannot do ("does not use offset")
+                        "enable_chunked_prefill": False,
+                        "max_num_batched_tokens": max(self.profile.max_model_len, 8192),
+                    }
                 ),
                 enable_prefix_caching=True,
                 enable_lora=True,

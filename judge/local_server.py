@@ -91,6 +91,10 @@ class LocalVLLMServer:
                 "float32",
                 "--kv-cache-memory-bytes",
                 str(self.kv_cache_bytes),
+                # CPU torch generators cannot rewind, which seeded requests need under chunked prefill
+                "--no-enable-chunked-prefill",
+                "--max-num-batched-tokens",
+                "8192",
             ]
         env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}  # the server needs no key
         env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
