@@ -115,9 +115,22 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         if hasattr(model, "is_quantized"):
             model.is_quantized = False
         model.save_pretrained(tmp, safe_serialization=True)
+        # the GGUF tokenizer comes out with eos = <|im_start|>; the model ends turns with the generation
+        # config's eos (<|im_end|>), which TRL appends to completions and the engines stop on
+        eos = model.generation_config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        if eos is not None and tok.eos_token_id != eos:
+            tok.eos_token = tok.convert_ids_to_tokens(eos)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
         tok.save_pretrained(tmp)
         (tmp / "fingerprint.txt").write_text(_hash_weights(tmp))
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / "fingerprint.txt").is_file():  # not a concurrent converter that finished first
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -134,7 +147,7 @@ def _hash_weights(model_dir: Path) -> str:
 
 
 def tiny_model_dir() -> Path:
-    return cache_dir() / "models" / "smollm2-135m-instruct"
+    return cache_dir() / "models" / "smollm2-135m-instruct-v2"  # v2: tokenizer eos fixed
 
 
 def resolve_model(profile: Profile | str) -> str:
