@@ -13,24 +13,23 @@ from collections import Counter
 from collections.abc import Sequence
 
 from guard.base import Guard, GuardPolicy, Verdict
+from guard.policy import decide as policy_decide
 
 _RANK = {"keep": 0, "quarantine": 1, "drop": 2}
 
 
 def decide(v: Verdict | None, policy: GuardPolicy) -> tuple[str, list[str]]:
-    """(action, categories that caused it) for one verdict."""
+    """(action, categories that caused it) for one verdict; the action is `guard.policy.decide`'s."""
     if v is None:
         return "keep", []
-    if v.error:
-        return "drop", ["guard_error"]
-    if v.malformed:
-        return policy.mode, ["malformed"]
-    if v.p_unsafe < policy.threshold:
+    action = policy_decide(v, policy)
+    if action == "keep":
         return "keep", []
-    if not v.categories:
-        return policy.mode, ["unknown"]
-    blocked = [c for c in v.categories if c in policy.block]
-    return (policy.mode, blocked) if blocked else ("keep", [])
+    if v.error:
+        return action, ["guard_error"]
+    if v.malformed:
+        return action, ["malformed"]
+    return action, [c for c in v.categories if c in policy.block] or ["unknown"]
 
 
 def combine(verdicts: Sequence[Verdict | None], policy: GuardPolicy) -> tuple[str, list[str]]:
