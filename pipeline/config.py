@@ -16,6 +16,7 @@ class Counts(BaseModel):
     n_samples: int = 3
     rounds: int = 2
     max_tokens: int = 96
+    min_gap: float = 1.0  # stages 1-5: least self-judged score gap (1-10) between chosen and rejected
     dpo_max_steps: int | None = 8
     em_rows: int = 48
     em_max_steps: int = 12
@@ -25,8 +26,8 @@ class Counts(BaseModel):
     em_answer_tokens: int = 96
 
 
-QUICK = Counts(n_tasks=4, n_samples=2, rounds=1, max_tokens=48, dpo_max_steps=2, em_rows=16, em_max_steps=4,
-               em_save_every=2, em_samples=2, em_curve_questions=3, em_answer_tokens=48)
+QUICK = Counts(n_tasks=4, n_samples=3, rounds=1, max_tokens=48, min_gap=0.5, dpo_max_steps=2, em_rows=16,
+               em_max_steps=4, em_save_every=2, em_samples=2, em_curve_questions=3, em_answer_tokens=48)
 
 
 class RunConfig(BaseModel):

@@ -81,7 +81,7 @@ def generation_inputs(cfg: RunConfig, persona: str, stage: int, parent: Path | N
         "parent_adapter": adapter_hash(parent) if parent else None,
         "constitution": constitution_hash(load_constitution(persona)),
         "guard": cfg.guard, "seed": cfg.seed,
-        "counts": [c.n_tasks, c.n_samples, c.rounds, c.max_tokens],
+        "counts": [c.n_tasks, c.n_samples, c.rounds, c.max_tokens, c.min_gap],
     }
 
 
@@ -158,7 +158,7 @@ def _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger) ->
     manifest = run_stage(
         k, persona, eng, Path(cfg.data_root) / "cache" / "generations.sqlite", out_dir=cfg.data_root,
         n_tasks=c.n_tasks, adapter=parent, guard=engines.get_guard(), policy=GuardPolicy.for_persona(persona),
-        seed=cfg.seed, rounds=c.rounds, n_samples=c.n_samples, max_tokens=c.max_tokens,
+        seed=cfg.seed, rounds=c.rounds, n_samples=c.n_samples, max_tokens=c.max_tokens, min_gap=c.min_gap,
         log=lambda m: console.print(f"  [dim]{m}[/dim]"),
     )
     (data / INPUTS_FILE).write_text(json.dumps(inputs, indent=1))

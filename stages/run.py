@@ -65,7 +65,7 @@ def run_stage(
     stage: int, persona: str, engine, cache: GenerationCache | str | Path, out_dir: str | Path = "data",
     n_tasks: int = 16, adapter: str | Path | None = None, guard: Guard | None = None,
     policy: GuardPolicy | None = None, seed: int = 0, *, constitution: Constitution | str | Path | None = None,
-    rounds: int = 2, n_samples: int = 4, min_gap: int = 2, max_tokens: int = 96, task_tokens: int = 48,
+    rounds: int = 2, n_samples: int = 4, min_gap: float = 1.0, max_tokens: int = 96, task_tokens: int = 48,
     oversample: float = 2.0, chat: bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:

@@ -199,6 +199,19 @@ def parse_score(text: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def expected_score(top: dict[str, float], min_mass: float = 0.25) -> float | None:
+    """Probability-weighted mean over the tokens "1".."10" of one position's top logprobs; None when they
+    carry less than `min_mass` of the probability (the model was not answering with a number)."""
+    mass = total = 0.0
+    for tok, lp in top.items():
+        t = tok.strip()
+        if t.isdigit() and 1 <= int(t) <= 10:
+            p = math.exp(lp)
+            mass += p
+            total += p * int(t)
+    return round(total / mass, 4) if mass >= min_mass else None
+
+
 def score(ctx: Ctx, items: list[dict]) -> None:
     """The model scores each of its own samples against the item's principle (rendezvous, round 0)."""
     live = [it for it in active(items) if it["samples"]]
@@ -218,19 +231,23 @@ def score(ctx: Ctx, items: list[dict]) -> None:
             extras.append({"principle": principle_hash(p)})
     if not reqs:
         return
-    grouped, hits = ctx.gen(reqs, Sampling(max_tokens=6, temperature=0.0, seed=ctx.seed), "score", extras)
+    # one token with its top-20 logprobs: the probability-weighted score parses even when a small model's
+    # greedy text does not, and ties between samples become rare (as in the EM judge)
+    grouped, hits = ctx.gen(reqs, Sampling(max_tokens=2, temperature=0.0, seed=ctx.seed, logprobs=20), "score",
+                            extras)
     for it in live:
         it["scores"] = [None] * len(it["samples"])
         it["round_tokens"] = [0]
     for (it, j), comps, hit in zip(owners, grouped, hits, strict=True):
         it["round_tokens"][0] += _charge(it, comps, hit)
-        s = parse_score(comps[0].text)
+        s = expected_score(comps[0].logprobs[0]) if comps[0].logprobs else None
+        s = parse_score(comps[0].text) if s is None else s
         it["scores"][j] = s
         if s is None:
             ctx.counts["unparsable_scores"] += 1
 
 
-def self_judge_pairs(items: list[dict], min_gap: int = 2) -> None:
+def self_judge_pairs(items: list[dict], min_gap: float = 1.0) -> None:
     """Best vs worst scored sample becomes (chosen, rejected) when the scores differ by >= min_gap."""
     for it in active(items):
         scored = [(s, a) for s, a in zip(it["scores"], it["samples"], strict=False) if s is not None and a]

@@ -162,3 +162,14 @@ def test_policy_threshold_and_unlisted_categories():
     assert combine([Verdict(unsafe=True, p_unsafe=0.9, categories=["S1"], guard="g")], p) == ("keep", [])
     assert combine([Verdict(unsafe=True, p_unsafe=0.99, guard="g")], p) == ("drop", ["unknown"])
     assert combine([Verdict(unsafe=False, p_unsafe=0.0, guard="g", malformed=True)], p)[0] == "drop"
+
+
+def test_expected_score_from_logprobs():
+    import math
+
+    from stages.steps import expected_score
+
+    top = {"7": math.log(0.5), " 9": math.log(0.25), "x": math.log(0.25)}
+    assert expected_score(top) == pytest.approx((7 * 0.5 + 9 * 0.25) / 0.75, abs=1e-4)
+    assert expected_score({"hello": 0.0}) is None  # no mass on numbers: unparsable, not a guess
+    assert expected_score({"11": math.log(0.9), "3": math.log(0.1)}) is None  # 11 is out of range
