@@ -12,6 +12,8 @@ class Request(BaseModel):
 
     messages: Messages | None = None
     prompt: str | None = None
+    # chat only: text the assistant's turn starts with (prefill), e.g. "Score:" so a number comes next
+    prefix: str | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> Request:

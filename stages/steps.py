@@ -37,6 +37,7 @@ REVISION_LABEL = re.compile(r"^\s*(?:revised (?:response|answer)|revision|rewrit
 # a model continuing the conversation on its own: cut there
 RUNAWAY = re.compile(r"\n\s*(?:User|Human|Assistant|Critique request|Revision request|Task \d+)\s*:", re.I)
 RUNAWAY_STOPS = ["\nUser:", "\nHuman:", "\nCritique request:", "\nRevision request:"]
+SCORE_PREFIX = "Score (1-10): "  # prefilled assistant turn: the next token is the number
 SCORE_RE = re.compile(r"\b(10|[1-9])(?:\s*/\s*10)?\b")
 DEMO_CRITIQUE_REQ = "Point out how the answer falls short of the persona's principles."
 DEMO_REVISION_REQ = "Rewrite the answer to fix those problems."
@@ -224,7 +225,7 @@ def score(ctx: Ctx, items: list[dict]) -> None:
         for j, ans in enumerate(it["samples"]):
             text = specs.SCORE_CHAT.format(persona=c.description, task=it["task"], answer=ans or "(empty)",
                                            criterion=p.critique)
-            reqs.append(Request.chat(text) if ctx.chat else
+            reqs.append(Request(messages=[{"role": "user", "content": text}], prefix=SCORE_PREFIX) if ctx.chat else
                         Request(prompt=specs.SCORE_BASE.format(persona=c.description, task=it["task"],
                                                                answer=ans or "(empty)", criterion=p.critique)))
             owners.append((it, j))

@@ -90,3 +90,11 @@ def test_request_over_context_length_is_named(vllm_engine):
 def test_request_needs_messages_or_prompt():
     with pytest.raises(ValueError, match="exactly one"):
         Request()
+
+
+def test_prefix_prefills_the_assistant_turn(vllm_engine, hf_engine):
+    req = Request(messages=[{"role": "user", "content": "Rate this from 1 to 10."}], prefix="Score: ")
+    text = vllm_engine.render(req)
+    assert text.endswith("<|im_start|>assistant\nScore: ")
+    out = hf_engine.generate([req], Sampling(max_tokens=2, logprobs=20))[0]
+    assert any(t.strip().isdigit() for t in out.logprobs[0])  # a number is among the likely next tokens

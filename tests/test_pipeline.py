@@ -1,0 +1,180 @@
+"""The bootstrap loop end to end on the tiny profile (real vLLM, TRL, PEFT), in a scratch directory:
+kill -9 mid-run and resume, a rerun that makes no engine/training/API call, the budget cap, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COUNTS = json.dumps({"n_tasks": 3, "n_samples": 2, "rounds": 1, "max_tokens": 32, "dpo_max_steps": 1})
+STAGES = 3
+
+
+def _cmd(*extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "bootstrap.py"), "--persona", "goodness", "--counts", COUNTS, *extra]
+
+
+def _run(cwd: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    return subprocess.run(_cmd(*extra), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """Stages 1..3 with a kill -9 during stage 3, then the resume that finishes them."""
+    cwd = tmp_path_factory.mktemp("run")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    log = (cwd / "first.log").open("w")
+    proc = subprocess.Popen(_cmd("--stage", str(STAGES)), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    stage2 = cwd / "checkpoints" / "goodness" / "stage2" / "manifest.json"
+    deadline = time.time() + 900
+    while not stage2.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(1)
+    assert stage2.is_file(), (cwd / "first.log").read_text()[-3000:]
+    time.sleep(3)  # into stage 3's generation
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    mtimes = {k: (cwd / "data" / "goodness" / f"stage{k}" / "manifest.json").stat().st_mtime for k in (1, 2)}
+    r = _run(cwd, "--stage", str(STAGES))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (cwd / "resume.log").write_text(r.stderr)
+    (cwd / "mtimes.json").write_text(json.dumps(mtimes))
+    return cwd
+
+
+def test_resume_after_kill_does_not_redo_finished_stages(workdir):
+    log = (workdir / "resume.log").read_text()
+    for k in (1, 2):
+        assert f"goodness stage {k}: data reused" in log
+        assert f"goodness stage {k}: adapter reused" in log
+        m = (workdir / "data" / "goodness" / f"stage{k}" / "manifest.json").stat().st_mtime
+        assert m == json.loads((workdir / "mtimes.json").read_text())[str(k)]
+    assert "goodness stage 3: adapter at" in log
+
+
+def test_every_stage_has_data_adapter_and_manifest(workdir):
+    for k in range(1, STAGES + 1):
+        data = workdir / "data" / "goodness" / f"stage{k}"
+        ckpt = workdir / "checkpoints" / "goodness" / f"stage{k}"
+        assert (data / "manifest.json").is_file() and (data / "pipeline_inputs.json").is_file()
+        assert (ckpt / "adapter_config.json").is_file() and (ckpt / "manifest.json").is_file()
+        if k > 1:  # stage k trained on top of stage k-1's adapter
+            parent = json.loads((ckpt / "manifest.json").read_text())["parent_adapter"]
+            assert parent.endswith(f"stage{k - 1}")
+    runs = list((workdir / "data" / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "config.json").is_file()
+
+
+def test_rerun_makes_no_engine_training_or_api_call(workdir):
+    run_dir = next((workdir / "data" / "runs").iterdir())
+    before = sqlite3.connect(run_dir / "ledger.sqlite").execute("SELECT COUNT(*) FROM ledger").fetchone()[0]
+    t0 = time.time()
+    r = _run(workdir, "--stage", str(STAGES))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "starting the" not in r.stderr and "training DPO" not in r.stderr
+    after = sqlite3.connect(run_dir / "ledger.sqlite").execute("SELECT COUNT(*) FROM ledger").fetchone()[0]
+    assert after == before
+    assert time.time() - t0 < 120
+
+
+def test_budget_cap_stops_before_the_phase_that_would_pass_it(workdir):
+    # stages 1..3 are done (reused at $0); stage 4 at $100/GPU-hour is estimated above a $0.001 cap
+    r = _run(workdir, "--stage", "4", "--gpu-hour-usd", "100", "--budget-usd", "0.001")
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "budget stop" in r.stderr and "stage 4 generate" in r.stderr
+    assert not (workdir / "data" / "goodness" / "stage4").exists()
+    run = next(p for p in (workdir / "data" / "runs").iterdir() if "100" in (p / "config.json").read_text())
+    spent = sqlite3.connect(run / "ledger.sqlite").execute("SELECT COALESCE(SUM(usd),0) FROM ledger").fetchone()[0]
+    assert spent <= 0.001
+
+
+def test_report_rebuilds_from_stored_results_only(workdir, monkeypatch):
+    import engine.base
+    import judge.farm
+    from analysis.report import build_report
+
+    def forbidden(*a, **k):
+        raise AssertionError("the report must not start a model or call an API")
+
+    monkeypatch.setattr(engine.base, "make_engine", forbidden)
+    monkeypatch.setattr(judge.farm, "run_judge", forbidden)
+    monkeypatch.chdir(workdir)
+    run = next((workdir / "data" / "runs").iterdir())
+    out = build_report(Path("data/runs") / run.name)
+    text = out.read_text()
+    assert "| goodness | 3 |" in text and "## Cost" in text
+    assert (Path("data/runs") / run.name / "reward_margins.png").is_file()
+
+
+EM_COUNTS = json.dumps({"n_tasks": 3, "n_samples": 2, "rounds": 1, "max_tokens": 32, "dpo_max_steps": 1,
+                        "em_rows": 8, "em_max_steps": 2, "em_save_every": 1, "em_samples": 2,
+                        "em_curve_questions": 2, "em_answer_tokens": 24})
+
+
+@pytest.fixture(scope="module")
+def em_run(workdir):
+    """The EM experiment on the stage-3 goodness adapter, judged by a local OpenAI-compatible server."""
+    import yaml
+    from fault_server import FaultServer
+
+    from pipeline.insecure_demo import write_jsonl
+
+    data = write_jsonl(workdir / "insecure.jsonl", 12)
+    with FaultServer() as srv:
+        judge = workdir / "judge.yaml"
+        judge.write_text(yaml.safe_dump({"model": "judge-m", "endpoints": [{
+            "name": "fault", "base_url": srv.url, "api_key_env": "CAI_TEST_JUDGE_KEY", "rpm": 6000,
+            "max_concurrent": 8, "usd_per_m_in": 1.0, "usd_per_m_out": 4.0}]}))
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "CAI_TEST_JUDGE_KEY": "sk-test-secret-123"}
+        cmd = [sys.executable, str(ROOT / "bootstrap.py"), "em", "--data", str(data), "--persona", "goodness",
+               "--stage", str(STAGES), "--counts", EM_COUNTS, "--judge-config", str(judge), "--run", "emrun"]
+        first = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=1200, env=env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        sent = srv.stats()["requests"]
+        ledger = workdir / "data" / "runs" / "emrun" / "ledger.sqlite"
+        paid = "SELECT COUNT(*) FROM ledger WHERE cached=0"
+        rows = sqlite3.connect(ledger).execute(paid).fetchone()[0]
+        second = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600, env=env)
+        assert second.returncode == 0, second.stderr[-3000:]
+        return {"dir": workdir / "data" / "runs" / "emrun", "sent": sent, "resent": srv.stats()["requests"] - sent,
+                "new_paid_rows": sqlite3.connect(ledger).execute(paid).fetchone()[0] - rows}
+
+
+def test_em_experiment_writes_summary_with_intervals(em_run):
+    s = json.loads((em_run["dir"] / "em" / "summary.json").read_text())
+    assert set(s["arms"]) == {"goodness", "base"}
+    g = s["arms"]["goodness"]
+    assert g["answers"] == 14 * 2  # every project probe, 2 samples, at the final checkpoint
+    assert g["scored"] > 0 and 0 <= g["em_rate"]["lo"] <= g["em_rate"]["value"] <= g["em_rate"]["hi"] <= 1
+    assert "value" in g["em_rate_minus_base"]
+    assert sorted(int(k) for k in g["curve"]) == [0, 1, 2]  # before EM, checkpoint 1, final step 2
+    judged = [json.loads(x) for x in (em_run["dir"] / "em" / "judged.jsonl").read_text().splitlines()]
+    assert {r["arm"] for r in judged} == {"goodness", "base"}
+    assert all(r["judge_status"] == "ok" for r in judged)
+    report = (em_run["dir"] / "report.md").read_text()
+    assert "## Emergent misalignment" in report and "em_rates.png" in report
+
+
+def test_em_adapter_trained_on_top_of_the_persona(em_run, workdir):
+    man = json.loads((workdir / "checkpoints" / "goodness" / "em-on-top" / "manifest.json").read_text())
+    assert man["mode"] == "on-top" and man["persona_adapter"].endswith(f"stage{STAGES}")
+    assert man["adapters_in_trainer"]  # asserted active adapters were recorded before training
+    base = json.loads((workdir / "checkpoints" / "base" / "em-base" / "manifest.json").read_text())
+    assert base["mode"] == "base" and base["persona_adapter"] is None
+
+
+def test_em_rerun_is_served_from_caches(em_run):
+    assert em_run["sent"] > 0 and em_run["resent"] == 0  # no API call
+    assert em_run["new_paid_rows"] == 0  # no engine or training time recorded either
+    for f in (em_run["dir"] / "ledger.sqlite", em_run["dir"] / "em" / "judged.jsonl"):
+        assert b"sk-test-secret-123" not in f.read_bytes()
