@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COUNTS = json.dumps({"n_tasks": 3, "n_samples": 2, "rounds": 1, "max_tokens": 32, "dpo_max_steps": 1})
+COUNTS = json.dumps({"n_tasks": 3, "n_samples": 2, "rounds": 1, "max_tokens": 32, "dpo_max_steps": 1, "min_gap": 0.05})
 STAGES = 3
 
 
@@ -116,8 +116,7 @@ def test_report_rebuilds_from_stored_results_only(workdir, monkeypatch):
     assert (Path("data/runs") / run.name / "reward_margins.png").is_file()
 
 
-EM_COUNTS = json.dumps({"n_tasks": 3, "n_samples": 2, "rounds": 1, "max_tokens": 32, "dpo_max_steps": 1,
-                        "em_rows": 8, "em_max_steps": 2, "em_save_every": 1, "em_samples": 2,
+EM_COUNTS = json.dumps({"em_rows": 8, "em_max_steps": 2, "em_save_every": 1, "em_samples": 2,
                         "em_curve_questions": 2, "em_answer_tokens": 24})
 
 
