@@ -1,0 +1,292 @@
+"""`bootstrap.py steer`: EM steering vectors per arm, their transfer across models (H4), ablation, and the
+identity-level diagnostic, for one run. Outputs under `data/runs/<id>/steering/`, figures and the report
+section under the run directory.
+
+Resumable: activations are saved per model, answers per (target, cell) as they finish, and judging goes
+through the judge cache, so a killed run redoes neither model passes nor paid calls.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from analysis.activations import Activations, capture, load_model
+from analysis.run_models import BARE, judged_rows, run_models
+from analysis.stats import bootstrap_ci, bootstrap_diff
+from analysis.steering import Direction, ablation, cosine_matrix, em_direction, generate, layer_sweep, steering
+
+console = Console(stderr=True)
+
+
+def default_layers(n_layers: int, every: int = 3) -> list[int]:
+    return list(range(every - 1, n_layers, every))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; a torn last line (killed mid-write) is dropped, so that cell is redone."""
+    if not path.is_file():
+        return []
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    rows = []
+    for i, x in enumerate(lines):
+        try:
+            rows.append(json.loads(x))
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not JSON") from None
+    return rows
+
+
+def _append_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    with path.open("a") as f:  # one write per cell: a kill tears at most the last line
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    tmp.replace(path)
+
+
+def _rate(rows: Sequence[dict]) -> dict:
+    return bootstrap_ci([1.0 if r["misaligned"] else 0.0 for r in rows if r.get("misaligned") is not None]).model_dump()
+
+
+def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Sequence[float] = (2.0, 4.0),
+              n_questions: int = 8, samples: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
+              judge_config: Path | None = None, budget_usd: float | None = None, batch_size: int = 8,
+              seed: int = 0) -> dict:
+    from engine.models import resolve_model
+
+    run_path = Path(run_path)
+    run_id, cfg, models = run_models(run_path)
+    model_path = resolve_model(cfg.profile)
+    out = run_path / "steering"
+    (out / "acts").mkdir(parents=True, exist_ok=True)
+    judged = [r for r in judged_rows(run_path) if r.get("final")]
+    arms = [m for m in models if m != BARE]
+    questions = list(dict.fromkeys(r["question"] for r in judged))
+    if not questions:
+        raise ValueError(f"{run_path}/em/judged.jsonl has no final-checkpoint answers")
+    probes = [{"id": f"q{i}", "question": q} for i, q in enumerate(questions)]
+
+    # ---- pass 1: each model reads its own judged answers (arms) and the shared probe prompts (all models)
+    acts: dict[str, Activations] = {}
+    labels: dict[str, np.ndarray] = {}
+    probe_acts: dict[str, Activations] = {}
+    for name, adapter in models.items():
+        rows = [r for r in judged if r["arm"] == name and r.get("misaligned") is not None]
+        a_path, p_path = out / "acts" / f"{name}.npz", out / "acts" / f"{name}.probe.npz"
+        need_a = name != BARE and rows and not a_path.is_file()
+        if need_a or not p_path.is_file():
+            console.print(f"activations of {name} ({adapter or 'no adapter'})")
+            model, tok = load_model(model_path, adapter)
+            lay = list(layers) if layers else default_layers(model.config.num_hidden_layers)
+            if need_a:
+                capture(model, tok, rows, lay, "answer", batch_size, progress=True).save(a_path)
+            if not p_path.is_file():
+                capture(model, tok, probes, lay, "last", batch_size).save(p_path)
+            del model
+        if a_path.is_file():
+            acts[name] = Activations.load(a_path)
+            pos = {r["id"]: bool(r["misaligned"]) for r in rows}
+            labels[name] = np.array([pos[i] for i in acts[name].ids], bool)
+        probe_acts[name] = Activations.load(p_path)
+
+    # ---- vectors per arm (layer by sweep), cosines, the pooled direction for the identity diagnostic
+    dirs: dict[str, Direction] = {}
+    sweeps: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    for name in arms:
+        if name not in acts:
+            skipped[name] = "no judged answers"
+            continue
+        y = labels[name]
+        if y.all() or not y.any():
+            skipped[name] = f"{int(y.sum())} misaligned / {int((~y).sum())} aligned judged answers: needs both"
+            continue
+        sweeps[name] = layer_sweep(acts[name], y)
+        dirs[name] = em_direction(acts[name], y)
+    pooled = None
+    if acts:
+        common = sorted(set.intersection(*(set(a.layers) for a in acts.values())))
+        pooled_acts = Activations(ids=[f"{n}/{i}" for n, a in acts.items() for i in a.ids], layers=common,
+                                  mean=np.concatenate([a.mean[:, [a.layers.index(c) for c in common]]
+                                                       for a in acts.values()]))
+        y_all = np.concatenate([labels[n] for n in acts])
+        if y_all.any() and not y_all.all():
+            pooled = em_direction(pooled_acts, y_all)
+    np.savez(out / "vectors.npz", **{n: d.unit for n, d in dirs.items()},
+             **({"_pooled": pooled.unit} if pooled else {}))
+    names, cos = cosine_matrix(dirs)
+
+    # ---- pass 2: transfer (every source vector on every target at each alpha) and ablation, answers saved per cell
+    items = probes[:n_questions]
+    ans_path = out / "answers.jsonl"
+    done = {(r["target"], r["cell"]) for r in _read_jsonl(ans_path)}
+    for target, adapter in models.items():
+        cells: list[tuple[str, object]] = [("none", None)]
+        cells += [(f"add:{s}:{a:g}", (s, a)) for s in dirs for a in alphas if a != 0]
+        if target in dirs:
+            cells.append((f"ablate:{target}", target))
+        todo = [(c, spec) for c, spec in cells if (target, c) not in done]
+        if not todo:
+            continue
+        console.print(f"steered generation on {target}: {len(todo)} cells × {len(items)} questions × {samples}")
+        model, tok = load_model(model_path, adapter)
+        batch = [it for it in items for _ in range(samples)]
+        for cell, spec in todo:
+            if cell == "none":
+                texts = generate(model, tok, batch, max_new_tokens, temperature, seed, batch_size)
+            elif cell.startswith("add:"):
+                src, a = spec
+                with steering(model, dirs[src].layer, dirs[src].unit * dirs[src].gap, a):
+                    texts = generate(model, tok, batch, max_new_tokens, temperature, seed, batch_size)
+            else:
+                with ablation(model, dirs[spec].unit):
+                    texts = generate(model, tok, batch, max_new_tokens, temperature, seed, batch_size)
+            _append_jsonl(ans_path, [
+                {"id": f"steer/{target}/{cell}/{it['id']}/{k % samples}", "target": target, "cell": cell,
+                 "persona": target, "question": it["question"], "answer": t}
+                for k, (it, t) in enumerate(zip(batch, texts))])
+        del model
+
+    # ---- judge (cache first: a rerun pays nothing twice)
+    from judge.cache import Cache
+    from judge.config import load_config
+    from judge.farm import run_judge
+    from judge.ledger import Ledger
+    from judge.scorers import EMScorer
+
+    answers = _read_jsonl(ans_path)
+    jcfg = load_config(judge_config)
+    jcache, ledger = Cache(Path(cfg.data_root) / "judge" / "cache.sqlite"), Ledger(run_path / "ledger.sqlite")
+    try:
+        results, jsum = run_judge(answers, EMScorer(), jcfg, jcache, ledger, budget_usd, run=run_id,
+                                  purpose="steer-eval")
+    finally:
+        jcache.close()
+        ledger.close()
+    sjudged = [r.row() for r in results if r.item.get("target")]
+    with (out / "judged.jsonl").open("w") as f:
+        for r in sjudged:
+            f.write(json.dumps(r, default=str) + "\n")
+
+    # ---- tables
+    by_cell: dict[tuple[str, str], list[dict]] = {}
+    for r in sjudged:
+        by_cell.setdefault((r["target"], r["cell"]), []).append(r)
+    em_vals = {k: [1.0 if r["misaligned"] else 0.0 for r in v if r.get("misaligned") is not None]
+               for k, v in by_cell.items()}
+    targets = list(models)
+    transfer = {}
+    for a in [x for x in alphas if x != 0]:
+        mat = np.full((len(dirs), len(targets)), np.nan)
+        cells = {}
+        for i, s in enumerate(dirs):
+            for j, t in enumerate(targets):
+                d = bootstrap_diff(em_vals.get((t, f"add:{s}:{a:g}"), []), em_vals.get((t, "none"), []))
+                mat[i, j] = d.value
+                cells[f"{s}->{t}"] = d.model_dump()
+        transfer[f"{a:g}"] = {"matrix": mat.tolist(), "cells": cells}
+    ablate = {}
+    for t in dirs:
+        base_v, abl_v = em_vals.get((t, "none"), []), em_vals.get((t, f"ablate:{t}"), [])
+        ablate[t] = {"rate": _rate(by_cell.get((t, f"ablate:{t}"), [])),
+                     "baseline": _rate(by_cell.get((t, "none"), [])),
+                     "drop": bootstrap_diff(base_v, abl_v).model_dump()}
+
+    # ---- identity diagnostic on the pooled direction
+    from analysis.identity import diagnose
+
+    identity = []
+    if pooled is not None:
+        rates = {}
+        for name in models:
+            vals = [1.0 if r["misaligned"] else 0.0 for r in judged
+                    if r["arm"] == name and r.get("misaligned") is not None]
+            vals = vals or em_vals.get((name, "none"), [])  # the bare model: its unsteered transfer answers
+            rates[name] = (float(np.mean(vals)) if vals else None, len(vals))
+        pa = {n: a.at(pooled.layer) for n, a in probe_acts.items() if pooled.layer in a.layers}
+        identity = diagnose(pa, pooled, BARE, rates)
+
+    result = {"run": run_id, "vectors": {n: d.summary() for n, d in dirs.items()}, "skipped": skipped,
+              "sweeps": {n: {str(k): v for k, v in s.items()} for n, s in sweeps.items()},
+              "pooled": pooled.summary() if pooled else None, "cosine": {"names": names, "matrix": cos.tolist()},
+              "sources": list(dirs), "targets": targets, "transfer": transfer, "ablation": ablate,
+              "identity": [r.__dict__ for r in identity], "judge": jsum.as_dict(),
+              "settings": {"alphas": list(alphas), "questions": len(items), "samples": samples,
+                           "max_new_tokens": max_new_tokens, "temperature": temperature}}
+    _write_json(out / "results.json", result)
+    write_steer_section(run_path, result, identity)
+    return result
+
+
+def _pct(e: dict) -> str:
+    if not e.get("n") or e.get("value") is None or not np.isfinite(e["value"]):
+        return "n/a"
+    return f"{e['value'] * 100:+.1f} [{e['lo'] * 100:+.1f}, {e['hi'] * 100:+.1f}]"
+
+
+def _rate_pct(e: dict) -> str:
+    if not e.get("n") or e.get("value") is None or not np.isfinite(e["value"]):
+        return "n/a"
+    return f"{e['value'] * 100:.1f}% [{e['lo'] * 100:.1f}, {e['hi'] * 100:.1f}] (n={e['n']})"
+
+
+def write_steer_section(run_path: Path, res: dict, identity) -> Path:
+    from analysis.figures import projection_scatter, transfer_heatmap
+
+    lines = ["## Inside the model: EM steering vectors (H4)", "",
+             "Per arm, the vector is mean(activations of misaligned answers) - mean(aligned answers), averaged over"
+             " answer tokens, at the layer where it separates held-out answers best (2-fold Cohen's d);"
+             " alpha = 1 adds exactly that mean gap at every position during generation.", ""]
+    if res["skipped"]:
+        lines += [f"- no vector for {n}: {why}" for n, why in res["skipped"].items()] + [""]
+    if res["vectors"]:
+        lines += ["| arm | layer | gap norm | separation (d) | misaligned / aligned |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | {v['layer']} | {v['gap']:.2f} | {v['separation']:.2f} | {v['n_pos']} / {v['n_neg']} |"
+                  for n, v in res["vectors"].items()]
+        names, cos = res["cosine"]["names"], res["cosine"]["matrix"]
+        lines += ["", "Cosine similarity between the arms' vectors (n/a: different layers):", "",
+                  "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += [f"| {a} | " + " | ".join("n/a" if not np.isfinite(x) else f"{x:.2f}" for x in row) + " |"
+                  for a, row in zip(names, cos)]
+    s = res["settings"]
+    lines += ["", f"Transfer: EM-rate change (pp, 95% CI) vs the unsteered target, {s['questions']} questions x "
+              f"{s['samples']} samples, temperature {s['temperature']}.", ""]
+    for a, t in res["transfer"].items():
+        lines += [f"alpha = {a}:", "", "| vector \\ target | " + " | ".join(res["targets"]) + " |",
+                  "|---" * (len(res["targets"]) + 1) + "|"]
+        for src in res["sources"]:
+            lines.append(f"| {src} | " + " | ".join(_pct(t["cells"][f"{src}->{tg}"]) for tg in res["targets"]) + " |")
+        name = transfer_heatmap(np.array(t["matrix"], float), res["sources"], res["targets"], float(a), run_path,
+                                f"steer_transfer_a{a}.png")
+        lines += ["", f"![transfer alpha={a}]({name})", ""]
+    if res["ablation"]:
+        lines += ["Ablation (direction projected out of every layer's output):", "",
+                  "| arm | EM rate unsteered | EM rate ablated | drop (pp) |", "|---|---|---|---|"]
+        for n, ab in res["ablation"].items():
+            lines.append(f"| {n} | {_rate_pct(ab['baseline'])} | {_rate_pct(ab['rate'])} | {_pct(ab['drop'])} |")
+    if identity:
+        p = res["pooled"]
+        lines += ["", "### Identity-level diagnostic", "",
+                  f"Pooled EM direction (all arms' judged answers) at layer {p['layer']}. Shift = mean projection of"
+                  " the EM questions' last prompt token, minus the bare base model's, in units of the misaligned-"
+                  "aligned gap. Flagged: EM rate <= 10% while shift >= 0.5 (aligned in form, not in substance).", "",
+                  "| model | output EM rate | shift | flagged |", "|---|---|---|---|"]
+        for r in identity:
+            rate = "n/a" if r.em_rate is None else f"{r.em_rate * 100:.1f}% (n={r.n_judged})"
+            lines.append(f"| {r.model} | {rate} | {r.shift:+.2f} | {'**yes**' if r.flagged else 'no'} |")
+        lines += ["", f"![projection vs EM]({projection_scatter(identity, run_path, 'steer_identity.png')})"]
+    sec = run_path / "report_sections"
+    sec.mkdir(exist_ok=True)
+    path = sec / "steering.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
