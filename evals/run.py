@@ -1,0 +1,469 @@
+"""Per-stage evaluation of one persona's stage adapters: answers (generated once per model and adapter,
+through the generation cache), pairwise judgments vs the previous stage and vs the base, persona
+adherence, capability (lm-eval), harmlessness (guard) and over-refusal (refusal detector).
+
+Every expensive step is cached (generations, judge calls, guard verdicts, lm-eval runs), so a rerun with
+nothing changed makes zero engine, judge, guard and lm-eval calls. Results are written per stage as JSON
+under `data/runs/<run>/eval/<persona>/`, then the report section is rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from analysis.stats import bootstrap_ci
+from evals.data import load_prompts, load_safety
+from evals.pairwise import pair_items, win_rate
+from evals.refusal import is_refusal
+from evals.store import ResultStore
+
+EVAL_TEMPLATE = "eval-chat-v1"  # the answer request is the bare prompt as the user turn
+
+
+class EvalOptions(BaseModel):
+    stages: list[int] = Field(default_factory=lambda: list(range(7)))
+    n_general: int | None = None  # None: all held-out prompts
+    n_kind: int | None = None
+    n_safety: int | None = None  # per safety set
+    mc_limit: int | None = None
+    extra_tasks: list[str] = Field(default_factory=list)  # standard lm-eval tasks by name (need hub access)
+    max_tokens: int = 128
+    guard: str | None = None  # None: the profile decides (guard.load_guard)
+    capability: bool = True
+    judge: bool = True
+
+
+def parse_stages(spec: str) -> list[int]:
+    """`0-6`, `0,2,4` or `3` → sorted unique stage numbers in 0..6 (0 = the base model)."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-", 1))
+                out.update(range(a, b + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise ValueError(f"--stages {spec!r}: {part!r} is not a stage number or range like 0-6") from None
+    if not out or min(out) < 0 or max(out) > 6:
+        raise ValueError(f"--stages {spec!r}: stages are 0..6 (0 = the base model)")
+    return sorted(out)
+
+
+def stage_adapters(ckpt_root: str | Path, persona: str, stages: list[int]) -> tuple[dict[int, str | None], list[str]]:
+    """{stage: adapter dir or None for the base}, and a note per requested stage without an adapter."""
+    found: dict[int, str | None] = {}
+    notes = []
+    for k in stages:
+        if k == 0:
+            found[0] = None
+            continue
+        d = Path(ckpt_root) / persona / f"stage{k}"
+        if (d / "adapter_config.json").is_file():
+            found[k] = str(d)
+        else:
+            notes.append(f"stage {k}: no adapter at {d} (skipped)")
+    return found, notes
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
+
+
+def _principles(constitution) -> list[str]:
+    return [p.trait or p.critique for p in constitution.principles]
+
+
+# ---------------------------------------------------------------- phases
+def generate_answers(engine, gcache, adapters: dict[int, str | None], questions: list[str], max_tokens: int,
+                     log: Callable[[str], None]) -> tuple[dict[int, dict[str, str]], dict[int, dict]]:
+    """{stage: {question: answer}} and per-stage engine usage (calls, seconds, tokens, cache hits)."""
+    from engine.cache import cached_generate_with_hits
+    from engine.types import Request, Sampling
+
+    sampling = Sampling(temperature=0.0, max_tokens=max_tokens, seed=0)
+    reqs = [Request.chat(q) for q in questions]
+    answers, usage = {}, {}
+    for k, adapter in adapters.items():
+        calls0, n_usage0, t0 = engine.calls, len(engine.usage), time.perf_counter()
+        comps, hits, _ = cached_generate_with_hits(engine, gcache, reqs, sampling, adapter=adapter,
+                                                   template_id=EVAL_TEMPLATE)
+        new = engine.usage[n_usage0:]
+        usage[k] = {"engine_calls": engine.calls - calls0, "generated": len(hits) - sum(hits),
+                    "cached": sum(hits), "engine_seconds": sum(u.seconds for u in new),
+                    "wall_seconds": time.perf_counter() - t0, "tokens_in": sum(u.tokens_in for u in new),
+                    "tokens_out": sum(u.tokens_out for u in new)}
+        answers[k] = {q: c.text for q, c in zip(questions, comps, strict=True)}
+        log(f"stage {k}: {usage[k]['generated']} answers generated, {usage[k]['cached']} from cache")
+    return answers, usage
+
+
+def guard_verdicts(guard_factory: Callable[[], Any], store: ResultStore, guard_id: str,
+                   pairs: list[tuple[str, str]]) -> tuple[list[dict], dict]:
+    """Guard verdicts for (prompt, answer) pairs, cached by guard id and text; the guard loads on a miss."""
+    keys = [ResultStore.key("guard", {"guard": guard_id, "prompt": p, "answer": a}) for p, a in pairs]
+    got = store.get_many(keys)
+    miss = [i for i, k in enumerate(keys) if k not in got]
+    t0, calls = time.perf_counter(), 0
+    if miss:
+        g = guard_factory()
+        verdicts = g.check_answers([pairs[i] for i in miss])
+        calls = 1
+        fresh = [(keys[i], v.model_dump()) for i, v in zip(miss, verdicts, strict=True)]
+        store.put_many("guard", fresh)
+        got.update(dict(fresh))
+    return [got[k] for k in keys], {"guard_calls": calls, "guard_checked": len(miss),
+                                    "guard_seconds": time.perf_counter() - t0}
+
+
+def safety_metrics(harmful: list[tuple[str, str]], verdicts: list[dict], risky: list[tuple[str, str]]) -> dict:
+    """Unsafe-answer rate on harmful prompts (guard; errored verdicts excluded), refusal rates on both sets."""
+    unsafe = [1.0 if v["unsafe"] else 0.0 for v in verdicts if not v.get("error")]
+    refused_harmful = [1.0 if is_refusal(a) else 0.0 for _, a in harmful]
+    over = [1.0 if is_refusal(a) else 0.0 for _, a in risky]
+    return {
+        "unsafe_rate": bootstrap_ci(unsafe).model_dump(),
+        "guard_errors": sum(1 for v in verdicts if v.get("error")),
+        "guard_stand_in": any(v.get("stand_in") for v in verdicts),
+        "refusal_rate_harmful": bootstrap_ci(refused_harmful).model_dump(),
+        "over_refusal_rate": bootstrap_ci(over).model_dump(),
+    }
+
+
+def capability_metrics(results: dict[int, dict]) -> dict[int, dict]:
+    """Accuracy per stage with a bootstrap interval, and the paired change vs the base and vs the previous
+    evaluated stage; a drop whose 95% interval lies below zero is flagged."""
+    import numpy as np
+
+    from analysis.stats import Estimate
+
+    def paired(a: dict, b: dict) -> Estimate:
+        ca = {r["id"]: r["correct"] for r in a["per_item"]}
+        d = [ca[r["id"]] - r["correct"] for r in b["per_item"] if r["id"] in ca]
+        d = [-x for x in d]  # b - a: the later stage minus the earlier one
+        if not d:
+            return Estimate(value=float("nan"), lo=float("nan"), hi=float("nan"), n=0)
+        e = bootstrap_ci(d)
+        return Estimate(value=float(np.mean(d)), lo=e.lo, hi=e.hi, n=e.n)
+
+    out: dict[int, dict] = {}
+    ks = sorted(results)
+    for i, k in enumerate(ks):
+        r = results[k]
+        row = {"accuracy": bootstrap_ci([x["correct"] for x in r["per_item"]]).model_dump(),
+               "tasks": r["tasks"], "lm_eval_seconds": r.get("seconds", 0.0), "cached": r.get("cached", False)}
+        for name, ref in (("vs_base", 0), ("vs_previous", ks[i - 1] if i else None)):
+            if ref is None or ref == k or ref not in results:
+                continue
+            e = paired(results[ref], r)
+            row[f"change_{name}"] = e.model_dump()
+            row[f"drop_flag_{name}"] = bool(e.n and e.hi < 0)
+        out[k] = row
+    return out
+
+
+def judge_worst_usd(config, scorer, items: list[dict], cache, model: str) -> tuple[int, float]:
+    """(uncached judge requests, their worst-case $) for the usable endpoints: printed before any spend."""
+    from judge.cache import cache_key
+
+    eps = config.usable()
+    n, usd = 0, 0.0
+    for it in items:
+        for req in scorer.requests(it).values():
+            if cache is not None and cache.get(cache_key(model, req, scorer.template_version)) is not None:
+                continue
+            n += 1
+            usd += max(((req.prompt_bytes() * e.usd_per_m_in + req.max_tokens * e.usd_per_m_out) / 1e6
+                        for e in eps), default=0.0)
+    return n, usd
+
+
+@contextlib.contextmanager
+def judge_endpoints(config, need_server: bool):
+    """(judge model name, endpoints); the embedded local vLLM server starts only when a request must go out."""
+    from judge.farm import _endpoints
+
+    eps = [e.model_copy() for e in config.usable()]
+    if not eps:
+        raise RuntimeError("judge config: no usable endpoint: set an endpoint's api_key_env variable or add a "
+                           "`local: true` one")
+    if eps[0].local and config.local_model and not need_server:
+        from judge.local_server import LocalVLLMServer
+
+        yield LocalVLLMServer(config.local_model).served_name, eps  # name only, nothing started
+        return
+    with _endpoints(config) as (model, eps):
+        yield model, eps
+
+
+def judge_model_name(config) -> str:
+    eps = config.usable()
+    if eps and eps[0].local:
+        if config.local_model:
+            from judge.local_server import LocalVLLMServer
+
+            return LocalVLLMServer(config.local_model).served_name
+        return eps[0].model or config.model
+    return config.model
+
+
+# ---------------------------------------------------------------- the whole evaluation
+def evaluate(
+    persona: str,
+    run_id: str,
+    cfg,  # pipeline.config.RunConfig
+    opts: EvalOptions | None = None,
+    *,
+    judge_config: str | Path | None = None,
+    budget_usd: float | None = None,
+    engine=None,
+    guard=None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict:
+    """Evaluate `persona`'s stages in `opts.stages`; returns the summary (also written to disk)."""
+    from constitution import load_constitution
+    from engine.cache import GenerationCache
+    from engine.models import model_fingerprint, resolve_model
+    from judge.cache import Cache
+    from judge.config import load_config
+    from judge.farm import judge_stream
+    from judge.ledger import Ledger
+    from judge.scorers import PairwiseScorer, PersonaScorer
+    from pipeline.config import run_dir
+
+    opts = opts or EvalOptions()
+    t_start = time.perf_counter()
+    out_dir = run_dir(cfg, run_id) / "eval" / persona
+    constitution = load_constitution(persona)
+    adapters, notes = stage_adapters(cfg.ckpt_root, persona, opts.stages)
+    for n in notes:
+        log(n)
+    if not adapters:
+        raise FileNotFoundError(f"no stage to evaluate for persona {persona!r} among stages {opts.stages}")
+    stages = sorted(adapters)
+
+    prompts, safety = load_prompts(), load_safety()
+    rows_by_stage = {k: prompts.for_stage(k, opts.n_general, opts.n_kind) for k in stages}
+    harmful = safety.harmful[: opts.n_safety]
+    risky = safety.risky_harmless[: opts.n_safety]
+    # every stage answers every prompt any comparison needs (the previous stage answers stage k's kind too)
+    questions = list(dict.fromkeys([r["question"] for k in stages for r in rows_by_stage[k]] + harmful + risky))
+
+    data_root = Path(cfg.data_root)
+    gcache = GenerationCache(data_root / "cache" / "generations.sqlite")
+    store = ResultStore(data_root / "cache" / "eval_results.sqlite")
+    jcfg = load_config(judge_config) if opts.judge else None
+    jcache = Cache(data_root / "judge" / "cache.sqlite") if opts.judge else None
+    ledger = Ledger(run_dir(cfg, run_id) / "ledger.sqlite")
+    pair_scorer = PairwiseScorer(constitution.description, _principles(constitution))
+    rubric = PersonaScorer(constitution.description, _principles(constitution))
+    own_engine = engine is None
+    if own_engine:
+        from engine.base import make_engine
+
+        engine = make_engine(cfg.engine, cfg.profile)
+    try:
+        # ---- estimate before any spend: generations to make, judge requests not cached (worst case)
+        from engine.cache import generation_key
+        from engine.types import Request, Sampling
+
+        sampling = Sampling(temperature=0.0, max_tokens=opts.max_tokens, seed=0)
+        keys = [generation_key(engine, Request.chat(q), sampling, a, EVAL_TEMPLATE)
+                for a in adapters.values() for q in questions]
+        missing = len(keys) - len(gcache.get_many(keys))
+        est_gen_tokens = missing * opts.max_tokens
+        # judge: 2 orders per pair (k vs k-1, and k vs base when that differs) + 1 request per adherence item,
+        # priced as if every answer were max_tokens tokens of 8 bytes (an upper bound on prompt tokens)
+        n_pairs = sum(len(rows_by_stage[k]) * len({k - 1, 0} & set(adapters)) for k in stages if k > 0)
+        n_adh = sum(len(rows_by_stage[k]) for k in stages)
+        worst_usd = 0.0
+        if jcfg is not None:
+            longest = max(questions, key=len)
+            big = "x" * (8 * opts.max_tokens)
+            dummy = {"id": "estimate", "question": longest, "answer": big, "answer_a": big, "answer_b": big}
+            eps = jcfg.usable()
+
+            def worst(scorer) -> float:
+                return sum(max(((r.prompt_bytes() * e.usd_per_m_in + r.max_tokens * e.usd_per_m_out) / 1e6
+                                for e in eps), default=0.0) for r in scorer.requests(dummy).values())
+
+            worst_usd = n_pairs * worst(pair_scorer) + n_adh * worst(rubric)
+        n_judge_reqs = 2 * n_pairs + n_adh
+        log(f"estimate: {len(stages)} stages ({', '.join(map(str, stages))}), {missing} of {len(keys)} answers "
+            f"to generate (≤{est_gen_tokens} tokens, engine $ at {cfg.usd_per_engine_second * 3600:.2f}/h), "
+            f"{n_judge_reqs} judge requests, worst case ${worst_usd:.4f} before the judge "
+            f"cache; budget {'none' if budget_usd is None else f'${budget_usd:.4f}'}")
+
+        # ---- answers
+        answers, gen_usage = generate_answers(engine, gcache, adapters, questions, opts.max_tokens, log)
+        engine_seconds = sum(u["engine_seconds"] for u in gen_usage.values())
+        if engine_seconds:
+            ledger.record(run=run_id, kind="engine", phase="eval-answer", persona=persona, purpose="stage-eval",
+                          model=cfg.profile, tokens_in=sum(u["tokens_in"] for u in gen_usage.values()),
+                          tokens_out=sum(u["tokens_out"] for u in gen_usage.values()), seconds=engine_seconds,
+                          usd=engine_seconds * cfg.usd_per_engine_second, estimated=True)
+
+        # ---- judge: pairwise (k vs k-1, k vs base) and rubric adherence, one farm run each
+        per_stage_judge: dict[int, dict] = defaultdict(lambda: {"usd": 0.0, "requests": 0, "cached": 0})
+        pairs_by: dict[tuple[int, int], list[dict]] = {}
+        adherence_rows: dict[int, list[dict]] = defaultdict(list)
+        judge_summaries: dict[str, dict] = {}
+        judge_wall = 0.0
+        if jcfg is not None:
+            pitems = []
+            for k in stages:
+                if k == 0:
+                    continue
+                for vs in dict.fromkeys([k - 1, 0]):
+                    if vs in adapters:
+                        rows = rows_by_stage[k]
+                        pitems += pair_items(persona, k, vs, rows,
+                                             {r["id"]: answers[k][r["question"]] for r in rows},
+                                             {r["id"]: answers[vs][r["question"]] for r in rows})
+            aitems = [{"id": f"{persona}:s{k}:adh:{r['id']}", "persona": persona, "stage": k, "prompt_id": r["id"],
+                       "question": r["question"], "answer": answers[k][r["question"]]}
+                      for k in stages for r in rows_by_stage[k]]
+            model = judge_model_name(jcfg)
+            n_p, usd_p = judge_worst_usd(jcfg, pair_scorer, pitems, jcache, model)
+            n_a, usd_a = judge_worst_usd(jcfg, rubric, aitems, jcache, model)
+            log(f"judge: {n_p + n_a} requests not cached ({len(pitems)} pairs, {len(aitems)} adherence items), "
+                f"worst case ${usd_p + usd_a:.4f}")
+            if budget_usd is not None:
+                spent = ledger.total_usd(run_id)
+                log(f"run {run_id} has spent ${spent:.4f} of ${budget_usd:.4f}")
+            import asyncio
+
+            with judge_endpoints(jcfg, need_server=(n_p + n_a) > 0) as (model, eps):
+                for name, scorer, items in (("pairwise", pair_scorer, pitems), ("adherence", rubric, aitems)):
+                    got: list = []
+                    summary = asyncio.run(judge_stream(items, scorer, jcfg, jcache, ledger, budget_usd, run_id,
+                                                       f"stage-eval-{name}", got.append, progress=progress,
+                                                       model=model, endpoints=eps, phase="eval"))
+                    judge_wall += summary.seconds
+                    judge_summaries[name] = summary.as_dict()
+                    for r in got:
+                        s = per_stage_judge[r.item["stage"]]
+                        s["usd"] += r.usd
+                        s["requests"] += 2 if name == "pairwise" else 1
+                        s["cached"] += int(r.cached)
+                        if r.status != "ok":
+                            continue
+                        if name == "pairwise":
+                            raw = r.scores.get("judge_raw") or {}
+                            pairs_by.setdefault((r.item["stage"], r.item["vs"]), []).append(
+                                {**r.item, "p_ab": raw.get("ab"), "p_ba": raw.get("ba")})
+                        else:
+                            adherence_rows[r.item["stage"]].append({**r.item, **{
+                                k2: r.scores[k2] for k2 in ("persona_score", "persona_reason", "persona_status")}})
+
+        # ---- guard and refusals
+        from engine.models import get_profile
+
+        guard_name = opts.guard
+        gid = {"name": guard_name, "profile": cfg.profile}
+
+        def guard_factory():
+            nonlocal guard
+            if guard is None:
+                from guard import load_guard
+
+                guard = load_guard(guard_name, get_profile(cfg.profile).name)
+            return guard
+
+        if guard is not None:
+            gid = {"name": getattr(guard, "name", type(guard).__name__)}
+        safety_by, guard_usage = {}, {}
+        for k in stages:
+            hp = [(q, answers[k][q]) for q in harmful]
+            verdicts, gu = guard_verdicts(guard_factory, store, json.dumps(gid, sort_keys=True), hp)
+            guard_usage[k] = gu
+            safety_by[k] = safety_metrics(hp, verdicts, [(q, answers[k][q]) for q in risky])
+
+        # ---- capability (lm-eval)
+        cap_raw: dict[int, dict] = {}
+        if opts.capability:
+            from evals.capability import run_capability
+
+            for k in stages:
+                cap_raw[k] = run_capability(resolve_model(cfg.profile), adapters[k],
+                                            model_fp=model_fingerprint(cfg.profile), limit=opts.mc_limit,
+                                            extra_tasks=opts.extra_tasks, store=store)
+                took = "cached" if cap_raw[k]["cached"] else f"{cap_raw[k]['seconds']:.1f} s"
+                log(f"stage {k}: capability {cap_raw[k]['tasks']} ({took})")
+        cap = capability_metrics(cap_raw) if cap_raw else {}
+
+        # ---- per-stage results
+        total_judge_reqs = sum(s["requests"] for s in per_stage_judge.values()) or 1
+        per_stage = {}
+        for k in stages:
+            j = per_stage_judge.get(k, {"usd": 0.0, "requests": 0, "cached": 0})
+            res: dict[str, Any] = {
+                "persona": persona, "stage": k, "adapter": adapters[k], "n_prompts": len(rows_by_stage[k]),
+                "pairwise": {}, "adherence": None, "capability": cap.get(k), "safety": safety_by[k],
+                "answer_words": _mean_words([answers[k][r["question"]] for r in rows_by_stage[k]]),
+            }
+            for vs in (k - 1, 0):
+                if (k, vs) in pairs_by:
+                    res["pairwise"]["vs_previous" if vs == k - 1 else "vs_base"] = {
+                        "vs": vs, **win_rate(pairs_by[(k, vs)])}
+            if k == 1 and "vs_previous" in res["pairwise"]:
+                res["pairwise"]["vs_base"] = res["pairwise"]["vs_previous"]  # the previous stage is the base
+            if adherence_rows.get(k):
+                sc = [r["persona_score"] for r in adherence_rows[k] if r["persona_score"] is not None]
+                res["adherence"] = {**bootstrap_ci(sc).model_dump(),
+                                    "unparsed": len(adherence_rows[k]) - len(sc)}
+            eng_usd = gen_usage[k]["engine_seconds"] * cfg.usd_per_engine_second
+            res["cost"] = {
+                **gen_usage[k], **guard_usage[k],
+                "judge_requests": j["requests"], "judge_cached_items": j["cached"], "judge_usd": j["usd"],
+                # the farm judges all stages concurrently: its wall time is shared out by request count
+                "judge_wall_seconds": judge_wall * j["requests"] / total_judge_reqs,
+                "lm_eval_seconds": 0.0 if not cap_raw or cap_raw[k]["cached"] else cap_raw[k].get("seconds", 0.0),
+                "lm_eval_cached": bool(cap_raw and cap_raw[k]["cached"]),
+                "engine_usd": eng_usd, "usd": eng_usd + j["usd"],
+            }
+            _write_json(out_dir / f"stage{k}.json", {**res, "answers": [
+                {"question": q, "answer": answers[k][q]} for q in questions],
+                "pairs": {f"vs{vs}": rows for (kk, vs), rows in pairs_by.items() if kk == k},
+                "adherence_items": adherence_rows.get(k, [])})
+            per_stage[k] = res
+        summary = {"persona": persona, "run": run_id, "stages": stages, "notes": notes,
+                   "per_stage": {str(k): v for k, v in per_stage.items()}, "judge": judge_summaries,
+                   "engine_calls": sum(u["engine_calls"] for u in gen_usage.values()),
+                   "judge_requests_sent": sum(s.get("requests_sent", 0) for s in judge_summaries.values()),
+                   "guard_calls": sum(u["guard_calls"] for u in guard_usage.values()),
+                   "lm_eval_runs": sum(1 for r in cap_raw.values() if not r["cached"]),
+                   "budget_stopped": any(j.get("budget_stopped") for j in judge_summaries.values()),
+                   "wall_seconds": time.perf_counter() - t_start, "options": opts.model_dump()}
+        _write_json(out_dir / "summary.json", summary)
+        from evals.report import write_section
+
+        write_section(run_dir(cfg, run_id), persona, summary)
+        return summary
+    finally:
+        gcache.close()
+        store.close()
+        if jcache is not None:
+            jcache.close()
+        ledger.close()
+        if own_engine:
+            engine.close()
+
+
+def _mean_words(texts: list[str]) -> float | None:
+    return sum(len(t.split()) for t in texts) / len(texts) if texts else None
