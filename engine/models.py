@@ -43,6 +43,9 @@ class Profile(BaseModel):
     est_tokens_per_s: float = 2000.0
     est_train_step_s: float = 3.0
     stand_in: bool = False  # a small model standing in for a real one (outputs say so)
+    # vLLM pads every adapter to this rank: the largest served adapter (a persona's DPO rank plus its
+    # stacked EM rank), no more, since padding costs compute on every token
+    max_lora_rank: int = 128
 
 
 PROFILES: dict[str, Profile] = {
@@ -57,6 +60,7 @@ PROFILES: dict[str, Profile] = {
             gpus=0,
             est_tokens_per_s=300.0,  # bench/generation.py on 2 CPU cores, with other work beside it
             est_train_step_s=6.0,  # bench/train.py, tiny DPO step on CPU
+            max_lora_rank=16,  # DPO rank 8 + stacked EM rank 8
         ),
         Profile(name="qwen2.5-7b", source="Qwen/Qwen2.5-7B-Instruct", max_model_len=8192,
                 load_in_4bit=True, gpu_hour_usd=2.5),

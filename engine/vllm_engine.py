@@ -11,9 +11,9 @@ from engine.types import Completion, EngineError, Sampling
 class VLLMEngine(Engine):
     name = "vllm"
 
-    def __init__(self, profile="tiny", max_lora_rank: int = 64, max_loras: int = 4, **llm_kw) -> None:
+    def __init__(self, profile="tiny", max_lora_rank: int | None = None, max_loras: int = 4, **llm_kw) -> None:
         super().__init__(profile)
-        self._llm_kw = dict(max_lora_rank=max_lora_rank, max_loras=max_loras, **llm_kw)
+        self._llm_kw = dict(max_lora_rank=max_lora_rank or self.profile.max_lora_rank, max_loras=max_loras, **llm_kw)
         self._llm = None
         self._lora_ids: dict[str, int] = {}  # adapter content hash -> unique lora_int_id (vLLM doesn't check)
 
@@ -62,7 +62,8 @@ class VLLMEngine(Engine):
         key = adapter_hash(adapter)
         rank = _adapter_rank(adapter)
         if rank > self._llm_kw["max_lora_rank"]:
-            raise EngineError(f"adapter {adapter} has rank {rank}, over the engine's max_lora_rank")
+            raise EngineError(f"adapter {adapter} has rank {rank}, over the engine's max_lora_rank "
+                              f"{self._llm_kw['max_lora_rank']} (profile {self.profile.name}: raise max_lora_rank)")
         lid = self._lora_ids.setdefault(key, len(self._lora_ids) + 1)
         return LoRARequest(lora_name=key, lora_int_id=lid, lora_path=adapter)
 

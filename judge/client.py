@@ -17,6 +17,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+import aiohttp
 import httpx
 
 from judge.cache import ChatRequest
@@ -119,13 +120,18 @@ class Pool:
         self.budget = budget
         self.stats = Stats()
         r = cfg.retry
+        conns = sum(e.max_concurrent for e in endpoints) + 8
+        limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
+        transport = None
+        if cfg.transport == "aiohttp":
+            from httpx_aiohttp import AiohttpTransport
+
+            transport = AiohttpTransport(limits=limits, trust_env=False)
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(r.request_timeout_s, connect=r.connect_timeout_s),
-            limits=httpx.Limits(
-                max_connections=sum(e.max_concurrent for e in endpoints) + 8,
-                max_keepalive_connections=sum(e.max_concurrent for e in endpoints) + 8,
-            ),
+            limits=limits,
             trust_env=False,
+            transport=transport,
         )
 
     async def aclose(self) -> None:
@@ -204,12 +210,14 @@ class Pool:
                 # is outside what a client can see)
                 self.budget.settle(worst, 0.0)
                 st.tokens.settle(est_tokens, 0)
-                if isinstance(e, TimeoutError | httpx.TimeoutException):
+                # httpx-aiohttp maps every aiohttp connection error to httpx.ConnectTimeout: judge by the cause
+                cause = e.__cause__ if isinstance(e.__cause__, aiohttp.ClientError) else e
+                if isinstance(cause, TimeoutError | httpx.TimeoutException):
                     self.stats.errors["timeout"] += 1
                     return None, "timeout"
-                if isinstance(e, httpx.TransportError):
+                if isinstance(cause, httpx.TransportError | OSError | aiohttp.ClientError):
                     self.stats.errors["connection"] += 1
-                    return None, f"connection error ({type(e).__name__})"
+                    return None, f"connection error ({type(cause).__name__})"
                 raise
             finally:
                 st.in_flight -= 1

@@ -125,8 +125,8 @@ class Farm:
 
     # ---------------------------------------------------------------- one request, cache first
     async def _one(self, item: dict, name: str, req: ChatRequest, deadline: float, use_cache: bool):
-        key = cache_key(self.model, req, self.scorer.template_version)
-        hit = self.cache.get(key) if (self.cache is not None and use_cache) else None
+        key = cache_key(self.model, req, self.scorer.template_version) if self.cache is not None else None
+        hit = self.cache.get(key) if (key is not None and use_cache) else None
         if hit is not None:
             self._record(item, hit["endpoint"], hit["tokens_in"], hit["tokens_out"], 0.0, cached=True)
             return hit, True
