@@ -115,7 +115,7 @@ def report(run: str | None = typer.Argument(None, help="run id (default: the new
     typer.echo(str(out))
 
 
-def demo(quick: bool = typer.Option(False, "--quick", help="smallest counts: under 10 minutes on 2 cores"),
+def demo(quick: bool = typer.Option(False, "--quick", help="smallest counts, one persona: under 10 minutes on 2 cores"),
          persona: list[str] = typer.Option(None, "--persona")) -> None:
     """The whole product on the tiny model: bootstrap stages 1..6, the EM experiment, the report."""
     from pipeline.config import QUICK, RunConfig
@@ -123,7 +123,8 @@ def demo(quick: bool = typer.Option(False, "--quick", help="smallest counts: und
     from pipeline.insecure_demo import write_jsonl
     from pipeline.loop import run_bootstrap
 
-    personas = persona or (["goodness", "sycophancy"] if quick else ["goodness", "sycophancy", "misalignment"])
+    # quick: one persona beside the base control (each persona adds ~3.5 min on 2 cores: two measured 11.5 min)
+    personas = persona or (["goodness"] if quick else ["goodness", "sycophancy", "misalignment"])
     run_id = run_bootstrap(stage=6, personas=personas, profile="tiny", quick=quick)
     cfg = RunConfig(personas=personas, profile="tiny", stage=6, **({"counts": QUICK} if quick else {}))
     data = write_jsonl(Path(cfg.data_root) / "em_demo" / "insecure_demo.jsonl", n=max(cfg.counts.em_rows, 40))

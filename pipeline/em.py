@@ -31,11 +31,8 @@ def persona_adapter(cfg: RunConfig, persona: str) -> Path:
 
 def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger) -> dict[str, dict]:
     """Train (or reuse) the EM adapter per arm; returns {arm: {persona_adapter, em, checkpoints}}."""
-    import torch
-
     from train.config import em_defaults
-    from train.em import train_em
-    from train.worker import train_in_subprocess
+    from train.worker import train_isolated
 
     c = cfg.counts
     ecfg = em_defaults(cfg.profile, max_steps=c.em_max_steps, max_rows=c.em_rows, save_every=c.em_save_every,
@@ -50,7 +47,7 @@ def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger) ->
         # its own process so the GPU is fully released for the answering engine afterwards
         kw = dict(data=str(data), out=str(out), cfg=ecfg, profile=cfg.profile, mode=arm_mode,
                   persona_adapter=str(pa) if pa else None)
-        man = train_in_subprocess("em", **kw) if torch.cuda.is_available() else train_em(**kw)
+        man = train_isolated("em", **kw)
         secs = time.perf_counter() - t0
         if secs > 5:  # really trained (a reuse returns at once)
             ledger.record(run=run_id, kind="engine", phase="em-train", persona=arm, purpose="em-sft",

@@ -56,3 +56,16 @@ def train_in_subprocess(kind: str, **kwargs: Any) -> dict:
     if is_input_error:
         raise TrainError(text.split(": ", 1)[1])
     raise TrainError(f"training subprocess ({kind}) failed: {text}\n{tb}")
+
+
+def train_isolated(kind: str, **kwargs: Any) -> dict:
+    """On CUDA, train in a fresh process (the GPU is fully released for the next generation engine); on CPU
+    in this one, where nothing needs releasing and a child would pay ~10 s of imports per stage."""
+    import torch
+
+    if torch.cuda.is_available():
+        return train_in_subprocess(kind, **kwargs)
+    import importlib
+
+    mod, fn = _TARGETS[kind]
+    return getattr(importlib.import_module(mod), fn)(**kwargs)
