@@ -58,7 +58,9 @@ PROFILES: dict[str, Profile] = {
             max_model_len=2048,
             gpu_hour_usd=0.0,
             gpus=0,
-            est_tokens_per_s=300.0,  # bench/generation.py on 2 CPU cores, with other work beside it
+            # stage generation on 2 CPU cores: small batches make it decode-step bound (~35 new tokens/s in
+            # the `demo --quick` ledger), well below bench/generation.py's 32-chat batches
+            est_tokens_per_s=35.0,
             est_train_step_s=6.0,  # bench/train.py, tiny DPO step on CPU
             max_lora_rank=16,  # DPO rank 8 + stacked EM rank 8
         ),

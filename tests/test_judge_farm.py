@@ -76,9 +76,10 @@ def test_every_item_finishes_through_faults_and_none_is_paid_twice(srv, tmp_path
         p_malformed=0.0,
     )
     led = Ledger(tmp_path / "l.sqlite")
-    res, s = run_judge(
-        items(60), EMScorer(), cfg(srv.url), Cache(tmp_path / "c.sqlite"), led, run="f", progress=False
-    )
+    # 10% 500s make "the same 5xx three times" (its own test below) hit ~1 request in 8 runs: lift that
+    # rule and the attempt cap here, where the point is that every item gets through the faults
+    c = cfg(srv.url, retry={"same_5xx_limit": 50, "max_attempts": 50})
+    res, s = run_judge(items(60), EMScorer(), c, Cache(tmp_path / "c.sqlite"), led, run="f", progress=False)
     st = srv.stats()
     assert s.ok == 60 and all(r.status == "ok" for r in res), s.failures
     assert st["billed_max_per_prompt"] == 1 and st["billed_total"] == 120  # 2 judge calls per item
