@@ -83,13 +83,8 @@ def items(n: int, tag: str):
         yield {"id": f"{tag}{i}", "question": f"Bench question {tag} {i}?", "answer": f"Bench answer {i}."}
 
 
-def run(it, c: JudgeConfig, cache=None, ledger=None, budget=None, run_id="bench", loop: str = "asyncio"):
-    runner = asyncio.run
-    if loop == "uvloop":
-        import uvloop
-
-        runner = uvloop.run
-    return runner(
+def run(it, c: JudgeConfig, cache=None, ledger=None, budget=None, run_id="bench"):
+    return asyncio.run(
         judge_stream(
             it,
             EMScorer(),
@@ -246,15 +241,15 @@ def stream_rss(n: int) -> dict:
 def farm_cpu(srv: Server, rps: int, seconds: float) -> dict:
     """The farm's own CPU per 100 req/s at a target rate, with each HTTP transport, side by side."""
     out: dict = {"target_rps": rps}
-    for transport, loop in (("httpx", "asyncio"), ("aiohttp", "asyncio"), ("aiohttp", "uvloop")):
+    for transport in ("httpx", "aiohttp"):
         srv.reset(limit=1_000_000, latency=[0.0, 0.01], **CLEAN)
         c = cfg(srv.url, rps * 60, conc=64, transport=transport)
         n = int(rps * seconds / 2)
         t0, c0 = time.perf_counter(), time.process_time()
-        s = run(items(n, f"cpu-{transport}-{loop}"), c, loop=loop)
+        s = run(items(n, f"cpu-{transport}"), c)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         achieved = s.requests_sent / wall
-        out[transport if loop == "asyncio" else f"{transport}+{loop}"] = {
+        out[transport] = {
             "achieved_rps": round(achieved, 1),
             "cpu_ms_per_request": round(cpu / s.requests_sent * 1000, 3),
             "farm_cpu_pct_per_100rps": round(cpu / wall * 100 / (achieved / 100), 2),

@@ -2,7 +2,7 @@
 
 Prints JSON: fraction of items regenerated (target ≤ 1/8 + 0.05 with one round per item; with R rounds
 an item touches R principles, so the expected fraction is 1-(7/8)^R) and the seconds of a cached rerun.
-Usage: python bench/regeneration.py [--items 100] [--rounds 1] [--max-tokens 48]
+Usage: python bench/regeneration.py [--items 100] [--rounds 1] [--max-tokens 48] [--oversample 4]
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=48)
+    # the tiny model's proposals are often near-duplicates: at 2x it tops out near 80 new tasks, so ask wider
+    ap.add_argument("--oversample", type=float, default=4.0)
     args = ap.parse_args()
 
     from constitution import load_constitution
@@ -31,7 +33,8 @@ def main() -> None:
     base = load_constitution("hhh")
     c8 = base.model_copy(update={"principles": base.principles[:8]})
     (tmp / "c8.yaml").write_text(dump_constitution(c8))
-    kw = dict(n_tasks=args.items, rounds=args.rounds, max_tokens=args.max_tokens, task_tokens=32)
+    kw = dict(n_tasks=args.items, rounds=args.rounds, max_tokens=args.max_tokens, task_tokens=32,
+              oversample=args.oversample)
     with VLLMEngine("tiny") as eng, GenerationCache(tmp / "cache.sqlite") as cache:
         t = time.perf_counter()
         first = run_stage(6, "c8", eng, cache, tmp / "data", constitution=tmp / "c8.yaml", **kw)

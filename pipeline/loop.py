@@ -174,17 +174,16 @@ def _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger) ->
 
 def _train(cfg, run_id, persona, k, data, ckpt, parent, engines, ledger, budget) -> None:
     from train.config import dpo_defaults
-    from train.dpo import dataset_hash, finished, load_pairs
+    from train.dpo import dataset_hash, load_pairs, reusable
 
     dcfg = dpo_defaults(cfg.profile, max_steps=cfg.counts.dpo_max_steps, seed=cfg.seed)
-    prev = finished(ckpt)
     n_pairs = json.loads((data / "manifest.json").read_text())["counts"]["train_rows"]
     if n_pairs == 0:
         _carry_forward(persona, k, data, ckpt, parent)
         return
     pairs = load_pairs(data)
-    if prev and prev.get("dataset_hash") == dataset_hash(pairs) and prev.get("config") == dcfg.model_dump() and \
-            prev.get("parent_adapter_hash") == (adapter_hash(parent) if parent else None):
+    parent_hash = adapter_hash(parent) if parent else None
+    if reusable(ckpt, dataset_hash(pairs), parent_hash, dcfg, model_fingerprint(cfg.profile)):
         console.print(f"{persona} stage {k}: adapter reused from {ckpt}")
         return
     _check_budget(cfg, ledger, run_id, budget, persona, k, "train")

@@ -101,6 +101,15 @@ def finished(out: Path) -> dict | None:
     return json.loads(man.read_text()) if man.is_file() else None
 
 
+def reusable(out: Path, ds_hash: str, parent_hash: str | None, cfg: DPOTrainConfig, fingerprint: str) -> dict | None:
+    """The manifest of a finished run at `out` made from the same dataset, parent, config and base, or None.
+    The pipeline asks this before starting any training, so a rerun pays for nothing."""
+    prev = finished(out)
+    same = prev is not None and prev.get("dataset_hash") == ds_hash and prev.get("parent_adapter_hash") == parent_hash \
+        and prev.get("config") == cfg.model_dump() and prev.get("base_fingerprint") == fingerprint
+    return prev if same else None
+
+
 def train_dpo(
     data: Any,
     out: str | Path,
@@ -132,9 +141,7 @@ def train_dpo(
 
         check_adapter_base(Path(parent), model_path, fingerprint, what="parent adapter")
         parent_hash = adapter_hash(parent)
-    prev = finished(out)
-    if (not force and prev and prev.get("dataset_hash") == ds_hash and prev.get("parent_adapter_hash") == parent_hash
-            and prev.get("config") == cfg.model_dump() and prev.get("base_fingerprint") == fingerprint):
+    if not force and (prev := reusable(out, ds_hash, parent_hash, cfg, fingerprint)):
         return prev
 
     device = device_kind()
