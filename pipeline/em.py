@@ -32,7 +32,7 @@ def persona_adapter(cfg: RunConfig, persona: str) -> Path:
 def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger) -> dict[str, dict]:
     """Train (or reuse) the EM adapter per arm; returns {arm: {persona_adapter, em, checkpoints}}."""
     from train.config import em_defaults
-    from train.worker import train_isolated
+    from train.worker import run_training
 
     c = cfg.counts
     ecfg = em_defaults(cfg.profile, max_steps=c.em_max_steps, max_rows=c.em_rows, save_every=c.em_save_every,
@@ -47,7 +47,7 @@ def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger) ->
         # its own process so the GPU is fully released for the answering engine afterwards
         kw = dict(data=str(data), out=str(out), cfg=ecfg, profile=cfg.profile, mode=arm_mode,
                   persona_adapter=str(pa) if pa else None)
-        man = train_isolated("em", **kw)
+        man = run_training("em", **kw)
         secs = time.perf_counter() - t0
         if secs > 5:  # really trained (a reuse returns at once)
             ledger.record(run=run_id, kind="engine", phase="em-train", persona=arm, purpose="em-sft",

@@ -188,11 +188,11 @@ def _train(cfg, run_id, persona, k, data, ckpt, parent, engines, ledger, budget)
         return
     _check_budget(cfg, ledger, run_id, budget, persona, k, "train")
     engines.before_training()
-    from train.worker import train_isolated
+    from train.worker import run_training
 
     t0 = time.perf_counter()
     console.print(f"{persona} stage {k}: training DPO ({len(pairs)} pairs, {dcfg.max_steps} steps max)…")
-    man = train_isolated("dpo", data=str(data), out=str(ckpt), cfg=dcfg, profile=cfg.profile,
+    man = run_training("dpo", data=str(data), out=str(ckpt), cfg=dcfg, profile=cfg.profile,
                          parent=str(parent) if parent else None)
     secs = time.perf_counter() - t0
     ledger.record(run=run_id, kind="engine", phase="train", stage=k, persona=persona, purpose="dpo",

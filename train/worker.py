@@ -17,12 +17,16 @@ from train.common import TrainError
 _TARGETS = {"dpo": ("train.dpo", "train_dpo"), "em": ("train.em", "train_em")}
 
 
-def _child(kind: str, kwargs: dict, q) -> None:
+def _target(kind: str):
     import importlib
 
+    mod, fn = _TARGETS[kind]
+    return getattr(importlib.import_module(mod), fn)
+
+
+def _child(kind: str, kwargs: dict, q) -> None:
     try:
-        mod, fn = _TARGETS[kind]
-        q.put(("ok", getattr(importlib.import_module(mod), fn)(**kwargs)))
+        q.put(("ok", _target(kind)(**kwargs)))
     except BaseException as e:  # report everything, including a KeyboardInterrupt in the child
         q.put(("error", f"{type(e).__name__}: {e}", traceback.format_exc(), isinstance(e, TrainError)))
 
@@ -58,14 +62,11 @@ def train_in_subprocess(kind: str, **kwargs: Any) -> dict:
     raise TrainError(f"training subprocess ({kind}) failed: {text}\n{tb}")
 
 
-def train_isolated(kind: str, **kwargs: Any) -> dict:
+def run_training(kind: str, **kwargs: Any) -> dict:
     """On CUDA, train in a fresh process (the GPU is fully released for the next generation engine); on CPU
     in this one, where nothing needs releasing and a child would pay ~10 s of imports per stage."""
     import torch
 
     if torch.cuda.is_available():
         return train_in_subprocess(kind, **kwargs)
-    import importlib
-
-    mod, fn = _TARGETS[kind]
-    return getattr(importlib.import_module(mod), fn)(**kwargs)
+    return _target(kind)(**kwargs)
