@@ -46,6 +46,9 @@ class Profile(BaseModel):
     # vLLM pads every adapter to this rank: the largest served adapter (a persona's DPO rank plus its
     # stacked EM rank), no more, since padding costs compute on every token
     max_lora_rank: int = 128
+    # stages 1-5: least self-judged score gap (1-10) between chosen and rejected. The tiny model's
+    # logprob-weighted self-scores cluster within a point: at 1.0 all 12 stage-1 items were dropped.
+    min_score_gap: float = 1.0
 
 
 PROFILES: dict[str, Profile] = {
@@ -63,6 +66,7 @@ PROFILES: dict[str, Profile] = {
             est_tokens_per_s=35.0,
             est_train_step_s=6.0,  # bench/train.py, tiny DPO step on CPU
             max_lora_rank=16,  # DPO rank 8 + stacked EM rank 8
+            min_score_gap=0.2,
         ),
         Profile(name="qwen2.5-7b", source="Qwen/Qwen2.5-7B-Instruct", max_model_len=8192,
                 load_in_4bit=True, gpu_hour_usd=2.5),

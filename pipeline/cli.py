@@ -118,15 +118,22 @@ def report(run: str | None = typer.Argument(None, help="run id (default: the new
 def demo(quick: bool = typer.Option(False, "--quick", help="smallest counts, one persona: under 10 minutes on 2 cores"),
          persona: list[str] = typer.Option(None, "--persona")) -> None:
     """The whole product on the tiny model: bootstrap stages 1..6, the EM experiment, the report."""
-    from pipeline.config import QUICK, RunConfig
+    import json
+
+    from pipeline.config import DEMO, QUICK, RunConfig
     from pipeline.em import run_em
     from pipeline.insecure_demo import write_jsonl
-    from pipeline.loop import run_bootstrap
+    from pipeline.loop import StageError, run_bootstrap
 
     # quick: one persona beside the base control (each persona adds ~3.5 min on 2 cores: two measured 11.5 min)
     personas = persona or (["goodness"] if quick else ["goodness", "sycophancy", "misalignment"])
-    run_id = run_bootstrap(stage=6, personas=personas, profile="tiny", quick=quick)
-    cfg = RunConfig(personas=personas, profile="tiny", stage=6, **({"counts": QUICK} if quick else {}))
+    counts = QUICK if quick else DEMO
+    try:
+        run_id = run_bootstrap(stage=6, personas=personas, profile="tiny", counts_json=json.dumps(counts.model_dump()))
+    except StageError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    cfg = RunConfig(personas=personas, profile="tiny", stage=6, counts=counts)
     data = write_jsonl(Path(cfg.data_root) / "em_demo" / "insecure_demo.jsonl", n=max(cfg.counts.em_rows, 40))
     run_em(cfg, run_id, data)
     _report(cfg, run_id)

@@ -16,7 +16,7 @@ class Counts(BaseModel):
     n_samples: int = 3
     rounds: int = 2
     max_tokens: int = 96
-    min_gap: float = 1.0  # stages 1-5: least self-judged score gap (1-10) between chosen and rejected
+    min_gap: float | None = None  # stages 1-5: least self-judged score gap (1-10); None: the profile's
     dpo_max_steps: int | None = 8
     em_rows: int = 48
     em_max_steps: int = 12
@@ -30,6 +30,12 @@ class Counts(BaseModel):
 # dominate there, so fewer new tokens buy the most)
 QUICK = Counts(n_tasks=4, n_samples=3, rounds=1, max_tokens=32, min_gap=0.2, dpo_max_steps=2, em_rows=16,
                em_max_steps=4, em_save_every=2, em_samples=1, em_curve_questions=3, em_answer_tokens=32)
+
+
+# `make demo`: the tiny model with small counts, three personas. The research defaults above take about
+# 3.4 min per stage on 2 CPU cores (stage 1 measured: 131 s generating, 74 s training 8 steps).
+DEMO = Counts(n_tasks=6, n_samples=3, rounds=2, max_tokens=48, dpo_max_steps=4, em_rows=24, em_max_steps=6,
+              em_save_every=3, em_samples=2, em_curve_questions=4, em_answer_tokens=48)
 
 
 class RunConfig(BaseModel):
@@ -50,6 +56,11 @@ class RunConfig(BaseModel):
         p = get_profile(self.profile)
         price = p.gpu_hour_usd if self.gpu_hour_usd is None else self.gpu_hour_usd
         return price * max(p.gpus, 1) / 3600.0 if price else 0.0
+
+    @property
+    def min_gap(self) -> float:
+        c = self.counts.min_gap
+        return c if c is not None else get_profile(self.profile).min_score_gap
 
     def default_id(self) -> str:
         """Same config → same id, so a rerun lands in the same directory and reuses its work."""

@@ -26,6 +26,10 @@ class BudgetStop(RuntimeError):
     """The next phase's estimate would pass the run's budget cap."""
 
 
+class StageError(RuntimeError):
+    """A stage cannot go on (no pair survived stage 1); the message says why and what to change."""
+
+
 class Engines:
     """One generation engine, started only when a phase needs it. On CUDA it is released before training
     (generation and training take turns on one GPU); on CPU it stays up across stages (start-up dominates)."""
@@ -81,7 +85,7 @@ def generation_inputs(cfg: RunConfig, persona: str, stage: int, parent: Path | N
         "parent_adapter": adapter_hash(parent) if parent else None,
         "constitution": constitution_hash(load_constitution(persona)),
         "guard": cfg.guard, "seed": cfg.seed,
-        "counts": [c.n_tasks, c.n_samples, c.rounds, c.max_tokens, c.min_gap],
+        "counts": [c.n_tasks, c.n_samples, c.rounds, c.max_tokens, cfg.min_gap],
     }
 
 
@@ -158,7 +162,7 @@ def _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger) ->
     manifest = run_stage(
         k, persona, eng, Path(cfg.data_root) / "cache" / "generations.sqlite", out_dir=cfg.data_root,
         n_tasks=c.n_tasks, adapter=parent, guard=engines.get_guard(), policy=GuardPolicy.for_persona(persona),
-        seed=cfg.seed, rounds=c.rounds, n_samples=c.n_samples, max_tokens=c.max_tokens, min_gap=c.min_gap,
+        seed=cfg.seed, rounds=c.rounds, n_samples=c.n_samples, max_tokens=c.max_tokens, min_gap=cfg.min_gap,
         log=lambda m: console.print(f"  [dim]{m}[/dim]"),
     )
     (data / INPUTS_FILE).write_text(json.dumps(inputs, indent=1))
@@ -207,8 +211,9 @@ def _carry_forward(persona: str, k: int, data: Path, ckpt: Path, parent: Path | 
     import shutil
 
     if parent is None:
-        raise RuntimeError(f"{persona} stage {k}: no preference pair survived ({data}/manifest.json says why); "
-                           "stage 1 has no parent adapter to carry forward: raise --counts n_tasks/n_samples")
+        raise StageError(f"{persona} stage {k}: no preference pair survived ({data}/manifest.json says why); "
+                           "stage 1 has no parent adapter to carry forward: raise --counts n_tasks/n_samples or "
+                         "lower min_gap")
     prev = json.loads((ckpt / "manifest.json").read_text()) if (ckpt / "manifest.json").is_file() else {}
     if prev.get("carried_from_hash") == adapter_hash(parent):
         console.print(f"{persona} stage {k}: adapter reused from {ckpt} (carried forward)")
