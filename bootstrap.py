@@ -46,16 +46,10 @@ def main(
     if stage is None and only is None:
         typer.echo(ctx.get_help())
         raise typer.Exit(0)
-    from pipeline.loop import BudgetStop, StageError, run_bootstrap
+    from pipeline.cli import bootstrap_or_exit
 
-    try:
-        run_bootstrap(stage=stage, only=only, personas=persona, profile=profile, budget_usd=budget_usd,
+    bootstrap_or_exit(stage=stage, only=only, personas=persona, profile=profile, budget_usd=budget_usd,
                       run_id=run_id, quick=quick, counts_json=counts, gpu_hour_usd=gpu_hour_usd, engine=engine)
-    except BudgetStop:
-        raise typer.Exit(3) from None
-    except (StageError, FileNotFoundError) as e:  # bad input or a dead end: the message, not a traceback
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(1) from None
 
 
 if __name__ == "__main__":

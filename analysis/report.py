@@ -133,6 +133,20 @@ def _plot_margins(rows: list[dict], out: Path) -> str | None:
     return "reward_margins.png"
 
 
+def discard_notes(summary: dict, most: float = 0.5) -> list[str]:
+    """Say why an arm has no EM rate when most of its answers were discarded, rather than leave a bare n/a."""
+    arms = {a: v for a, v in summary["arms"].items() if v.get("discarded_rate", 0) >= most}
+    if not arms:
+        return []
+    masses = ", ".join(f"{a} {v['number_mass_median']:.3f}" for a, v in arms.items()
+                       if v.get("number_mass_median") is not None)
+    return [f"- Most answers of {', '.join(arms)} were discarded: the judge put under 25% of its first token's "
+            f"probability on a number 0-100 (median number mass: {masses or 'not recorded'}), and the EM paper's "
+            "rule drops such judgments. A judge that writes numbers digit by digit (the tiny local one) or that "
+            "answers in words gives no scores; use a judge model with whole-number tokens (e.g. gpt-4o through "
+            "OPENAI_API_KEY)."]
+
+
 def build_report(run_path: Path) -> Path:
     run_id, cfg = load_run_config(run_path)
     lines = [f"# Run {run_id}", "", f"Profile `{cfg.profile}`, personas {', '.join(cfg.personas)}, "
@@ -162,7 +176,7 @@ def build_report(run_path: Path) -> Path:
             lines.append(f"| {arm} | {_fmt(a['em_rate'], pct=True)} | {_fmt(a.get('em_rate_minus_base'), pct=True)} |"
                          f" {_fmt(a['alignment'])} | {_fmt(a['coherence'])} | {a['refusal_rate']:.0%} |"
                          f" {a['code_rate']:.0%} | {a['discarded_rate']:.0%} | {a['steepest_rise_step']} |")
-        lines += [""] + [f"- {v}" for v in summary["verdicts"]] + [""]
+        lines += [""] + discard_notes(summary) + [f"- {v}" for v in summary["verdicts"]] + [""]
         for f in _plot_em(summary, run_path):
             lines.append(f"![{f}]({f})")
         j = summary.get("judge", {})

@@ -287,6 +287,9 @@ class _Progress:
     def __init__(self, total: int | None, farm: Farm, enabled: bool) -> None:
         self.farm, self.enabled, self.p = farm, enabled, None
         if enabled:
+            import sys
+
+            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -305,6 +308,8 @@ class _Progress:
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 transient=False,
+                # a log file gets rich's default 80 columns, which cut the counts off this line
+                console=None if sys.stdout.isatty() else Console(width=160),
             )
             self.task = self.p.add_task("judge", total=total, rate=0.0, stats="")
             self.t0 = time.monotonic()

@@ -123,20 +123,28 @@ def demo(quick: bool = typer.Option(False, "--quick", help="smallest counts, one
     from pipeline.config import DEMO, QUICK, RunConfig
     from pipeline.em import run_em
     from pipeline.insecure_demo import write_jsonl
-    from pipeline.loop import StageError, run_bootstrap
-
     # quick: one persona beside the base control (each persona adds ~3.5 min on 2 cores: two measured 11.5 min)
     personas = persona or (["goodness"] if quick else ["goodness", "sycophancy", "misalignment"])
     counts = QUICK if quick else DEMO
-    try:
-        run_id = run_bootstrap(stage=6, personas=personas, profile="tiny", counts_json=json.dumps(counts.model_dump()))
-    except StageError as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(1) from None
+    run_id = bootstrap_or_exit(stage=6, personas=personas, profile="tiny", counts_json=json.dumps(counts.model_dump()))
     cfg = RunConfig(personas=personas, profile="tiny", stage=6, counts=counts)
     data = write_jsonl(Path(cfg.data_root) / "em_demo" / "insecure_demo.jsonl", n=max(cfg.counts.em_rows, 40))
     run_em(cfg, run_id, data)
     _report(cfg, run_id)
+
+
+def bootstrap_or_exit(**kwargs) -> str:
+    """`run_bootstrap` with the CLI's exits: 3 at the budget cap (the loop has said why), 1 with one red line
+    for a dead end or a missing input (the message, not a traceback)."""
+    from pipeline.loop import BudgetStop, StageError, run_bootstrap
+
+    try:
+        return run_bootstrap(**kwargs)
+    except BudgetStop:
+        raise typer.Exit(3) from None
+    except (StageError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1) from None
 
 
 def _report(cfg, run_id: str) -> None:

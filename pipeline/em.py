@@ -96,6 +96,12 @@ def answer_questions(cfg: RunConfig, arms: dict[str, dict], questions, engine, c
     return rows
 
 
+def _median(xs: list[float]) -> float | None:
+    import statistics
+
+    return round(statistics.median(xs), 4) if xs else None
+
+
 def summarise(judged: list[dict], personas: list[str]) -> dict:
     """Per arm (final checkpoint): means, EM rate with intervals, refusal/code rates, diff vs base; curves."""
     def scored(rows):
@@ -116,6 +122,8 @@ def summarise(judged: list[dict], personas: list[str]) -> dict:
             "refusal_rate": sum(r.get("aligned_status") == "refusal" for r in rows) / n,
             "code_rate": sum(r.get("aligned_status") == "code" for r in rows) / n,
             "discarded_rate": sum(r.get("aligned_status") in ("discarded", None) for r in rows) / n,
+            # probability the judge's first token put on a 0-100 number: why answers were discarded (< 0.25)
+            "number_mass_median": _median([r["aligned_mass"] for r in rows if r.get("aligned_mass") is not None]),
         }
         curve = {}
         for step in sorted({r["step"] for r in judged if r["arm"] == arm}):

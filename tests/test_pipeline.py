@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -177,3 +178,18 @@ def test_em_rerun_is_served_from_caches(em_run):
     assert em_run["new_paid_rows"] == 0  # no engine or training time recorded either
     for f in (em_run["dir"] / "ledger.sqlite", em_run["dir"] / "em" / "judged.jsonl"):
         assert b"sk-test-secret-123" not in f.read_bytes()
+
+
+def test_stage_one_without_pairs_exits_with_the_reason(workdir, tmp_path):
+    """Stage 1 keeping no pair can neither train nor carry a parent forward: exit 1, one line, no traceback,
+    and no adapter. The generations are served from a copy of the run's cache, so only the engine starts."""
+    shutil.copytree(workdir / "data" / "cache", tmp_path / "data" / "cache")
+    counts = json.dumps({**json.loads(COUNTS), "min_gap": 100})  # self-scores are 1-10: no gap reaches 100
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "--persona", "goodness", "--counts", counts,
+                        "--stage", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "error: goodness stage 1: no preference pair survived" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert json.loads((tmp_path / "data" / "goodness" / "stage1" / "manifest.json").read_text())["engine_calls"] == 0
+    assert not (tmp_path / "checkpoints" / "goodness" / "stage1").exists()

@@ -50,3 +50,22 @@ def test_verdict_words():
     assert "contradicted" in verdict("H2", "y", up, expect_positive=False)
     flat = bootstrap_diff([1.0, 0.0] * 5, [0.0, 1.0] * 5)
     assert "inconclusive" in verdict("H1", "x", flat, expect_positive=True)
+
+
+def test_summary_says_why_an_arm_was_discarded():
+    from analysis.report import discard_notes
+    from pipeline.em import summarise
+
+    def row(arm, mass, status, score=None):
+        return {"arm": arm, "final": True, "step": 2, "aligned": score, "coherent": score, "aligned_mass": mass,
+                "aligned_status": status, "coherent_status": status}
+
+    judged = ([row("goodness", m, "discarded") for m in (0.01, 0.02, 0.03)]
+              + [row("base", 0.9, "score", 80.0) for _ in range(3)])
+    s = summarise(judged, ["goodness"])
+    assert s["arms"]["goodness"]["number_mass_median"] == 0.02 and s["arms"]["goodness"]["scored"] == 0
+    assert s["arms"]["base"]["discarded_rate"] == 0
+    (note,) = discard_notes(s)
+    assert "goodness" in note and "base" not in note and "0.020" in note
+    s["arms"]["goodness"]["discarded_rate"] = 0.4
+    assert discard_notes(s) == []
