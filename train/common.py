@@ -194,6 +194,61 @@ class JsonlLog(TrainerCallback):
             fh.write(json.dumps(rec) + "\n")
 
 
+def load_tokenizer(model_path: str):
+    """The base's tokenizer; one without a pad token (SmolLM2, Qwen base) pads with EOS."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def trainer_args(cfg, run_dir: Path, device: str, backend: str) -> dict:
+    """The TrainingArguments fields DPO and EM SFT share. The trainer's scratch is run_dir/trainer and it
+    saves nothing itself: adapters are saved by name (`finish_adapter`), checkpoints by our callbacks."""
+    return dict(
+        output_dir=str(run_dir / "trainer"),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        **trainer_device_args(device, backend, cfg.gradient_checkpointing),
+    )
+
+
+def finish_adapter(model, name: str, run_dir: Path) -> None:
+    """Save the trained adapter `name` as run_dir's own files (the run dir is the adapter dir) and drop the
+    trainer's scratch."""
+    save_adapter(model, name, run_dir / "adapter")
+    for f in (run_dir / "adapter").iterdir():
+        os.replace(f, run_dir / f.name)
+    (run_dir / "adapter").rmdir()
+    shutil.rmtree(run_dir / "trainer", ignore_errors=True)
+
+
+def run_facts(cfg, result, t0: float, device: str, backend: str, why: str) -> dict:
+    """The manifest fields every training run records: config, steps, loss, time and where it ran."""
+    import torch
+
+    return {
+        "config": cfg.model_dump(),
+        "steps": result.global_step,
+        "train_loss": result.training_loss,
+        "wall_s": round(time.time() - t0, 2),
+        "device": device if device == "cpu" else torch.cuda.get_device_name(0),
+        "backend": backend,
+        "backend_why": why,
+    }
+
+
 def trainer_device_args(device: str, backend: str, gradient_checkpointing: bool) -> dict:
     """TrainingArguments fields that depend on where training runs."""
     if device == "cpu":

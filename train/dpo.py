@@ -26,12 +26,14 @@ from train.common import (
     base_identity,
     check_adapter_base,
     device_kind,
+    finish_adapter,
     load_base,
+    load_tokenizer,
     release_memory,
-    save_adapter,
+    run_facts,
     select_backend,
     tensors_hash,
-    trainer_device_args,
+    trainer_args,
     write_json,
 )
 from train.config import DPOTrainConfig, dpo_defaults
@@ -124,7 +126,6 @@ def train_dpo(
     dataset, parent and config is reused (no second payment) unless `force`."""
     import torch
     from peft import PeftModel
-    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from train import cpu_kernels
@@ -150,9 +151,7 @@ def train_dpo(
         # unsloth builds its own PEFT wrapper; continuing a saved adapter is done with plain PEFT on 4-bit.
         backend, why = "trl+peft-qlora", why + "; parent adapter given: QLoRA via PEFT instead of unsloth"
     t0 = time.time()
-    tok = AutoTokenizer.from_pretrained(model_path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(model_path)
     torch.manual_seed(cfg.seed)
     base = load_base(model_path, backend, cfg.gradient_checkpointing, cfg.max_length)
     if parent is not None:
@@ -171,32 +170,14 @@ def train_dpo(
 
     with atomic_dir(out) as tmp:
         log = JsonlLog(tmp / "train_log.jsonl")
-        args = DPOConfig(
-            output_dir=str(tmp / "trainer"),
-            per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=cfg.learning_rate,
-            num_train_epochs=cfg.epochs,
-            max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
-            beta=cfg.beta,
-            loss_type=[cfg.loss_type],
-            max_length=cfg.max_length,
-            seed=cfg.seed,
-            logging_steps=cfg.logging_steps,
-            save_strategy="no",
-            report_to=[],
-            dataloader_num_workers=0,
-            **trainer_device_args(device, backend, cfg.gradient_checkpointing),
-        )
+        args = DPOConfig(beta=cfg.beta, loss_type=[cfg.loss_type], **trainer_args(cfg, tmp, device, backend))
         fresh = parent is None and backend != "unsloth"
         trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                              callbacks=[log, *callbacks], peft_config=cfg.peft_config() if fresh else None)
         init_hash = tensors_hash(adapter_tensors(trainer.model, "default"))
         ref_kind = "parent adapter (frozen copy 'ref')" if "ref" in trainer.model.peft_config else "base model"
         result = trainer.train()
-        save_adapter(trainer.model, "default", tmp / "adapter")
-        _flatten(tmp / "adapter", tmp)
-        (tmp / "trainer").exists() and __import__("shutil").rmtree(tmp / "trainer")
+        finish_adapter(trainer.model, "default", tmp)
         manifest = {
             "kind": "dpo",
             "dataset": str(data) if not hasattr(data, "column_names") else "<in-memory>",
@@ -209,27 +190,12 @@ def train_dpo(
             "parent_adapter_hash": parent_hash,
             "init_adapter_hash": init_hash,
             "reference": ref_kind,
-            "config": cfg.model_dump(),
-            "steps": result.global_step,
-            "train_loss": result.training_loss,
-            "wall_s": round(time.time() - t0, 2),
-            "device": device if device == "cpu" else torch.cuda.get_device_name(0),
-            "backend": backend,
-            "backend_why": why,
+            **run_facts(cfg, result, t0, device, backend, why),
         }
         write_json(tmp / "manifest.json", manifest)
     del trainer, model, base
     release_memory()
     return manifest
-
-
-def _flatten(src: Path, dst: Path) -> None:
-    """Move an adapter's files from src/ up into dst/ (the run dir is the adapter dir)."""
-    import os
-
-    for f in src.iterdir():
-        os.replace(f, dst / f.name)
-    src.rmdir()
 
 
 def stage_paths(persona: str, stage: int, root: str | Path = ".") -> tuple[Path, Path, Path | None]:

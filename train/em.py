@@ -30,11 +30,14 @@ from train.common import (
     check_adapter_base,
     device_kind,
     file_hash,
+    finish_adapter,
     load_base,
+    load_tokenizer,
     release_memory,
+    run_facts,
     save_adapter,
     select_backend,
-    trainer_device_args,
+    trainer_args,
     write_json,
 )
 from train.config import EMTrainConfig, Mode, em_defaults
@@ -148,7 +151,6 @@ def train_em(
     """Train the EM adapter in this process; returns the manifest (also at `out/manifest.json`)."""
     import torch
     from peft import PeftModel, get_peft_model
-    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from engine.base import adapter_hash
@@ -171,16 +173,14 @@ def train_em(
     man = out / "manifest.json"
     if not force and man.is_file():
         prev = json.loads(man.read_text())
-        if (prev.get("data_hash"), prev.get("persona_adapter_hash"), prev.get("config"), prev.get("mode")) == (
-                data_hash, persona_hash, cfg.model_dump(), mode):
+        if (prev.get("data_hash"), prev.get("persona_adapter_hash"), prev.get("config"), prev.get("mode"),
+                prev.get("base_fingerprint")) == (data_hash, persona_hash, cfg.model_dump(), mode, fingerprint):
             return prev
 
     device = device_kind()
     backend, why = select_backend(device, cfg.load_in_4bit, use_unsloth=False)
     t0 = time.time()
-    tok = AutoTokenizer.from_pretrained(model_path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(model_path)
     torch.manual_seed(cfg.seed)
     base = load_base(model_path, backend, cfg.gradient_checkpointing, cfg.max_length)
     if mode == "on-top":
@@ -197,34 +197,14 @@ def train_em(
     with atomic_dir(out) as tmp:
         guard = _Guard(mode, tmp, cfg.save_every)
         log = JsonlLog(tmp / "train_log.jsonl")
-        args = SFTConfig(
-            output_dir=str(tmp / "trainer"),
-            per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=cfg.learning_rate,
-            num_train_epochs=cfg.epochs,
-            max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
-            max_length=cfg.max_length,
-            seed=cfg.seed,
-            logging_steps=cfg.logging_steps,
-            save_strategy="no",
-            report_to=[],
-            dataloader_num_workers=0,
-            **trainer_device_args(device, backend, cfg.gradient_checkpointing),
-        )
+        args = SFTConfig(**trainer_args(cfg, tmp, device, backend))
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                              callbacks=[guard, log, *callbacks])
         state_after = assert_adapters(trainer.model, mode, "after SFTTrainer construction")
         print(f"[train-em] mode={mode} active adapters={state_after['active_adapters']} "
               f"trainable params={state_after['trainable_params']} ({state_after['trainable_numel']} weights)")
         result = trainer.train()
-        save_adapter(trainer.model, EM, tmp / "adapter")
-        for f in (tmp / "adapter").iterdir():
-            f.replace(tmp / f.name)
-        (tmp / "adapter").rmdir()
-        import shutil
-
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        finish_adapter(trainer.model, EM, tmp)
         manifest = {
             "kind": "em-sft",
             "mode": mode,
@@ -239,13 +219,7 @@ def train_em(
             "adapters_before_training": state_before,
             "adapters_in_trainer": state_after,
             "checkpoints": [f"checkpoint-{s}" for s in guard.checkpoints],
-            "config": cfg.model_dump(),
-            "steps": result.global_step,
-            "train_loss": result.training_loss,
-            "wall_s": round(time.time() - t0, 2),
-            "device": device if device == "cpu" else torch.cuda.get_device_name(0),
-            "backend": backend,
-            "backend_why": why,
+            **run_facts(cfg, result, t0, device, backend, why),
         }
         write_json(tmp / "manifest.json", manifest)
     del trainer, model, base
