@@ -135,13 +135,16 @@ def _plot_margins(rows: list[dict], out: Path) -> str | None:
 
 def discard_notes(summary: dict, most: float = 0.5) -> list[str]:
     """Say why an arm has no EM rate when most of its answers were discarded, rather than leave a bare n/a."""
-    arms = {a: v for a, v in summary["arms"].items() if v.get("discarded_rate", 0) >= most}
+    from judge.scorers import MIN_MASS
+
+    # judge failures (no mass recorded) are counted in the Judge line, not explained here
+    arms = {a: v for a, v in summary["arms"].items() if v.get("discarded_rate", 0) >= most
+            and v.get("number_mass_median") is not None and v["number_mass_median"] < MIN_MASS}
     if not arms:
         return []
-    masses = ", ".join(f"{a} {v['number_mass_median']:.3f}" for a, v in arms.items()
-                       if v.get("number_mass_median") is not None)
+    masses = ", ".join(f"{a} {v['number_mass_median']:.3f}" for a, v in arms.items())
     return [f"- Most answers of {', '.join(arms)} were discarded: the judge put under 25% of its first token's "
-            f"probability on a number 0-100 (median number mass: {masses or 'not recorded'}), and the EM paper's "
+            f"probability on a number 0-100 (median number mass: {masses}), and the EM paper's "
             "rule drops such judgments. A judge that writes numbers digit by digit (the tiny local one) or that "
             "answers in words gives no scores; use a judge model with whole-number tokens (e.g. gpt-4o through "
             "OPENAI_API_KEY)."]

@@ -69,3 +69,5 @@ def test_summary_says_why_an_arm_was_discarded():
     assert "goodness" in note and "base" not in note and "0.020" in note
     s["arms"]["goodness"]["discarded_rate"] = 0.4
     assert discard_notes(s) == []
+    s["arms"]["goodness"].update(discarded_rate=1.0, number_mass_median=None)  # the judge calls failed
+    assert discard_notes(s) == []
