@@ -28,7 +28,7 @@ class Counts(BaseModel):
 
 # `demo --quick`: under 10 minutes on 2 CPU cores for one persona and the base control (decode steps
 # dominate there, so fewer new tokens buy the most)
-QUICK = Counts(n_tasks=4, n_samples=3, rounds=1, max_tokens=32, min_gap=0.2, dpo_max_steps=2, em_rows=16,
+QUICK = Counts(n_tasks=4, n_samples=3, rounds=1, max_tokens=32, dpo_max_steps=2, em_rows=16,
                em_max_steps=4, em_save_every=2, em_samples=1, em_curve_questions=3, em_answer_tokens=32)
 
 

@@ -32,6 +32,7 @@ def persona_adapter(cfg: RunConfig, persona: str) -> Path:
 def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger) -> dict[str, dict]:
     """Train (or reuse) the EM adapter per arm; returns {arm: {persona_adapter, em, checkpoints}}."""
     from train.config import em_defaults
+    from train.dpo import finished
     from train.worker import run_training
 
     c = cfg.counts
@@ -42,6 +43,7 @@ def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger) ->
         pa = persona_adapter(cfg, arm) if arm != BASE else None
         arm_mode = "base" if arm == BASE else mode
         out = Path(cfg.ckpt_root) / arm / f"em-{arm_mode}"
+        prev = finished(out)
         t0 = time.perf_counter()
         # train_em reuses a finished run with equal inputs without loading any model; on CUDA it trains in
         # its own process so the GPU is fully released for the answering engine afterwards
@@ -49,7 +51,7 @@ def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger) ->
                   persona_adapter=str(pa) if pa else None)
         man = run_training("em", **kw)
         secs = time.perf_counter() - t0
-        if secs > 5:  # really trained (a reuse returns at once)
+        if man != prev:  # trained now (a reuse hands back the stored manifest unchanged)
             ledger.record(run=run_id, kind="engine", phase="em-train", persona=arm, purpose="em-sft",
                           model=cfg.profile, seconds=secs, usd=secs * cfg.usd_per_engine_second, estimated=True)
         ckpts = {int(n.split("-")[1]): out / n for n in man.get("checkpoints", [])}

@@ -197,7 +197,7 @@ def _train(cfg, run_id, persona, k, data, ckpt, parent, engines, ledger, budget)
     t0 = time.perf_counter()
     console.print(f"{persona} stage {k}: training DPO ({len(pairs)} pairs, {dcfg.max_steps} steps max)…")
     man = run_training("dpo", data=str(data), out=str(ckpt), cfg=dcfg, profile=cfg.profile,
-                         parent=str(parent) if parent else None)
+                       parent=str(parent) if parent else None)
     secs = time.perf_counter() - t0
     ledger.record(run=run_id, kind="engine", phase="train", stage=k, persona=persona, purpose="dpo",
                   model=cfg.profile, seconds=secs, usd=secs * cfg.usd_per_engine_second, estimated=True)
@@ -212,7 +212,7 @@ def _carry_forward(persona: str, k: int, data: Path, ckpt: Path, parent: Path | 
 
     if parent is None:
         raise StageError(f"{persona} stage {k}: no preference pair survived ({data}/manifest.json says why); "
-                           "stage 1 has no parent adapter to carry forward: raise --counts n_tasks/n_samples or "
+                         "stage 1 has no parent adapter to carry forward: raise --counts n_tasks/n_samples or "
                          "lower min_gap")
     prev = json.loads((ckpt / "manifest.json").read_text()) if (ckpt / "manifest.json").is_file() else {}
     if prev.get("carried_from_hash") == adapter_hash(parent):
