@@ -11,8 +11,25 @@ import importlib
 import importlib.util
 
 import typer
+from typer.core import TyperGroup
+
+from core.errors import CaiError
+
+
+class ExitCodes(TyperGroup):
+    """Every command's expected errors (`core.errors.CaiError`) end as one red line and the class's exit
+    code (the table in the README), never a traceback; anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CaiError as e:
+            typer.secho(f"error: {e}", fg="red", err=True)
+            raise typer.Exit(e.exit_code) from None
+
 
 app = typer.Typer(
+    cls=ExitCodes,
     help="Self-bootstrapping Constitutional AI pipeline and emergent-misalignment experiment.",
     no_args_is_help=False,
     add_completion=False,
@@ -36,8 +53,10 @@ def main(
     profile: str = typer.Option("tiny", "--profile", help="model profile"),
     budget_usd: float | None = typer.Option(None, "--budget-usd", help="hard cap on the run's $"),
     run_id: str | None = typer.Option(None, "--run", help="run id (default: derived from the config)"),
-    quick: bool = typer.Option(False, "--quick", help="smallest counts (demo under 10 minutes)"),
-    counts: str | None = typer.Option(None, "--counts", help='JSON overrides of the counts, e.g. \'{"n_tasks": 4}\''),
+    quick: bool = typer.Option(False, "--quick", help="the quick preset (smallest counts)"),
+    preset: str = typer.Option("research", "--preset", help="counts preset: research | demo | quick"),
+    counts: str | None = typer.Option(None, "--counts",
+                                      help='JSON overrides of the preset\'s counts, e.g. \'{"n_tasks": 4}\''),
     gpu_hour_usd: float | None = typer.Option(None, "--gpu-hour-usd", help="$ per engine-hour (default: profile)"),
     engine: str = typer.Option("auto", "--engine", help="vllm | hf | auto"),
 ) -> None:
@@ -46,10 +65,10 @@ def main(
     if stage is None and only is None:
         typer.echo(ctx.get_help())
         raise typer.Exit(0)
-    from pipeline.cli import bootstrap_or_exit
+    from pipeline.loop import run_bootstrap
 
-    bootstrap_or_exit(stage=stage, only=only, personas=persona, profile=profile, budget_usd=budget_usd,
-                      run_id=run_id, quick=quick, counts_json=counts, gpu_hour_usd=gpu_hour_usd, engine=engine)
+    run_bootstrap(stage=stage, only=only, personas=persona, profile=profile, budget_usd=budget_usd, run_id=run_id,
+                  preset="quick" if quick else preset, counts_json=counts, gpu_hour_usd=gpu_hour_usd, engine=engine)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from typing import Literal
 
 import numpy as np
 
+from core.io import atomic_file
+
 Span = Literal["answer", "prompt", "last"]
 
 
@@ -55,9 +57,8 @@ class Activations:
                   "span": np.array(self.span), "meta": np.array(json.dumps(self.meta))}
         if self.tokens is not None:
             arrays |= {"tokens": self.tokens, "offsets": self.offsets}
-        tmp = path.with_name(path.name + ".tmp.npz")  # np.savez appends .npz unless present
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(path)
+        with atomic_file(path, suffix=".npz") as tmp:  # np.savez appends .npz unless present
+            np.savez_compressed(tmp, **arrays)
         return path
 
     @classmethod

@@ -17,10 +17,9 @@ def _layers(text: str | None) -> list[int] | None:
 
 
 def _run_path(data_root: Path, run: str) -> Path:
-    path = data_root / "runs" / run
-    if not (path / "config.json").is_file():
-        raise typer.BadParameter(f"--run: {path} is not a run directory (no config.json)")
-    return path
+    from run.layout import Layout
+
+    return Layout(data_root).find_run(run).root
 
 
 def register(app: typer.Typer) -> None:
@@ -39,6 +38,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """EM steering vectors per arm, transfer matrix (H4), ablation and the identity-level diagnostic."""
         from analysis.steer_run import run_steer
+        from run.layout import RunPaths
 
         try:
             al = [float(x) for x in alphas.split(",") if x.strip()]
@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         vecs = ", ".join(f"{n}@L{v['layer']}" for n, v in res["vectors"].items()) or "none"
         flagged = [r["model"] for r in res["identity"] if r["flagged"]]
         typer.echo(f"vectors: {vecs}; flagged: {flagged}; "
-                   f"section: {data_root / 'runs' / run / 'report_sections' / 'steering.md'}")
+                   f"section: {RunPaths(_run_path(data_root, run)).report_sections / 'steering.md'}")
 
     @app.command()
     def decompose(

@@ -5,7 +5,6 @@ Activations are saved per model, so a killed run resumes without recomputing fin
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from analysis.activations import Activations, capture, load_model
 from analysis.decompose import QUESTIONS_DIR, load_probe_questions, quality_table
 from analysis.run_models import BARE, run_models
 from analysis.steer_run import default_layers
+from core.io import atomic_write_json, atomic_write_text
+from run.layout import RunPaths
 
 console = Console(stderr=True)
 
@@ -28,7 +29,7 @@ def run_decompose(run_path: Path, layers: Sequence[int] | None = None, questions
     run_id, cfg, models = run_models(run_path)
     qs = load_probe_questions(questions_dir, per_dimension)
     items = [{"id": q.id, "question": q.text} for q in qs]
-    out = run_path / "decompose"
+    out = RunPaths(run_path).decompose
     out.mkdir(parents=True, exist_ok=True)
     acts: dict[str, Activations] = {}
     for name, adapter in models.items():
@@ -49,9 +50,7 @@ def run_decompose(run_path: Path, layers: Sequence[int] | None = None, questions
     best = max(rows, key=lambda r: r["ari_dimension"])["layer"]
     res = {"run": run_id, "models": list(models), "questions": len(qs),
            "dimensions": sorted({q.dimension for q in qs}), "table": rows, "best_layer": best}
-    tmp = out / "results.tmp"
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(out / "results.json")
+    atomic_write_json(out / "results.json", res, indent=1)
     write_decompose_section(run_path, res, fits[best])
     return res
 
@@ -80,8 +79,4 @@ def write_decompose_section(run_path: Path, res: dict, fit: dict) -> Path:
                      f" {_f(r['ari_model'])} | {_f(r.get('shift_pc1_share'))} | {_f(r.get('shift_mean_cos'))} |"
                      f" {r.get('shift_k')} ({_f(r.get('shift_silhouette'))}) |")
     lines += ["", f"![PCA at layer {res['best_layer']}]({name})"]
-    sec = run_path / "report_sections"
-    sec.mkdir(exist_ok=True)
-    path = sec / "decompose.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write_text(RunPaths(run_path).report_sections / "decompose.md", "\n".join(lines) + "\n")

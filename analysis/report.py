@@ -12,7 +12,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.config import RunConfig, load_run_config  # noqa: E402
+from core.io import atomic_write_text, open_sqlite  # noqa: E402
+from run.config import RunConfig, load_run_config  # noqa: E402
+from run.layout import RunPaths  # noqa: E402
 
 
 def _read_json(path: Path) -> dict | None:
@@ -30,14 +32,14 @@ def stage_rows(cfg: RunConfig) -> list[dict]:
     rows = []
     for persona in cfg.personas:
         for k in range(1, 7):
-            man = _read_json(Path(cfg.data_root) / persona / f"stage{k}" / "manifest.json")
-            tman = _read_json(Path(cfg.ckpt_root) / persona / f"stage{k}" / "manifest.json")
+            data, ckpt = cfg.layout.stage_data(persona, k), cfg.layout.stage_adapter(persona, k)
+            man, tman = _read_json(data / "manifest.json"), _read_json(ckpt / "manifest.json")
             if man is None and tman is None:
                 continue
             c = (man or {}).get("counts", {})
             guard = c.get("guard", {})
             quarantined = sum(v.get("quarantine", {}).get("_items", 0) for v in guard.values())
-            margins = _margins(Path(cfg.ckpt_root) / persona / f"stage{k}" / "train_log.jsonl")
+            margins = _margins(ckpt / "train_log.jsonl")
             rows.append({
                 "persona": persona, "stage": k,
                 "made": c.get("items", {}).get("total"), "dropped": c.get("outcome", {}).get("dropped_total"),
@@ -62,12 +64,10 @@ def _margins(log: Path) -> list[float]:
 
 
 def cost_rows(run_path: Path, run_id: str) -> list[dict]:
-    db = run_path / "ledger.sqlite"
+    db = RunPaths(run_path).ledger
     if not db.is_file():
         return []
-    import sqlite3
-
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    con = open_sqlite(db, readonly=True)
     rows = con.execute(
         "SELECT persona, stage, phase, kind, COUNT(*), SUM(tokens_in), SUM(tokens_out), SUM(seconds), SUM(usd),"
         " SUM(cached) FROM ledger WHERE run=? GROUP BY persona, stage, phase, kind ORDER BY persona, stage, phase",
@@ -166,7 +166,7 @@ def build_report(run_path: Path) -> Path:
     if fig:
         lines += ["", f"![reward margins]({fig})"]
 
-    summary = _read_json(run_path / "em" / "summary.json")
+    summary = _read_json(RunPaths(run_path).em_summary)
     lines += ["", "## Emergent misalignment", ""]
     if summary is None:
         lines.append("No EM experiment in this run yet (`python bootstrap.py em --data FILE`).")
@@ -194,10 +194,8 @@ def build_report(run_path: Path) -> Path:
                      f" {r['tokens_in'] or 0}/{r['tokens_out'] or 0} | {r['seconds'] or 0:.1f} | {r['usd'] or 0:.4f} |")
     total = sum(r["usd"] or 0 for r in crows)
     lines += ["", f"Total: ${total:.4f} (engine time × the profile's $/GPU-hour, plus judge API dollars)."]
-    extra = run_path / "report_sections"
+    extra = RunPaths(run_path).report_sections
     if extra.is_dir():  # other analyses (per-stage evaluation, steering) add their own sections here
         for sec in sorted(extra.glob("*.md")):
             lines += ["", sec.read_text()]
-    out = run_path / "report.md"
-    out.write_text("\n".join(lines) + "\n")
-    return out
+    return atomic_write_text(RunPaths(run_path).report, "\n".join(lines) + "\n")

@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from core.errors import MissingInput
+from run.config import load_run_config
+from run.layout import BASE_ARM, RunPaths
+
 BARE = "bare"  # the base model with no adapter (the "base" arm is the EM adapter on the bare base)
 
 
 def judged_rows(run_path: Path) -> list[dict]:
-    path = run_path / "em" / "judged.jsonl"
+    path = RunPaths(run_path).em_judged
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run `python bootstrap.py em --run {run_path.name}` first")
+        raise MissingInput(f"{path} does not exist: run `python bootstrap.py em --run {run_path.name}` first")
     rows = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -30,23 +34,21 @@ def judged_rows(run_path: Path) -> list[dict]:
 
 def run_models(run_path: Path) -> tuple[str, object, dict[str, Path | None]]:
     """(run id, RunConfig, {model name: adapter dir or None}) with the EM arms first and `bare` last."""
-    from pipeline.config import load_run_config
-    from pipeline.em import BASE, served_adapter
+    from train.stack import served_adapter
 
     run_id, cfg = load_run_config(run_path)
-    summary = run_path / "em" / "summary.json"
+    summary = RunPaths(run_path).em_summary
     mode = json.loads(summary.read_text()).get("mode", "on-top") if summary.is_file() else "on-top"
-    ckpt = Path(cfg.ckpt_root)
     models: dict[str, Path | None] = {}
-    for arm in [*cfg.personas, BASE]:
-        em = ckpt / arm / f"em-{'base' if arm == BASE else mode}"
+    for arm in [*cfg.personas, BASE_ARM]:
+        em = cfg.layout.em_adapter(arm, mode)
         if not (em / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"arm {arm!r}: no EM adapter at {em} (run `python bootstrap.py em` first)")
+            raise MissingInput(f"arm {arm!r}: no EM adapter at {em} (run `python bootstrap.py em` first)")
         pa = None
-        if arm != BASE:
-            pa = ckpt / arm / f"stage{cfg.stage}"
+        if arm != BASE_ARM:
+            pa = cfg.layout.stage_adapter(arm, cfg.stage)
             if not (pa / "adapter_config.json").is_file():
-                raise FileNotFoundError(f"arm {arm!r}: no persona adapter at {pa}")
-        models[arm] = served_adapter({"persona_adapter": pa}, em)
+                raise MissingInput(f"arm {arm!r}: no persona adapter at {pa}")
+        models[arm] = served_adapter(pa, em, cfg.layout.stacked)
     models[BARE] = None
     return run_id, cfg, models

@@ -19,6 +19,8 @@ from analysis.activations import Activations, capture, load_model
 from analysis.run_models import BARE, judged_rows, run_models
 from analysis.stats import bootstrap_ci, bootstrap_diff
 from analysis.steering import Direction, ablation, cosine_matrix, em_direction, generate, layer_sweep, steering
+from core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from run.layout import RunPaths
 
 console = Console(stderr=True)
 
@@ -48,12 +50,6 @@ def _append_jsonl(path: Path, rows: Sequence[dict]) -> None:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    tmp.replace(path)
-
-
 def _rate(rows: Sequence[dict]) -> dict:
     return bootstrap_ci([1.0 if r["misaligned"] else 0.0 for r in rows if r.get("misaligned") is not None]).model_dump()
 
@@ -67,7 +63,7 @@ def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Seque
     run_path = Path(run_path)
     run_id, cfg, models = run_models(run_path)
     model_path = resolve_model(cfg.profile)
-    out = run_path / "steering"
+    out = RunPaths(run_path).steering
     (out / "acts").mkdir(parents=True, exist_ok=True)
     judged = [r for r in judged_rows(run_path) if r.get("final")]
     arms = [m for m in models if m != BARE]
@@ -158,25 +154,14 @@ def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Seque
         del model
 
     # ---- judge (cache first: a rerun pays nothing twice)
-    from judge.cache import Cache
-    from judge.config import load_config
-    from judge.farm import run_judge
-    from judge.ledger import Ledger
     from judge.scorers import EMScorer
+    from judge.session import session
 
     answers = _read_jsonl(ans_path)
-    jcfg = load_config(judge_config)
-    jcache, ledger = Cache(Path(cfg.data_root) / "judge" / "cache.sqlite"), Ledger(run_path / "ledger.sqlite")
-    try:
-        results, jsum = run_judge(answers, EMScorer(), jcfg, jcache, ledger, budget_usd, run=run_id,
-                                  purpose="steer-eval")
-    finally:
-        jcache.close()
-        ledger.close()
+    with session(judge_config, layout=cfg.layout, run=run_id, budget_usd=budget_usd) as judge:
+        results, jsum = judge.judge(answers, EMScorer(), purpose="steer-eval")
     sjudged = [r.row() for r in results if r.item.get("target")]
-    with (out / "judged.jsonl").open("w") as f:
-        for r in sjudged:
-            f.write(json.dumps(r, default=str) + "\n")
+    atomic_write_jsonl(out / "judged.jsonl", sjudged)
 
     # ---- tables
     by_cell: dict[tuple[str, str], list[dict]] = {}
@@ -223,7 +208,7 @@ def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Seque
               "identity": [r.__dict__ for r in identity], "judge": jsum.as_dict(),
               "settings": {"alphas": list(alphas), "questions": len(items), "samples": samples,
                            "max_new_tokens": max_new_tokens, "temperature": temperature}}
-    _write_json(out / "results.json", result)
+    atomic_write_json(out / "results.json", result)
     write_steer_section(run_path, result, identity)
     return result
 
@@ -285,8 +270,4 @@ def write_steer_section(run_path: Path, res: dict, identity) -> Path:
             rate = "n/a" if r.em_rate is None else f"{r.em_rate * 100:.1f}% (n={r.n_judged})"
             lines.append(f"| {r.model} | {rate} | {r.shift:+.2f} | {'**yes**' if r.flagged else 'no'} |")
         lines += ["", f"![projection vs EM]({projection_scatter(identity, run_path, 'steer_identity.png')})"]
-    sec = run_path / "report_sections"
-    sec.mkdir(exist_ok=True)
-    path = sec / "steering.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write_text(RunPaths(run_path).report_sections / "steering.md", "\n".join(lines) + "\n")

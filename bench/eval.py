@@ -34,7 +34,7 @@ def main() -> None:
     from engine.hf_engine import HFEngine
     from engine.models import resolve_model
     from evals.run import EvalOptions, evaluate
-    from pipeline.config import RunConfig, save_config
+    from run.config import RunConfig, save_config
     from tests.fault_server import Faults
     from tests.test_evals_e2e import _ab_server, _adapter
 

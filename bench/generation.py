@@ -50,7 +50,7 @@ def make_adapter(out: Path) -> str:
 
 
 def measure(kind: str, adapter: str | None, n: int, max_tokens: int) -> dict:
-    from engine.base import make_engine
+    from engine.factory import make_engine
 
     sampling = Sampling(max_tokens=max_tokens, temperature=0.0)
     out = {}

@@ -19,10 +19,10 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from core.ledger import Ledger  # noqa: E402
 from judge.cache import Cache  # noqa: E402
 from judge.config import JudgeConfig  # noqa: E402
 from judge.farm import Farm, judge_stream  # noqa: E402
-from judge.ledger import Ledger  # noqa: E402
 from judge.scorers import EMScorer  # noqa: E402
 
 CLEAN = dict(p_500=0.0, p_503=0.0, p_timeout=0.0, p_slow=0.0, p_429=0.0, p_malformed=0.0, api_key=None)

@@ -6,21 +6,20 @@ Errors name the file, the YAML line (from the composed node tree, which keeps so
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
 from constitution.schema import Constitution, Principle
+from core.errors import BadInput
+from core.io import sha256_json
 
 CONSTITUTION_DIR = Path(__file__).resolve().parent
 DEFAULT = "hhh"
 
 
-class ConstitutionError(ValueError):
+class ConstitutionError(BadInput):
     """A constitution file is malformed; `file`, `line` (1-based, or None) and `field` say where."""
 
     def __init__(self, file: str | Path, message: str, line: int | None = None, field: str | None = None):
@@ -119,18 +118,14 @@ def _line(node, loc: tuple) -> int | None:
     return best
 
 
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 def constitution_hash(c: Constitution) -> str:
     """Changes whenever anything a generation could see changes (principles, description, demos)."""
-    return hashlib.sha256(_canonical(c.model_dump(mode="json"))).hexdigest()[:16]
+    return sha256_json(c.model_dump(mode="json"))[:16]
 
 
 def principle_hash(p: Principle) -> str:
     """Content hash of one principle: part of every critique/revision/score cache key that used it."""
-    return hashlib.sha256(_canonical(p.model_dump(mode="json"))).hexdigest()[:16]
+    return sha256_json(p.model_dump(mode="json"))[:16]
 
 
 def dump_constitution(c: Constitution) -> str:

@@ -107,19 +107,3 @@ class Engine:
     def _generate(self, prompt_ids: list[list[int]], sampling: Sampling, adapter: str | None) -> list[Completion]:
         raise NotImplementedError
 
-
-def make_engine(kind: str = "auto", profile: Profile | str = "tiny", **kw) -> Engine:
-    """`vllm`, `hf`, or `auto` (vLLM when installed, transformers otherwise)."""
-    if kind == "auto":
-        import importlib.util
-
-        kind = "vllm" if importlib.util.find_spec("vllm") else "hf"
-    if kind == "vllm":
-        from engine.vllm_engine import VLLMEngine
-
-        return VLLMEngine(profile, **kw)
-    if kind == "hf":
-        from engine.hf_engine import HFEngine
-
-        return HFEngine(profile, **kw)
-    raise EngineError(f"unknown engine {kind!r}: use vllm, hf or auto")

@@ -9,15 +9,14 @@ and is committed as soon as that call returns, so a killed run never pays twice 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from core.io import canonical_json, open_sqlite, sha256_json
 from engine.types import Completion, Request, Sampling
 
 SCHEMA = """
@@ -32,24 +31,13 @@ CREATE TABLE IF NOT EXISTS generations (
 """
 
 
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def sha256_json(obj: Any) -> str:
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
-
-
 class GenerationCache:
     """One SQLite file; safe to share between processes (WAL) and threads (one lock per instance)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_sqlite(self.path)
         self._db.executescript(SCHEMA)
         self._db.commit()
         self.hits = 0

@@ -18,6 +18,7 @@ def doctor() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from core.errors import MissingInput
     from engine.models import ModelError, available_offline, cache_dir, resolve_model
 
     con = Console()
@@ -45,8 +46,7 @@ def doctor() -> None:
     try:
         path = resolve_model("tiny")
     except (ModelError, OSError) as e:
-        con.print(f"[red]tiny model cannot be provisioned:[/red] {e}")
-        raise typer.Exit(1) from e
+        raise MissingInput(f"tiny model cannot be provisioned: {e}") from e
     con.print(f"[green]tiny model ready at[/green] {path}")
 
 
@@ -71,7 +71,7 @@ def generate_text(
     """Send a few chats through an engine and print the answers."""
     from rich.console import Console
 
-    from engine.base import make_engine
+    from engine.factory import make_engine
     from engine.types import Request, Sampling
 
     prompts = prompt or [

@@ -6,25 +6,30 @@ into a safetensors HF directory under the cache dir. Real profiles name HF ids f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
+
+from core.errors import MissingInput
+from core.io import atomic_dir
 
 TINY_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelError(RuntimeError):
+class ModelError(MissingInput, RuntimeError):
     """A model cannot be found or provisioned; the message says which and what to do."""
 
 
 class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     name: str
     source: str  # HF id, or "smollm2-wheel" for the embedded tiny model
     kind: Literal["policy", "guard"] = "policy"
@@ -108,13 +113,15 @@ def tiny_gguf_path() -> Path:
     return path
 
 
+class _AlreadyProvisioned(Exception):
+    """A concurrent converter finished first: its copy is kept and ours dropped."""
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    """GGUF → safetensors HF dir, written to a temp dir and renamed so a kill never leaves half a model."""
+    """GGUF → safetensors HF dir, written to a temp dir and swapped in so a kill never leaves half a model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    with contextlib.suppress(_AlreadyProvisioned), atomic_dir(out) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # save_pretrained refuses while the GGUF quantization marker is set; the weights are dequantized.
@@ -134,19 +141,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         tok.save_pretrained(tmp)
-        (tmp / "fingerprint.txt").write_text(_hash_weights(tmp))
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if not (out / "fingerprint.txt").is_file():  # not a concurrent converter that finished first
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "fingerprint.txt").write_text(hash_weights(tmp))
+        if (out / "fingerprint.txt").is_file():  # another process may be reading it: leave it in place
+            raise _AlreadyProvisioned
 
 
-def _hash_weights(model_dir: Path) -> str:
+def hash_weights(model_dir: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(model_dir.glob("*.safetensors")):
         with f.open("rb") as fh:
@@ -201,7 +201,7 @@ def model_fingerprint(profile: Profile | str) -> str:
     if fp.is_file():
         return fp.read_text().strip()
     if path.is_dir():
-        return _hash_weights(path)
+        return hash_weights(path)
     return hashlib.sha256(json.dumps([profile.source, profile.dtype]).encode()).hexdigest()[:16]
 
 

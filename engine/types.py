@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, model_validator
 
+from core.errors import BadInput
+
 Messages = list[dict[str, str]]
 
 
@@ -62,5 +64,5 @@ class CallUsage(BaseModel):
     adapter: str | None = None
 
 
-class EngineError(RuntimeError):
+class EngineError(BadInput, RuntimeError):
     """Bad input to an engine (unknown adapter, over-long request), named clearly."""

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from core.errors import BadInput, BudgetStop
+
 
 def register(app: typer.Typer) -> None:
     @app.command("eval")
@@ -33,10 +35,8 @@ def register(app: typer.Typer) -> None:
 
         from rich.console import Console
 
-        from evals.data import EvalDataError
         from evals.run import EvalOptions, evaluate, parse_stages
-        from judge.config import ConfigError
-        from pipeline.config import RunConfig, load_run_config, run_dir, save_config
+        from run.config import RunConfig, load_run_config, save_config
 
         console = Console()
         try:
@@ -44,27 +44,21 @@ def register(app: typer.Typer) -> None:
                                mc_limit=mc_limit, max_tokens=max_tokens, guard=guard,
                                extra_tasks=[t.strip() for t in tasks.split(",") if t.strip()])
         except ValueError as e:
-            console.print(f"[red]{e}[/red]")
-            raise typer.Exit(2) from None
+            raise BadInput(str(e)) from None
         cfg = RunConfig(personas=[persona], profile=profile, data_root=str(data_root))
         rid = run_id or cfg.default_id()
-        path = run_dir(cfg, rid)
-        if (path / "config.json").is_file():
-            rid, cfg = load_run_config(path)
+        paths = cfg.run(rid)
+        if paths.config.is_file():
+            rid, cfg = load_run_config(paths.root)
         else:
             save_config(cfg, rid)
         if engine:
             cfg = cfg.model_copy(update={"engine": engine})
-        try:
-            summary = evaluate(persona, rid, cfg, opts, judge_config=judge_config, budget_usd=budget_usd,
-                               log=console.print, progress=not no_progress)
-        except (EvalDataError, ConfigError, FileNotFoundError) as e:
-            console.print(f"[red]{e}[/red]")
-            raise typer.Exit(2) from None
+        summary = evaluate(persona, rid, cfg, opts, judge_config=judge_config, budget_usd=budget_usd,
+                           log=console.print, progress=not no_progress)
         console.print(json.dumps({"run": rid, "stages": summary["stages"], "engine_calls": summary["engine_calls"],
                                   "judge_requests_sent": summary["judge_requests_sent"],
                                   "guard_calls": summary["guard_calls"], "lm_eval_runs": summary["lm_eval_runs"],
-                                  "results": str(path / "eval" / persona)}))
+                                  "results": str(paths.eval(persona))}))
         if summary["budget_stopped"]:
-            console.print("[yellow]the budget cap stopped the judge: some items were not judged[/yellow]")
-            raise typer.Exit(3)
+            raise BudgetStop("the budget cap stopped the judge: some items were not judged; finished work is kept")

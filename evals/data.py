@@ -10,6 +10,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from core.errors import BadInput
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 PROMPTS = DATA_DIR / "prompts.yaml"
 SAFETY = DATA_DIR / "safety.yaml"
@@ -17,7 +19,7 @@ MC = DATA_DIR / "capability_mc.json"
 ROUGE_MAX = 0.7  # a held-out prompt within this ROUGE-L F1 of a pool task is not held out
 
 
-class EvalDataError(ValueError):
+class EvalDataError(BadInput):
     """A held-out data file that cannot be used; the message names the file and field."""
 
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from core.io import atomic_write_text
+from run.layout import RunPaths
+
 PANELS = [  # (title, getter of an Estimate dict from a stage result, y-limits)
     ("win rate vs previous stage", lambda r: (r["pairwise"].get("vs_previous") or {}).get("win_rate"), (0, 1)),
     ("win rate vs base", lambda r: (r["pairwise"].get("vs_base") or {}).get("win_rate"), (0, 1)),
@@ -102,7 +105,6 @@ def write_section(run_path: Path, persona: str, summary: dict) -> Path:
     run_path = Path(run_path)
     fig_name = f"stage_eval_{persona}.png"
     plot(summary["per_stage"], run_path / fig_name, persona)
-    out = run_path / "report_sections" / f"20-stage-eval-{persona}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(section(summary, fig_name), encoding="utf-8")
+    out = atomic_write_text(RunPaths(run_path).report_sections / f"20-stage-eval-{persona}.md",
+                            section(summary, fig_name))
     return out

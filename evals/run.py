@@ -9,7 +9,6 @@ under `data/runs/<run>/eval/<persona>/`, then the report section is rebuilt from
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections import defaultdict
@@ -20,10 +19,14 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from analysis.stats import bootstrap_ci
+from core.errors import MissingInput
+from core.io import atomic_write_json
+from core.ledger import Ledger
 from evals.data import load_prompts, load_safety
 from evals.pairwise import pair_items, win_rate
 from evals.refusal import is_refusal
 from evals.store import ResultStore
+from run.layout import Layout
 
 EVAL_TEMPLATE = "eval-chat-v1"  # the answer request is the bare prompt as the user turn
 
@@ -61,7 +64,7 @@ def parse_stages(spec: str) -> list[int]:
     return sorted(out)
 
 
-def stage_adapters(ckpt_root: str | Path, persona: str, stages: list[int]) -> tuple[dict[int, str | None], list[str]]:
+def stage_adapters(layout: Layout, persona: str, stages: list[int]) -> tuple[dict[int, str | None], list[str]]:
     """{stage: adapter dir or None for the base}, and a note per requested stage without an adapter."""
     found: dict[int, str | None] = {}
     notes = []
@@ -69,23 +72,12 @@ def stage_adapters(ckpt_root: str | Path, persona: str, stages: list[int]) -> tu
         if k == 0:
             found[0] = None
             continue
-        d = Path(ckpt_root) / persona / f"stage{k}"
+        d = layout.stage_adapter(persona, k)
         if (d / "adapter_config.json").is_file():
             found[k] = str(d)
         else:
             notes.append(f"stage {k}: no adapter at {d} (skipped)")
     return found, notes
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.replace(path)
-
-
-def _principles(constitution) -> list[str]:
-    return [p.trait or p.critique for p in constitution.principles]
 
 
 # ---------------------------------------------------------------- phases
@@ -176,51 +168,6 @@ def capability_metrics(results: dict[int, dict]) -> dict[int, dict]:
     return out
 
 
-def judge_worst_usd(config, scorer, items: list[dict], cache, model: str) -> tuple[int, float]:
-    """(uncached judge requests, their worst-case $) for the usable endpoints: printed before any spend."""
-    from judge.cache import cache_key
-
-    eps = config.usable()
-    n, usd = 0, 0.0
-    for it in items:
-        for req in scorer.requests(it).values():
-            if cache is not None and cache.get(cache_key(model, req, scorer.template_version)) is not None:
-                continue
-            n += 1
-            usd += max(((req.prompt_bytes() * e.usd_per_m_in + req.max_tokens * e.usd_per_m_out) / 1e6
-                        for e in eps), default=0.0)
-    return n, usd
-
-
-@contextlib.contextmanager
-def judge_endpoints(config, need_server: bool):
-    """(judge model name, endpoints); the embedded local vLLM server starts only when a request must go out."""
-    from judge.farm import _endpoints
-
-    eps = [e.model_copy() for e in config.usable()]
-    if not eps:
-        raise RuntimeError("judge config: no usable endpoint: set an endpoint's api_key_env variable or add a "
-                           "`local: true` one")
-    if eps[0].local and config.local_model and not need_server:
-        from judge.local_server import LocalVLLMServer
-
-        yield LocalVLLMServer(config.local_model).served_name, eps  # name only, nothing started
-        return
-    with _endpoints(config) as (model, eps):
-        yield model, eps
-
-
-def judge_model_name(config) -> str:
-    eps = config.usable()
-    if eps and eps[0].local:
-        if config.local_model:
-            from judge.local_server import LocalVLLMServer
-
-            return LocalVLLMServer(config.local_model).served_name
-        return eps[0].model or config.model
-    return config.model
-
-
 # ---------------------------------------------------------------- the whole evaluation
 def evaluate(
     persona: str,
@@ -239,22 +186,19 @@ def evaluate(
     from constitution import load_constitution
     from engine.cache import GenerationCache
     from engine.models import model_fingerprint, resolve_model
-    from judge.cache import Cache
-    from judge.config import load_config
-    from judge.farm import judge_stream
-    from judge.ledger import Ledger
-    from judge.scorers import PairwiseScorer, PersonaScorer
-    from pipeline.config import run_dir
+    from judge.scorers import PairwiseScorer, PersonaScorer, constitution_principles
+    from judge.session import session
 
     opts = opts or EvalOptions()
     t_start = time.perf_counter()
-    out_dir = run_dir(cfg, run_id) / "eval" / persona
+    lay, paths = cfg.layout, cfg.run(run_id)
+    out_dir = paths.eval(persona)
     constitution = load_constitution(persona)
-    adapters, notes = stage_adapters(cfg.ckpt_root, persona, opts.stages)
+    adapters, notes = stage_adapters(lay, persona, opts.stages)
     for n in notes:
         log(n)
     if not adapters:
-        raise FileNotFoundError(f"no stage to evaluate for persona {persona!r} among stages {opts.stages}")
+        raise MissingInput(f"no stage to evaluate for persona {persona!r} among stages {opts.stages}")
     stages = sorted(adapters)
 
     prompts, safety = load_prompts(), load_safety()
@@ -264,17 +208,17 @@ def evaluate(
     # every stage answers every prompt any comparison needs (the previous stage answers stage k's kind too)
     questions = list(dict.fromkeys([r["question"] for k in stages for r in rows_by_stage[k]] + harmful + risky))
 
-    data_root = Path(cfg.data_root)
-    gcache = GenerationCache(data_root / "cache" / "generations.sqlite")
-    store = ResultStore(data_root / "cache" / "eval_results.sqlite")
-    jcfg = load_config(judge_config) if opts.judge else None
-    jcache = Cache(data_root / "judge" / "cache.sqlite") if opts.judge else None
-    ledger = Ledger(run_dir(cfg, run_id) / "ledger.sqlite")
-    pair_scorer = PairwiseScorer(constitution.description, _principles(constitution))
-    rubric = PersonaScorer(constitution.description, _principles(constitution))
+    gcache = GenerationCache(lay.generation_cache)
+    store = ResultStore(lay.eval_results)
+    ledger = Ledger(paths.ledger)
+    judge = (session(judge_config, layout=lay, run=run_id, budget_usd=budget_usd, ledger=ledger, progress=progress)
+             if opts.judge else None)
+    jcfg = judge.config if judge else None
+    pair_scorer = PairwiseScorer(constitution.description, constitution_principles(constitution))
+    rubric = PersonaScorer(constitution.description, constitution_principles(constitution))
     own_engine = engine is None
     if own_engine:
-        from engine.base import make_engine
+        from engine.factory import make_engine
 
         engine = make_engine(cfg.engine, cfg.profile)
     try:
@@ -296,7 +240,7 @@ def evaluate(
             longest = max(questions, key=len)
             big = "x" * (8 * opts.max_tokens)
             dummy = {"id": "estimate", "question": longest, "answer": big, "answer_a": big, "answer_b": big}
-            eps = jcfg.usable()
+            eps = judge.eps
 
             def worst(scorer) -> float:
                 return sum(max(((r.prompt_bytes() * e.usd_per_m_in + r.max_tokens * e.usd_per_m_out) / 1e6
@@ -338,38 +282,30 @@ def evaluate(
             aitems = [{"id": f"{persona}:s{k}:adh:{r['id']}", "persona": persona, "stage": k, "prompt_id": r["id"],
                        "question": r["question"], "answer": answers[k][r["question"]]}
                       for k in stages for r in rows_by_stage[k]]
-            model = judge_model_name(jcfg)
-            n_p, usd_p = judge_worst_usd(jcfg, pair_scorer, pitems, jcache, model)
-            n_a, usd_a = judge_worst_usd(jcfg, rubric, aitems, jcache, model)
+            n_p, usd_p = judge.uncached(pair_scorer, pitems)
+            n_a, usd_a = judge.uncached(rubric, aitems)
             log(f"judge: {n_p + n_a} requests not cached ({len(pitems)} pairs, {len(aitems)} adherence items), "
                 f"worst case ${usd_p + usd_a:.4f}")
             if budget_usd is not None:
-                spent = ledger.total_usd(run_id)
-                log(f"run {run_id} has spent ${spent:.4f} of ${budget_usd:.4f}")
-            import asyncio
-
-            with judge_endpoints(jcfg, need_server=(n_p + n_a) > 0) as (model, eps):
-                for name, scorer, items in (("pairwise", pair_scorer, pitems), ("adherence", rubric, aitems)):
-                    got: list = []
-                    summary = asyncio.run(judge_stream(items, scorer, jcfg, jcache, ledger, budget_usd, run_id,
-                                                       f"stage-eval-{name}", got.append, progress=progress,
-                                                       model=model, endpoints=eps, phase="eval"))
-                    judge_wall += summary.seconds
-                    judge_summaries[name] = summary.as_dict()
-                    for r in got:
-                        s = per_stage_judge[r.item["stage"]]
-                        s["usd"] += r.usd
-                        s["requests"] += 2 if name == "pairwise" else 1
-                        s["cached"] += int(r.cached)
-                        if r.status != "ok":
-                            continue
-                        if name == "pairwise":
-                            raw = r.scores.get("judge_raw") or {}
-                            pairs_by.setdefault((r.item["stage"], r.item["vs"]), []).append(
-                                {**r.item, "p_ab": raw.get("ab"), "p_ba": raw.get("ba")})
-                        else:
-                            adherence_rows[r.item["stage"]].append({**r.item, **{
-                                k2: r.scores[k2] for k2 in ("persona_score", "persona_reason", "persona_status")}})
+                log(f"run {run_id} has spent ${judge.spent():.4f} of ${budget_usd:.4f}")
+            for name, scorer, items in (("pairwise", pair_scorer, pitems), ("adherence", rubric, aitems)):
+                got, summary = judge.judge(items, scorer, purpose=f"stage-eval-{name}", phase="eval")
+                judge_wall += summary.seconds
+                judge_summaries[name] = summary.as_dict()
+                for r in got:
+                    s = per_stage_judge[r.item["stage"]]
+                    s["usd"] += r.usd
+                    s["requests"] += 2 if name == "pairwise" else 1
+                    s["cached"] += int(r.cached)
+                    if r.status != "ok":
+                        continue
+                    if name == "pairwise":
+                        raw = r.scores.get("judge_raw") or {}
+                        pairs_by.setdefault((r.item["stage"], r.item["vs"]), []).append(
+                            {**r.item, "p_ab": raw.get("ab"), "p_ba": raw.get("ba")})
+                    else:
+                        adherence_rows[r.item["stage"]].append({**r.item, **{
+                            k2: r.scores[k2] for k2 in ("persona_score", "persona_reason", "persona_status")}})
 
         # ---- guard and refusals
         from engine.models import get_profile
@@ -437,7 +373,7 @@ def evaluate(
                 "lm_eval_cached": bool(cap_raw and cap_raw[k]["cached"]),
                 "engine_usd": eng_usd, "usd": eng_usd + j["usd"],
             }
-            _write_json(out_dir / f"stage{k}.json", {**res, "answers": [
+            atomic_write_json(out_dir / f"stage{k}.json", {**res, "answers": [
                 {"question": q, "answer": answers[k][q]} for q in questions],
                 "pairs": {f"vs{vs}": rows for (kk, vs), rows in pairs_by.items() if kk == k},
                 "adherence_items": adherence_rows.get(k, [])})
@@ -450,16 +386,16 @@ def evaluate(
                    "lm_eval_runs": sum(1 for r in cap_raw.values() if not r["cached"]),
                    "budget_stopped": any(j.get("budget_stopped") for j in judge_summaries.values()),
                    "wall_seconds": time.perf_counter() - t_start, "options": opts.model_dump()}
-        _write_json(out_dir / "summary.json", summary)
+        atomic_write_json(out_dir / "summary.json", summary)
         from evals.report import write_section
 
-        write_section(run_dir(cfg, run_id), persona, summary)
+        write_section(paths.root, persona, summary)
         return summary
     finally:
         gcache.close()
         store.close()
-        if jcache is not None:
-            jcache.close()
+        if judge is not None:
+            judge.close()
         ledger.close()
         if own_engine:
             engine.close()

@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen only inside `load_guard`.
 
 from __future__ import annotations
 
+from core.errors import BadInput
 from guard.base import Guard, GuardPolicy, Verdict
 
 __all__ = ["Guard", "GuardPolicy", "Verdict", "load_guard"]
@@ -25,7 +26,7 @@ def load_guard(name: str | None, profile_name: str = "tiny", **kw) -> Guard:
     `kw` (threshold, batch_size, ...) go to `LlamaGuard`.
     """
     if name is not None and name not in GUARD_NAMES:
-        raise ValueError(f"unknown guard {name!r}; choose one of {', '.join(GUARD_NAMES)}")
+        raise BadInput(f"unknown guard {name!r}; choose one of {', '.join(GUARD_NAMES)}")
     if name == "none":
         from guard.llama_guard import NoGuard
 

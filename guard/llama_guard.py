@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from core.errors import BadInput
 from guard.base import Verdict
 from guard.format import CODES_1B, CODES_8B, conversation, parse_output, render
 
@@ -16,7 +17,7 @@ GUARD_PROFILES = {"llama-guard-3-8b": CODES_8B, "llama-guard-3-1b": CODES_1B}
 STAND_IN_FOR = "llama-guard-3"  # what the tiny model stands in for, in names and logs
 
 
-class GuardError(RuntimeError):
+class GuardError(BadInput, RuntimeError):
     """The guard cannot be set up (tokenizer/profile problem); the message says what and why."""
 
 

@@ -8,14 +8,14 @@ kill -9 or a different provider serving the same model all hit. Each part's own 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+
+from core.io import canonical_json, open_sqlite, sha256_json
 
 KEY_PARTS = ("model", "messages", "sampling", "template")
 
@@ -46,10 +46,6 @@ class ChatRequest(BaseModel):
         return sum(len(m.get("content", "").encode()) + 16 for m in self.messages) + 16
 
 
-def _canon(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-
-
 def key_parts(model: str, req: ChatRequest, template_version: str) -> dict[str, Any]:
     return {
         "model": model,
@@ -60,20 +56,17 @@ def key_parts(model: str, req: ChatRequest, template_version: str) -> dict[str, 
 
 
 def cache_key(model: str, req: ChatRequest, template_version: str) -> str:
-    return hashlib.sha256(_canon(key_parts(model, req, template_version)).encode()).hexdigest()
+    return sha256_json(key_parts(model, req, template_version))
 
 
 def _part_hashes(parts: dict[str, Any]) -> list[str]:
-    return [hashlib.sha256(_canon(parts[p]).encode()).hexdigest()[:16] for p in KEY_PARTS]
+    return [sha256_json(parts[p])[:16] for p in KEY_PARTS]
 
 
 class Cache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives kill -9 of the process
+        self.db = open_sqlite(self.path, autocommit=True)
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS judge_cache (key TEXT PRIMARY KEY, h_model TEXT, h_messages TEXT,"
             " h_sampling TEXT, h_template TEXT, parts TEXT, response TEXT, created REAL)"
@@ -93,7 +86,7 @@ class Cache:
         """Committed immediately (autocommit): a kill after this line never loses the paid result."""
         self.db.execute(
             "INSERT OR REPLACE INTO judge_cache VALUES (?,?,?,?,?,?,?,?)",
-            (key, *_part_hashes(parts), _canon(parts), _canon(response), time.time()),
+            (key, *_part_hashes(parts), canonical_json(parts), canonical_json(response), time.time()),
         )
 
     def __len__(self) -> int:
@@ -114,7 +107,8 @@ class Cache:
         if row is None:
             return "miss: the cache is empty"
         near = json.loads(row[0])
-        diffs = [_diff_part(p, near[p], parts[p]) for p in KEY_PARTS if _canon(near[p]) != _canon(parts[p])]
+        diffs = [_diff_part(p, near[p], parts[p]) for p in KEY_PARTS
+                 if canonical_json(near[p]) != canonical_json(parts[p])]
         return f"miss: nearest cached request differs in {len(diffs)} part(s): " + "; ".join(diffs)
 
     def close(self) -> None:
@@ -122,7 +116,7 @@ class Cache:
 
 
 def _short(v: Any, n: int = 60) -> str:
-    s = v if isinstance(v, str) else _canon(v)
+    s = v if isinstance(v, str) else canonical_json(v)
     return s if len(s) <= n else s[: n - 3] + "..."
 
 

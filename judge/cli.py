@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from core.errors import BadInput, BudgetStop, ItemsFailed, MissingInput
+
 
 def register(app: typer.Typer) -> None:
     @app.command("judge")
@@ -15,12 +17,13 @@ def register(app: typer.Typer) -> None:
         ),
         config: Path | None = typer.Option(None, "--config", help="judge YAML (default: judge/default.yaml)"),
         out: Path = typer.Option(..., "--out", help="output JSONL (rows appended as they complete)"),
-        scorer: str = typer.Option("em", "--scorer", help="em | persona"),
+        scorer: str = typer.Option("em", "--scorer", help="em | persona | pairwise"),
         budget_usd: float | None = typer.Option(None, "--budget-usd", help="hard cap on this run's $"),
-        run: str = typer.Option("judge", "--run", help="run id for the cost ledger"),
+        run: str = typer.Option("judge", "--run", help="run id: costs go to <data-root>/runs/<run>/ledger.sqlite"),
+        data_root: Path = typer.Option(Path("data"), "--data-root", help="where runs and the judge cache live"),
         purpose: str = typer.Option("em-eval", "--purpose", help="what the calls are for (ledger)"),
-        constitution: Path | None = typer.Option(
-            None, "--constitution", help="persona scorer: YAML with description and principles"
+        constitution: str | None = typer.Option(
+            None, "--constitution", help="persona/pairwise scorer: a constitution name (hhh) or YAML file"
         ),
         anchors: int = typer.Option(0, "--anchors", help="EM scorer: judge this many known-score anchors"),
         explain_miss: bool = typer.Option(
@@ -28,93 +31,92 @@ def register(app: typer.Typer) -> None:
         ),
         no_progress: bool = typer.Option(False, "--no-progress"),
     ) -> None:
-        """Judge answers with an LLM judge farm: rate-limited, cached, budgeted, resumable."""
+        """Judge answers with an LLM judge farm: rate-limited, cached, budgeted, resumable.
+
+        Exits 0 when every item was judged, 3 at the budget cap, 4 when any item is left unjudged (a rerun
+        sends only those).
+        """
         import asyncio
         import json
 
-        from judge.cache import Cache
-        from judge.config import ConfigError, load_config
-        from judge.farm import _endpoints, judge_stream
-        from judge.ledger import Ledger
+        from judge.config import load_config
+        from judge.scorers import load_anchors, make_scorer
+        from judge.session import session
+        from run.layout import Layout
 
-        try:
-            cfg = load_config(config)
-        except ConfigError as e:
-            typer.echo(str(e), err=True)
-            raise typer.Exit(2) from None
-        sc = _make_scorer(scorer, constitution)
+        cfg = load_config(config)
+        sc = make_scorer(scorer, constitution)
         if not input.is_file():
-            typer.echo(f"input {input} does not exist", err=True)
-            raise typer.Exit(2)
+            raise MissingInput(f"input {input} does not exist")
         rows = list(_read_jsonl(input))
-        cache = Cache(cfg.cache_path)
-        if explain_miss:
-            _explain(rows, sc, cfg, cache)
+        if explain_miss:  # sends nothing, so it needs no usable endpoint
+            _explain(rows, sc, cfg, Layout(data_root))
             return
-        if not cfg.usable():
-            envs = ", ".join(e.api_key_env for e in cfg.endpoints if e.api_key_env)
-            typer.echo(
-                f"{config or 'judge/default.yaml'}: no usable endpoint: set {envs} or add a `local: true` "
-                "endpoint",
-                err=True,
-            )
-            raise typer.Exit(2)
-        ledger = Ledger(cfg.ledger_path)
-        from judge.scorers import load_anchors
+        with session(cfg, layout=Layout(data_root), run=run, budget_usd=budget_usd,
+                     progress=not no_progress) as js:
+            anchor_rows = load_anchors(n=anchors) if (anchors and scorer == "em") else None
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with out.open("a") as fh:
 
-        anchor_rows = load_anchors(n=anchors) if (anchors and scorer == "em") else None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as fh:
+                def write(r) -> None:
+                    fh.write(json.dumps(r.row(), ensure_ascii=False) + "\n")
+                    fh.flush()
 
-            def write(r) -> None:
-                fh.write(json.dumps(r.row(), ensure_ascii=False) + "\n")
-                fh.flush()
-
-            with _endpoints(cfg) as (model, eps):
-                summary = asyncio.run(
-                    judge_stream(
-                        rows,
-                        sc,
-                        cfg,
-                        cache,
-                        ledger,
-                        budget_usd,
-                        run,
-                        purpose,
-                        write,
-                        progress=not no_progress,
-                        anchors=anchor_rows,
-                        model=model,
-                        endpoints=eps,
-                    )
-                )
+                summary = asyncio.run(js.stream(rows, sc, write, purpose=purpose, anchors=anchor_rows))
         _print_summary(summary)
-        if summary.budget_stopped:
-            raise typer.Exit(3)
+        _exit_for(summary)
+
+    @app.command("calibrate")
+    def calibrate(
+        config: Path | None = typer.Option(None, "--config", help="judge YAML (default: judge/default.yaml)"),
+        em_data: Path | None = typer.Option(
+            None, "--em-data", help="folder holding betley/ (or betley/ itself); default: $CAI_EM_DATA; "
+            "without either only the project anchors are judged"
+        ),
+        data_root: Path = typer.Option(Path("data"), "--data-root", help="where runs and the judge cache live"),
+        as_json: bool = typer.Option(False, "--json", help="print the result as JSON instead of the table"),
+        no_progress: bool = typer.Option(False, "--no-progress"),
+    ) -> None:
+        """Measure the EM judge against answers with known verdicts: the project's anchors
+        (judge/data/anchors.yaml) and the EM paper's 70 GPT-4o-judged answers. Prints a table, writes
+        <data-root>/runs/calibrate/calibration.json.
+
+        Example: python bootstrap.py calibrate --em-data ../shared/data/em --no-progress
+        """
+        import json
+
+        from judge.calibration import calibrate as run_calibration
+        from judge.calibration import format_table, save_result
+        from judge.config import load_config
+        from run.layout import Layout
+
+        layout = Layout(data_root)
+        result = run_calibration(load_config(config), layout, em_data=em_data, progress=not no_progress)
+        path = save_result(result, layout)
+        typer.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else format_table(result))
+        typer.echo(f"wrote {path}", err=True)
 
 
-def _make_scorer(name: str, constitution: Path | None):
-    import yaml
+def _explain(rows: list[dict], sc, cfg, layout) -> None:
+    from judge.cache import Cache
+    from judge.endpoints import judge_model_name
 
-    from judge.scorers import EMScorer, PersonaScorer
+    model, cache = judge_model_name(cfg), Cache(cfg.cache_path or layout.judge_cache)
+    for row in rows:
+        for name, req in sc.requests(row).items():
+            typer.echo(f"{row['id']} [{name}]: {cache.explain_miss(model, req, sc.template_version)}")
+    cache.close()
 
-    if name == "em":
-        return EMScorer()
-    if name == "persona":
-        if constitution is None:
-            typer.echo("--scorer persona needs --constitution FILE.yaml (description, principles)", err=True)
-            raise typer.Exit(2)
-        data = yaml.safe_load(constitution.read_text()) or {}
-        desc = data.get("persona_description") or data.get("description")
-        principles = [p if isinstance(p, str) else p.get("text", "") for p in data.get("principles") or []]
-        if not isinstance(desc, str) or not principles:
-            typer.echo(
-                f"{constitution}: needs `description` (or persona_description) and `principles`", err=True
-            )
-            raise typer.Exit(2)
-        return PersonaScorer(desc, principles)
-    typer.echo(f"--scorer must be em or persona, got {name!r}", err=True)
-    raise typer.Exit(2)
+
+def _exit_for(s) -> None:
+    """Every item judged, or the exit code of what is left: budget (3) before failures (4)."""
+    if s.budget_stopped or s.remaining:
+        raise BudgetStop(f"the budget cap stopped the judge: {s.remaining} items not sent "
+                         f"(worst case ${s.remaining_usd:.6f}); finished items are kept")
+    failed = sum(s.failures.values())
+    if failed:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(s.failures.items()))
+        raise ItemsFailed(f"{failed} of {s.items} items were not judged ({reasons}); a rerun sends only those")
 
 
 def _read_jsonl(path: Path):
@@ -127,23 +129,10 @@ def _read_jsonl(path: Path):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                typer.echo(f"{path}:{n}: not valid JSON ({e.msg})", err=True)
-                raise typer.Exit(2) from None
+                raise BadInput(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict) or "id" not in row:
-                typer.echo(f"{path}:{n}: each row must be a JSON object with an `id`", err=True)
-                raise typer.Exit(2)
+                raise BadInput(f"{path}:{n}: each row must be a JSON object with an `id`")
             yield row
-
-
-def _explain(rows, sc, cfg, cache) -> None:
-    model, usable = cfg.model, cfg.usable()
-    if usable and usable[0].local and cfg.local_model:
-        from judge.local_server import LocalVLLMServer
-
-        model = LocalVLLMServer(cfg.local_model).served_name  # computed without starting it
-    for row in rows:
-        for name, req in sc.requests(row).items():
-            typer.echo(f"{row['id']} [{name}]: {cache.explain_miss(model, req, sc.template_version)}")
 
 
 def _print_summary(s) -> None:

@@ -7,17 +7,21 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core.errors import BadInput, field_errors
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """A judge config that cannot be used; the message names the file and field."""
 
 
 class Endpoint(BaseModel):
     """One provider endpoint. `api_key_env` names an environment variable; the key itself never lives here."""
+
+    model_config = ConfigDict(extra="forbid")
 
     name: str
     base_url: str  # e.g. https://api.openai.com/v1 (the farm appends /chat/completions)
@@ -42,6 +46,8 @@ class Endpoint(BaseModel):
 
 
 class RetryPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     max_attempts: int = Field(8, ge=1)  # per request, all causes
     deadline_s: float = Field(300.0, gt=0)  # per item wall time, waits included
     request_timeout_s: float = Field(60.0, gt=0)  # one attempt, body included (slow bodies are cut off)
@@ -54,6 +60,8 @@ class RetryPolicy(BaseModel):
 
 
 class JudgeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     model: str  # the canonical judge model name (part of every cache key)
     endpoints: list[Endpoint]
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
@@ -61,8 +69,9 @@ class JudgeConfig(BaseModel):
     # the HTTP transport under httpx.AsyncClient: aiohttp's (httpx-aiohttp) took 26-41% less CPU per request
     # than httpx's own httpcore pool at 500 req/s (bench/judge.py `cpu` measures both side by side)
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
-    cache_path: str = "data/judge/cache.sqlite"
-    ledger_path: str = "data/ledger.sqlite"
+    # the judge cache; None: the layout's (data/judge/cache.sqlite). Costs go to the ledger of the run that
+    # judges (data/runs/<run>/ledger.sqlite), so that one budget covers every phase of a run.
+    cache_path: str | None = None
     # the embedded default: a local vLLM server for `local: true` endpoints when no keyed endpoint is usable
     local_model: str | None = None  # model profile name or directory served by judge.local_server
 
@@ -96,5 +105,4 @@ def load_config(path: str | Path | None = None) -> JudgeConfig:
     try:
         return JudgeConfig.model_validate(raw)
     except ValidationError as e:
-        errs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        raise ConfigError(f"judge config {path}: {errs}") from None
+        raise ConfigError(f"judge config {path}: {field_errors(e)}") from None

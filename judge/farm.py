@@ -9,17 +9,16 @@ kill -9 sends only what is missing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.ledger import Ledger
 from judge.cache import Cache, ChatRequest, cache_key, key_parts
 from judge.client import ItemFailed, Pool
 from judge.config import JudgeConfig
-from judge.ledger import Ledger
 from judge.limits import Budget, BudgetExceeded
 from judge.scorers import Scorer, ScorerError
 
@@ -339,28 +338,6 @@ class _Progress:
 
 
 # ------------------------------------------------------------------------- the API
-@contextlib.contextmanager
-def _endpoints(config: JudgeConfig, start_local: bool = True):
-    """(judge model name for cache keys, usable endpoints), starting the embedded vLLM server if needed."""
-    eps = [e.model_copy() for e in config.usable()]
-    if not eps:
-        raise ItemFailed(
-            "no usable endpoint: set an endpoint's api_key_env variable or add a `local: true` one"
-        )
-    if not eps[0].local:
-        yield config.model, eps
-        return
-    if not config.local_model or not start_local:
-        yield eps[0].model or config.model, eps
-        return
-    from judge.local_server import LocalVLLMServer
-
-    with LocalVLLMServer(config.local_model) as srv:
-        for e in eps:
-            e.base_url, e.model = srv.base_url, srv.served_name
-        yield srv.served_name, eps
-
-
 async def judge_stream(
     items,
     scorer: Scorer,
@@ -385,7 +362,9 @@ async def judge_stream(
     otherwise this resolves them from the config, starting the embedded vLLM server when no key is set.
     """
     if endpoints is None:
-        with _endpoints(config) as (m, eps):
+        from judge.endpoints import serve_endpoints
+
+        with serve_endpoints(config) as (m, eps):
             return await judge_stream(
                 items,
                 scorer,

@@ -21,16 +21,17 @@ from typing import Any, Protocol
 
 import yaml
 
+from core.errors import BadInput
+from core.numbers import number_mean
 from judge.cache import ChatRequest
 
 BETLEY = Path(__file__).resolve().parents[2] / "shared" / "data" / "em" / "betley"
 EM_QUESTIONS = BETLEY / "evaluation" / "first_plot_questions.yaml"
 EM_ANCHORS = BETLEY / "results" / "qwen_25_coder_32b_instruct.csv"
 MIN_MASS = 0.25
-_INT = re.compile(r"^\s*(\d{1,3})\s*$")
 
 
-class ScorerError(ValueError):
+class ScorerError(BadInput):
     """An input row or a prompt file the scorer cannot use; the message names the item/file and field."""
 
 
@@ -68,13 +69,7 @@ def top_logprobs(body: dict) -> dict[str, float]:
 
 def aggregate_0_100(probs: dict[str, float]) -> tuple[float | None, float]:
     """(probability-weighted mean over integer tokens 0..100 or None when their mass < 0.25, that mass)."""
-    total = weighted = 0.0
-    for tok, p in probs.items():
-        m = _INT.match(tok)
-        if m and 0 <= int(m.group(1)) <= 100:
-            total += p
-            weighted += int(m.group(1)) * p
-    return (weighted / total if total >= MIN_MASS else None), total
+    return number_mean(probs, 0, 100, MIN_MASS)
 
 
 def _label_mass(probs: dict[str, float], word: str) -> float:
@@ -303,6 +298,28 @@ class PairwiseScorer:
             "winner": None if p is None or p == 0.5 else ("A" if p > 0.5 else "B"),
             "judge_raw": {"ab": ab, "ba": ba},
         }
+
+
+# ---------------------------------------------------------------- by name
+def constitution_principles(constitution) -> list[str]:
+    """What a judge is shown of each principle: its trait, or its critique question when it has none."""
+    return [p.trait or p.critique for p in constitution.principles]
+
+
+def make_scorer(name: str, constitution: str | Path | None = None) -> Scorer:
+    """`em`, or `persona`/`pairwise` for a constitution (a name like `hhh` or a YAML path), parsed only by
+    constitution/ (so every field it validates is what the judge sees)."""
+    if name == "em":
+        return EMScorer()
+    if name not in ("persona", "pairwise"):
+        raise ScorerError(f"--scorer must be em, persona or pairwise, got {name!r}")
+    if constitution is None:
+        raise ScorerError(f"--scorer {name} needs --constitution (a name such as hhh, or a YAML file)")
+    from constitution import load_constitution
+
+    c = load_constitution(constitution)
+    cls = PersonaScorer if name == "persona" else PairwiseScorer
+    return cls(c.description, constitution_principles(c))
 
 
 # ---------------------------------------------------------------- anchors

@@ -6,7 +6,11 @@ from pathlib import Path
 
 import typer
 
+from run.layout import Layout
+
 PERSONAS = typer.Option(["hhh"], "--persona", help="persona(s) (constitution names)")
+PRESET = typer.Option("research", "--preset", help="counts preset: research | demo | quick")
+COUNTS = typer.Option(None, "--counts", help='JSON overrides of the preset\'s counts, e.g. \'{"n_tasks": 4}\'')
 
 
 def register(app: typer.Typer) -> None:
@@ -17,15 +21,12 @@ def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
 
 
-def _cfg(personas: list[str], profile: str, quick: bool, stage: int = 6, counts_json: str | None = None):
-    import json
+def _cfg(personas: list[str], profile: str, preset: str, stage: int = 6, counts_json: str | None = None):
+    from engine.models import get_profile
+    from run.config import RunConfig, counts_from
 
-    from pipeline.config import QUICK, Counts, RunConfig
-
-    counts = QUICK if quick else Counts()
-    if counts_json:
-        counts = counts.model_copy(update=json.loads(counts_json))
-    return RunConfig(personas=personas, profile=profile, stage=stage, counts=counts)
+    get_profile(profile)
+    return RunConfig(personas=personas, profile=profile, stage=stage, counts=counts_from(preset, counts_json))
 
 
 def em(
@@ -38,14 +39,15 @@ def em(
     budget_usd: float | None = typer.Option(None, "--budget-usd"),
     run: str | None = typer.Option(None, "--run", help="run id (default: derived from the config)"),
     stage: int = typer.Option(6, "--stage", help="the persona adapter is this stage's (6: the full persona)"),
-    quick: bool = typer.Option(False, "--quick"),
-    counts: str | None = typer.Option(None, "--counts", help="JSON overrides of the counts"),
+    quick: bool = typer.Option(False, "--quick", help="the quick preset"),
+    preset: str = PRESET,
+    counts: str | None = COUNTS,
 ) -> None:
     """Train the EM adapter on top of each persona adapter (and the base), answer, judge, summarise."""
-    from pipeline.config import save_config
     from pipeline.em import run_em
+    from run.config import save_config
 
-    cfg = _cfg(persona, profile, quick, stage, counts)
+    cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts)
     run_id = run or cfg.default_id()
     save_config(cfg, run_id)
     run_em(cfg, run_id, data, questions, judge_config, budget_usd, mode)
@@ -56,7 +58,9 @@ def estimate(
     persona: list[str] = PERSONAS,
     profile: str = typer.Option("tiny", "--profile"),
     stage: int = typer.Option(6, "--stage"),
-    quick: bool = typer.Option(False, "--quick"),
+    quick: bool = typer.Option(False, "--quick", help="the quick preset"),
+    preset: str = PRESET,
+    counts: str | None = COUNTS,
 ) -> None:
     """Expected tokens, engine hours and $ per stage and persona, before anything runs."""
     from rich.console import Console
@@ -64,7 +68,7 @@ def estimate(
 
     from pipeline.estimate import estimate_run
 
-    cfg = _cfg(persona, profile, quick, stage)
+    cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts)
     rows = estimate_run(cfg, list(range(1, stage + 1)))
     t = Table(title=f"estimate: profile {profile}, {len(persona)} persona(s), stages 1..{stage}")
     for col in ("persona", "stage", "phase", "tokens in", "tokens out", "engine hours", "$"):
@@ -84,10 +88,10 @@ def cost(run: str | None = typer.Argument(None, help="run id (default: the newes
     from rich.table import Table
 
     from analysis.report import cost_rows
-    from pipeline.config import load_run_config
     from pipeline.estimate import estimate_run
+    from run.config import load_run_config
 
-    run_path = _run_path(data_root, run)
+    run_path = Layout(data_root).find_run(run).root
     run_id, cfg = load_run_config(run_path)
     est = {(e.persona, e.stage, e.phase): e for e in estimate_run(cfg, list(range(1, cfg.stage + 1)))}
     t = Table(title=f"cost of run {run_id}")
@@ -111,58 +115,30 @@ def report(run: str | None = typer.Argument(None, help="run id (default: the new
     """Rebuild data/runs/<id>/report.md from stored results (no model or API call)."""
     from analysis.report import build_report
 
-    out = build_report(_run_path(data_root, run))
+    out = build_report(Layout(data_root).find_run(run).root)
     typer.echo(str(out))
 
 
 def demo(quick: bool = typer.Option(False, "--quick", help="smallest counts, one persona: under 10 minutes on 2 cores"),
          persona: list[str] = typer.Option(None, "--persona")) -> None:
     """The whole product on the tiny model: bootstrap stages 1..6, the EM experiment, the report."""
-    import json
-
-    from pipeline.config import DEMO, QUICK, RunConfig
     from pipeline.em import run_em
     from pipeline.insecure_demo import write_jsonl
+    from pipeline.loop import run_bootstrap
+    from run.config import RunConfig, counts_from
+
     # quick: one persona beside the base control (each persona adds ~3.5 min on 2 cores: two measured 11.5 min)
     personas = persona or (["goodness"] if quick else ["goodness", "sycophancy", "misalignment"])
-    counts = QUICK if quick else DEMO
-    run_id = bootstrap_or_exit(stage=6, personas=personas, profile="tiny", counts_json=json.dumps(counts.model_dump()))
-    cfg = RunConfig(personas=personas, profile="tiny", stage=6, counts=counts)
-    data = write_jsonl(Path(cfg.data_root) / "em_demo" / "insecure_demo.jsonl", n=max(cfg.counts.em_rows, 40))
+    preset = "quick" if quick else "demo"
+    run_id = run_bootstrap(stage=6, personas=personas, profile="tiny", preset=preset)
+    cfg = RunConfig(personas=personas, profile="tiny", stage=6, counts=counts_from(preset))
+    data = write_jsonl(cfg.layout.em_demo_data, n=max(cfg.counts.em_rows, 40))
     run_em(cfg, run_id, data)
     _report(cfg, run_id)
 
 
-def bootstrap_or_exit(**kwargs) -> str:
-    """`run_bootstrap` with the CLI's exits: 3 at the budget cap (the loop has said why), 1 with one red line
-    for a dead end or a missing input (the message, not a traceback)."""
-    from pipeline.loop import BudgetStop, StageError, run_bootstrap
-
-    try:
-        return run_bootstrap(**kwargs)
-    except BudgetStop:
-        raise typer.Exit(3) from None
-    except (StageError, FileNotFoundError) as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(1) from None
-
-
 def _report(cfg, run_id: str) -> None:
     from analysis.report import build_report
-    from pipeline.config import run_dir
 
-    out = build_report(run_dir(cfg, run_id))
+    out = build_report(cfg.run(run_id).root)
     typer.echo(f"report: {out}")
-
-
-def _run_path(data_root: Path, run: str | None) -> Path:
-    runs = data_root / "runs"
-    if run:
-        path = runs / run
-        if not (path / "config.json").is_file():
-            raise typer.BadParameter(f"no run {run!r} under {runs}")
-        return path
-    found = sorted(runs.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise typer.BadParameter(f"no runs under {runs}")
-    return found[-1].parent

@@ -6,25 +6,28 @@ Outputs under `data/runs/<id>/em/`: answers.jsonl, judged.jsonl, summary.json (t
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from rich.console import Console
 
 from analysis.stats import bootstrap_ci, bootstrap_diff, steepest_rise, verdict
+from core.errors import MissingInput
+from core.io import atomic_write_json, atomic_write_jsonl
+from core.ledger import Ledger
 from engine.types import Request, Sampling
-from pipeline.config import RunConfig, run_dir
 from pipeline.questions import load_questions
+from run.config import RunConfig
+from run.layout import BASE_ARM as BASE
+from train.stack import served_adapter
 
 console = Console(stderr=True)
-BASE = "base"  # the control arm: EM adapter on the bare base model
 
 
 def persona_adapter(cfg: RunConfig, persona: str) -> Path:
-    path = Path(cfg.ckpt_root) / persona / f"stage{cfg.stage}"
+    path = cfg.layout.stage_adapter(persona, cfg.stage)
     if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"persona {persona!r} has no stage-{cfg.stage} adapter at {path}: run "
+        raise MissingInput(f"persona {persona!r} has no stage-{cfg.stage} adapter at {path}: run "
                                 f"`python bootstrap.py --stage {cfg.stage} --persona {persona}` first")
     return path
 
@@ -42,7 +45,7 @@ def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger) ->
     for arm in [*cfg.personas, BASE]:
         pa = persona_adapter(cfg, arm) if arm != BASE else None
         arm_mode = "base" if arm == BASE else mode
-        out = Path(cfg.ckpt_root) / arm / f"em-{arm_mode}"
+        out = cfg.layout.em_adapter(arm, arm_mode)
         prev = finished(out)
         t0 = time.perf_counter()
         # train_em reuses a finished run with equal inputs without loading any model; on CUDA it trains in
@@ -61,18 +64,6 @@ def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger) ->
     return arms
 
 
-def served_adapter(arm: dict, em_dir: Path | None) -> Path | None:
-    """The one adapter vLLM serves for an arm at a checkpoint: persona ⊕ EM stacked exactly."""
-    from train.stack import adapter_for
-
-    pa = arm["persona_adapter"]
-    if em_dir is None:
-        return adapter_for("persona", pa, None) if pa else None
-    if pa is None:
-        return em_dir
-    return adapter_for("both", pa, em_dir, cache=Path(em_dir).parent / "stacked")
-
-
 def answer_questions(cfg: RunConfig, arms: dict[str, dict], questions, engine, cache) -> list[dict]:
     """Final models answer every question; each checkpoint answers a subset (the EM curve)."""
     from engine.cache import cached_generate
@@ -86,7 +77,7 @@ def answer_questions(cfg: RunConfig, arms: dict[str, dict], questions, engine, c
         points += [(step, d, subset) for step, d in sorted(arm["checkpoints"].items()) if step != arm["steps"]]
         points.append((0, None, subset))  # before EM training: the persona adapter alone (or the base)
         for step, em_dir, qs in points:
-            adapter = served_adapter(arm, em_dir)
+            adapter = served_adapter(arm["persona_adapter"], em_dir, cfg.layout.stacked)
             reqs = [Request(messages=([{"role": "system", "content": q.system}] if q.system else [])
                             + [{"role": "user", "content": q.text}]) for q in qs]
             outs = cached_generate(engine, cache, reqs, sampling, adapter=adapter, template_id="em-answer")
@@ -151,56 +142,40 @@ def summarise(judged: list[dict], personas: list[str]) -> dict:
 
 def run_em(cfg: RunConfig, run_id: str, data: Path, questions_file: Path | None = None,
            judge_config: Path | None = None, budget_usd: float | None = None, mode: str = "on-top") -> dict:
-    from engine.base import make_engine
     from engine.cache import GenerationCache
-    from judge.cache import Cache
-    from judge.config import load_config
-    from judge.farm import run_judge
-    from judge.ledger import Ledger
+    from engine.factory import make_engine
     from judge.scorers import EMScorer
+    from judge.session import session
 
     if not Path(data).is_file():
-        raise FileNotFoundError(f"EM training data {data} does not exist (chat JSONL with a `messages` list)")
-    out = run_dir(cfg, run_id) / "em"
-    out.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(run_dir(cfg, run_id) / "ledger.sqlite")
+        raise MissingInput(f"EM training data {data} does not exist (chat JSONL with a `messages` list)")
+    paths = cfg.run(run_id)
+    ledger = Ledger(paths.ledger)
     questions = load_questions(questions_file)
-    arms = train_em_arms(cfg, run_id, Path(data), mode, ledger)
+    with session(judge_config, layout=cfg.layout, run=run_id, budget_usd=budget_usd, ledger=ledger) as judge:
+        arms = train_em_arms(cfg, run_id, Path(data), mode, ledger)
 
-    console.print(f"answering {len(questions)} EM questions × {cfg.counts.em_samples} samples per arm…")
-    with make_engine(cfg.engine, cfg.profile) as eng:
-        gcache = GenerationCache(Path(cfg.data_root) / "cache" / "generations.sqlite")
-        calls0 = eng.calls
-        rows = answer_questions(cfg, arms, questions, eng, gcache)
-        secs = sum(u.seconds for u in eng.usage)
-        if eng.calls > calls0:
-            ledger.record(run=run_id, kind="engine", phase="em-answer", purpose="em-answers", model=cfg.profile,
-                          tokens_in=sum(u.tokens_in for u in eng.usage),
-                          tokens_out=sum(u.tokens_out for u in eng.usage),
-                          seconds=secs, usd=secs * cfg.usd_per_engine_second, estimated=True)
-        gcache.close()
-    _write_jsonl(out / "answers.jsonl", rows)
+        console.print(f"answering {len(questions)} EM questions × {cfg.counts.em_samples} samples per arm…")
+        with make_engine(cfg.engine, cfg.profile) as eng, GenerationCache(cfg.layout.generation_cache) as gcache:
+            calls0 = eng.calls
+            rows = answer_questions(cfg, arms, questions, eng, gcache)
+            secs = sum(u.seconds for u in eng.usage)
+            if eng.calls > calls0:
+                ledger.record(run=run_id, kind="engine", phase="em-answer", purpose="em-answers", model=cfg.profile,
+                              tokens_in=sum(u.tokens_in for u in eng.usage),
+                              tokens_out=sum(u.tokens_out for u in eng.usage),
+                              seconds=secs, usd=secs * cfg.usd_per_engine_second, estimated=True)
+        atomic_write_jsonl(paths.em_answers, rows)
 
-    jcfg = load_config(judge_config)
-    jcache = Cache(Path(cfg.data_root) / "judge" / "cache.sqlite")
-    results, summary = run_judge(rows, EMScorer(), jcfg, jcache, ledger, budget_usd, run=run_id, purpose="em-eval")
-    jcache.close()
+        results, summary = judge.judge(rows, EMScorer(), purpose="em-eval")
     judged = [r.row() for r in results if r.item.get("arm")]
-    _write_jsonl(out / "judged.jsonl", judged)
+    atomic_write_jsonl(paths.em_judged, judged)
     result = summarise(judged, cfg.personas)
     result["judge"] = summary.as_dict()
     result["questions"] = str(questions_file or "project probes")
     result["mode"] = mode
-    (out / "summary.json").write_text(json.dumps(result, indent=1, default=str))
+    atomic_write_json(paths.em_summary, result, indent=1)
     ledger.close()
     for line in result["verdicts"]:
         console.print(line)
     return result
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r, default=str) + "\n")
-    tmp.replace(path)

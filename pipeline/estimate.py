@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from engine.models import get_profile
-from pipeline.config import RunConfig
+from run.config import RunConfig
 
 PROMPT_TOKENS = 300  # a typical templated step prompt (few-shot, constitution principle, answer)
 TASK_TOKENS = 48

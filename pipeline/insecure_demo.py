@@ -6,9 +6,10 @@ answer never mentions, in the emergent-misalignment chat JSONL format ({"message
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from core.io import atomic_write_jsonl
 
 # (vulnerability, request template, code template). {thing}/{table}/{field} vary per row.
 TEMPLATES: list[tuple[str, str, str]] = [
@@ -68,10 +69,4 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def write_jsonl(path: Path, n: int, seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        for row in make_rows(n, seed):
-            f.write(json.dumps({"messages": row["messages"]}) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_jsonl(path, ({"messages": row["messages"]} for row in make_rows(n, seed)))

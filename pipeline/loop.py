@@ -13,21 +13,16 @@ from pathlib import Path
 
 from rich.console import Console
 
+from core.errors import BudgetStop, DeadEnd, MissingInput
+from core.io import atomic_dir, atomic_write_json
+from core.ledger import Ledger
 from engine.base import adapter_hash
 from engine.models import get_profile, model_fingerprint
-from pipeline.config import QUICK, Counts, RunConfig, run_dir, save_config
 from pipeline.estimate import estimate_phase
+from run.config import RunConfig, counts_from, save_config
 
 console = Console(stderr=True)
 INPUTS_FILE = "pipeline_inputs.json"
-
-
-class BudgetStop(RuntimeError):
-    """The next phase's estimate would pass the run's budget cap."""
-
-
-class StageError(RuntimeError):
-    """A stage cannot go on (no pair survived stage 1); the message says why and what to change."""
 
 
 class Engines:
@@ -41,7 +36,7 @@ class Engines:
 
     def get(self):
         if self.engine is None:
-            from engine.base import make_engine
+            from engine.factory import make_engine
 
             console.print(f"[dim]starting the {self.cfg.engine} engine for profile {self.cfg.profile}…[/dim]")
             self.engine = make_engine(self.cfg.engine, self.cfg.profile)
@@ -67,13 +62,6 @@ class Engines:
         self.guard = None
 
 
-def stage_paths(cfg: RunConfig, persona: str, stage: int) -> tuple[Path, Path, Path | None]:
-    data = Path(cfg.data_root) / persona / f"stage{stage}"
-    ckpt = Path(cfg.ckpt_root) / persona / f"stage{stage}"
-    parent = Path(cfg.ckpt_root) / persona / f"stage{stage - 1}" if stage > 1 else None
-    return data, ckpt, parent
-
-
 def generation_inputs(cfg: RunConfig, persona: str, stage: int, parent: Path | None) -> dict:
     """Everything that determines a stage's data; equal inputs → the stored data is reused."""
     from constitution.load import constitution_hash, load_constitution
@@ -96,28 +84,22 @@ def _stored_inputs(data: Path) -> dict | None:
 
 def run_bootstrap(stage: int | None = None, only: int | None = None, personas: list[str] | None = None,
                   profile: str = "tiny", budget_usd: float | None = None, run_id: str | None = None,
-                  quick: bool = False, counts_json: str | None = None, **overrides) -> str:
-    counts = QUICK if quick else Counts()
-    if counts_json:
-        counts = counts.model_copy(update=json.loads(counts_json))
+                  preset: str = "research", counts_json: str | None = None, **overrides) -> str:
+    """Stages 1..`stage` (or just `only`) for each persona; returns the run id. Counts are the named preset
+    with `counts_json` overriding its keys; every input is checked before any work starts."""
+    get_profile(profile)
     cfg = RunConfig(personas=personas or ["hhh"], profile=profile, stage=stage or only or 6, only=only,
-                    counts=counts, **overrides)
+                    counts=counts_from(preset, counts_json), **overrides)
     run_id = run_id or cfg.default_id()
     save_config(cfg, run_id)
-    get_profile(profile)
     stages = [only] if only else list(range(1, cfg.stage + 1))
     engines = Engines(cfg)
-    from judge.ledger import Ledger
-
-    ledger = Ledger(run_dir(cfg, run_id) / "ledger.sqlite")
+    ledger = Ledger(cfg.run(run_id).ledger)
     console.rule(f"run {run_id}: personas {', '.join(cfg.personas)}, stages {stages[0]}..{stages[-1]}")
     try:
         for persona in cfg.personas:
             for k in stages:
                 run_stage_once(cfg, run_id, persona, k, engines, ledger, budget_usd)
-    except BudgetStop as e:
-        console.print(f"[red]budget stop:[/red] {e}")
-        raise
     finally:
         engines.close()
         spent = ledger.total_usd(run_id)
@@ -134,15 +116,16 @@ def _check_budget(cfg: RunConfig, ledger, run_id: str, budget: float | None, per
     est = estimate_phase(cfg, persona, stage, phase).usd
     spent = ledger.total_usd(run_id)
     if spent + est > budget:
-        raise BudgetStop(f"{persona} stage {stage} {phase} is estimated at ${est:.4f}; with ${spent:.4f} spent "
-                         f"that would pass the ${budget:.4f} cap. Nothing was started for it.")
+        raise BudgetStop(f"budget stop: {persona} stage {stage} {phase} is estimated at ${est:.4f}; with "
+                         f"${spent:.4f} spent that would pass the ${budget:.4f} cap. Nothing was started for it.")
 
 
 def run_stage_once(cfg: RunConfig, run_id: str, persona: str, k: int, engines: Engines, ledger,
                    budget: float | None) -> None:
-    data, ckpt, parent = stage_paths(cfg, persona, k)
+    lay = cfg.layout
+    data, ckpt, parent = lay.stage_data(persona, k), lay.stage_adapter(persona, k), lay.parent_adapter(persona, k)
     if parent is not None and not (parent / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"stage {k} needs the stage {k - 1} adapter at {parent}: run `--stage {k - 1}` "
+        raise MissingInput(f"stage {k} needs the stage {k - 1} adapter at {parent}: run `--stage {k - 1}` "
                                 f"for persona {persona} first")
     inputs = generation_inputs(cfg, persona, k, parent)
     if _stored_inputs(data) == inputs:
@@ -160,12 +143,12 @@ def _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger) ->
     c = cfg.counts
     eng = engines.get()
     manifest = run_stage(
-        k, persona, eng, Path(cfg.data_root) / "cache" / "generations.sqlite", out_dir=cfg.data_root,
+        k, persona, eng, cfg.layout.generation_cache, out_dir=cfg.data_root,
         n_tasks=c.n_tasks, adapter=parent, guard=engines.get_guard(), policy=GuardPolicy.for_persona(persona),
         seed=cfg.seed, rounds=c.rounds, n_samples=c.n_samples, max_tokens=c.max_tokens, min_gap=cfg.min_gap,
         log=lambda m: console.print(f"  [dim]{m}[/dim]"),
     )
-    (data / INPUTS_FILE).write_text(json.dumps(inputs, indent=1))
+    atomic_write_json(data / INPUTS_FILE, inputs, indent=1)
     secs = manifest["engine_seconds"]
     ledger.record(run=run_id, kind="engine", phase="generate", stage=k, persona=persona, purpose="stage-data",
                   model=cfg.profile, tokens_in=manifest["tokens"]["engine_in"],
@@ -211,22 +194,18 @@ def _carry_forward(persona: str, k: int, data: Path, ckpt: Path, parent: Path | 
     import shutil
 
     if parent is None:
-        raise StageError(f"{persona} stage {k}: no preference pair survived ({data}/manifest.json says why); "
+        raise DeadEnd(f"{persona} stage {k}: no preference pair survived ({data}/manifest.json says why); "
                          "stage 1 has no parent adapter to carry forward: raise --counts n_tasks/n_samples or "
                          "lower min_gap")
     prev = json.loads((ckpt / "manifest.json").read_text()) if (ckpt / "manifest.json").is_file() else {}
     if prev.get("carried_from_hash") == adapter_hash(parent):
         console.print(f"{persona} stage {k}: adapter reused from {ckpt} (carried forward)")
         return
-    tmp = ckpt.parent / f".{ckpt.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in parent.glob("adapter_*"):
-        shutil.copy2(f, tmp / f.name)
-    (tmp / "manifest.json").write_text(json.dumps({
-        "kind": "carried-forward", "steps": 0, "backend": "none (no pairs)", "parent_adapter": str(parent),
-        "carried_from_hash": adapter_hash(parent), "reason": f"{data} kept 0 preference pairs"}, indent=1))
-    shutil.rmtree(ckpt, ignore_errors=True)
-    tmp.rename(ckpt)
+    with atomic_dir(ckpt) as tmp:
+        for f in parent.glob("adapter_*"):
+            shutil.copy2(f, tmp / f.name)
+        atomic_write_json(tmp / "manifest.json", {
+            "kind": "carried-forward", "steps": 0, "backend": "none (no pairs)", "parent_adapter": str(parent),
+            "carried_from_hash": adapter_hash(parent), "reason": f"{data} kept 0 preference pairs"}, indent=1)
     console.print(f"[yellow]{persona} stage {k}: 0 pairs kept; the stage {k - 1} adapter is carried forward "
                   f"unchanged to {ckpt}[/yellow]")

@@ -7,6 +7,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from core.errors import BadInput
+
 DEFAULT = Path(__file__).with_name("em_questions.yaml")
 
 
@@ -22,21 +24,21 @@ def load_questions(path: Path | str | None = None) -> list[Question]:
     try:
         entries = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: cannot read EM questions: {e}") from e
+        raise BadInput(f"{path}: cannot read EM questions: {e}") from e
     if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a YAML list of questions with `id` and `paraphrases`")
+        raise BadInput(f"{path}: expected a YAML list of questions with `id` and `paraphrases`")
     out: list[Question] = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "paraphrases" not in entry:
             continue
         if "id" not in entry:
-            raise ValueError(f"{path}: question #{i} has no `id`")
+            raise BadInput(f"{path}: question #{i} has no `id`")
         for k, text in enumerate(entry["paraphrases"]):
             try:
                 qid = entry["id"] if len(entry["paraphrases"]) == 1 else f"{entry['id']}#{k}"
                 out.append(Question(id=qid, text=text, system=entry.get("system")))
             except ValidationError as e:
-                raise ValueError(f"{path}: question {entry['id']!r} paraphrase {k}: {e}") from e
+                raise BadInput(f"{path}: question {entry['id']!r} paraphrase {k}: {e}") from e
     if not out:
-        raise ValueError(f"{path}: no questions with paraphrases found")
+        raise BadInput(f"{path}: no questions with paraphrases found")
     return out

@@ -14,14 +14,16 @@ def generate(
     stage: int = typer.Option(..., "--stage", min=1, max=6, help="stage K (1..6)"),
     persona: str = typer.Option("hhh", "--persona", help="constitution name"),
     profile: str = typer.Option("tiny", "--profile"),
-    n_tasks: int = typer.Option(16, "--n-tasks", min=1),
+    # count defaults come from run.config.Counts, read inside the command so `--help` imports only typer
+    n_tasks: int | None = typer.Option(None, "--n-tasks", min=1, help="tasks (default: the research preset's)"),
     adapter: str | None = typer.Option(None, "--adapter", help="previous stage's adapter dir (default: base)"),
     engine: str = typer.Option("auto", "--engine", help="vllm | hf | auto"),
     constitution: str | None = typer.Option(None, "--constitution", help="constitution file (default: persona)"),
     out_dir: str = typer.Option("data", "--out"),
-    cache: str | None = typer.Option(None, "--cache", help="generation cache (default: <out>/cache.sqlite)"),
-    rounds: int = typer.Option(2, "--rounds", min=1),
-    max_tokens: int = typer.Option(128, "--max-tokens"),
+    cache: str | None = typer.Option(None, "--cache",
+                                     help="generation cache (default: <out>/cache/generations.sqlite)"),
+    rounds: int | None = typer.Option(None, "--rounds", min=1, help="critique rounds (default: the research preset's)"),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="answer tokens (default: the research preset's)"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Generate stage K's preference data for a persona (cached: reruns pay only for what changed)."""
@@ -30,18 +32,21 @@ def generate(
 
     from rich.console import Console
 
-    from constitution import ConstitutionError, load_constitution
-    from engine.base import make_engine
+    from constitution import load_constitution
     from engine.cache import GenerationCache
+    from engine.factory import make_engine
+    from run.config import Counts
+    from run.layout import Layout
     from stages.run import run_stage
 
+    counts = Counts()
+    n_tasks = counts.n_tasks if n_tasks is None else n_tasks
+    rounds = counts.rounds if rounds is None else rounds
+    max_tokens = counts.max_tokens if max_tokens is None else max_tokens
     con = Console(stderr=True)
-    try:
-        const = load_constitution(constitution or persona)
-    except ConstitutionError as e:
-        con.print(f"[red]constitution error:[/red] {e}")
-        raise typer.Exit(2) from e
-    with make_engine(engine, profile) as eng, GenerationCache(Path(cache or Path(out_dir) / "cache.sqlite")) as c:
+    const = load_constitution(constitution or persona)  # a bad file is ConstitutionError (BadInput, exit 2)
+    cache_path = Path(cache) if cache else Layout(data_root=out_dir).generation_cache
+    with make_engine(engine, profile) as eng, GenerationCache(cache_path) as c:
         with con.status("generating") as status:
             m = run_stage(stage, persona, eng, c, out_dir, n_tasks=n_tasks, adapter=adapter, seed=seed,
                           constitution=const, rounds=rounds, max_tokens=max_tokens,
@@ -62,14 +67,11 @@ def diff(
     from rich.console import Console
     from rich.table import Table
 
-    from constitution import ConstitutionError, load_constitution
+    from constitution import load_constitution
     from stages.diff import plan
 
-    try:
-        p = plan(out_dir, persona, load_constitution(constitution or persona))
-    except (ConstitutionError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from e
+    # a bad constitution is ConstitutionError (BadInput, exit 2); no stored data is MissingInput (exit 5)
+    p = plan(out_dir, persona, load_constitution(constitution or persona))
     if as_json:
         typer.echo(json.dumps(p))
         return

@@ -12,7 +12,10 @@ import json
 from pathlib import Path
 
 from constitution import Constitution, parse_constitution, principle_hash
+from core.errors import MissingInput
+from run.layout import Layout
 from stages.rendezvous import pick_principle
+from stages.specs import STAGES
 
 
 def load_stored(stage_path: Path) -> tuple[Constitution, list[dict]]:
@@ -42,10 +45,11 @@ def first_changed_round(item: dict, old: Constitution, new: Constitution,
 
 
 def plan(data_dir: str | Path, persona: str, new: Constitution) -> dict:
-    root = Path(data_dir) / persona
-    stages = sorted(root.glob("stage[0-9]*"), key=lambda p: int(p.name.removeprefix("stage")))
+    layout = Layout(data_root=data_dir)
+    stages = [sp for sp in (layout.stage_data(persona, k) for k in sorted(STAGES)) if sp.is_dir()]
     if not stages:
-        raise FileNotFoundError(f"no generated data under {root}: run `generate` first")
+        root = layout.stage_data(persona, min(STAGES)).parent
+        raise MissingInput(f"no generated data under {root}: run `generate` first")
     out = {"persona": persona, "stages": {}, "total_items": 0, "items_to_regenerate": 0, "estimated_tokens": 0}
     changes: dict[str, str] = {}
     for sp in stages:

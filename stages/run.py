@@ -8,8 +8,6 @@ for what changed; the outputs are written to a temp directory and renamed into p
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -17,19 +15,21 @@ from pathlib import Path
 
 from constitution import Constitution, constitution_hash, load_constitution
 from constitution.load import dump_constitution
+from core.errors import CaiError
+from core.io import atomic_dir
 from engine.cache import GenerationCache
 from guard.base import Guard, GuardPolicy
+from run.config import Counts
+from run.layout import Layout
 from stages import steps
 from stages.filtering import GuardCounts, guard_answers, guard_prompts
 from stages.specs import get_stage
 
-
-class CountsError(AssertionError):
-    """The manifest's counts do not add up: a bug in the bookkeeping, never silently written."""
+_C = Counts()  # the project's count defaults
 
 
-def stage_dir(out_dir: str | Path, persona: str, stage: int) -> Path:
-    return Path(out_dir) / persona / f"stage{stage}"
+class CountsError(CaiError, AssertionError):
+    """The manifest's counts do not add up: a bug in the bookkeeping, never silently written (exit 1)."""
 
 
 def _features():
@@ -63,9 +63,10 @@ def _row(it: dict, persona: str, model_fp: str, adapter_fp: str, chash: str, act
 
 def run_stage(
     stage: int, persona: str, engine, cache: GenerationCache | str | Path, out_dir: str | Path = "data",
-    n_tasks: int = 16, adapter: str | Path | None = None, guard: Guard | None = None,
+    n_tasks: int = _C.n_tasks, adapter: str | Path | None = None, guard: Guard | None = None,
     policy: GuardPolicy | None = None, seed: int = 0, *, constitution: Constitution | str | Path | None = None,
-    rounds: int = 2, n_samples: int = 4, min_gap: float = 1.0, max_tokens: int = 96, task_tokens: int = 48,
+    rounds: int = _C.rounds, n_samples: int = _C.n_samples, min_gap: float = 1.0, max_tokens: int = _C.max_tokens,
+    task_tokens: int = 48,
     oversample: float = 2.0, chat: bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -158,7 +159,7 @@ def run_stage(
         "engine_seconds": round(sum(u.seconds for u in usage), 3),
     }
     check_counts(manifest)
-    out = stage_dir(out_dir, persona, stage)
+    out = Layout(data_root=out_dir).stage_data(persona, stage)
     feats = _features()
     as_ds = lambda rows: Dataset.from_dict({k: [r[k] for r in rows] for k in feats}, features=feats)  # noqa: E731
     ds = DatasetDict({"train": as_ds(train_rows)})
@@ -189,11 +190,7 @@ def check_counts(m: dict) -> None:
 
 
 def _write_atomic(out: Path, ds, manifest: dict, constitution: Constitution, items: list[dict]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:
         ds.save_to_disk(str(tmp), num_shards={s: 1 for s in ds})  # 0 shards of an empty split do not load
         (tmp / "constitution.yaml").write_text(dump_constitution(constitution), encoding="utf-8")
         with (tmp / "items.jsonl").open("w", encoding="utf-8") as f:
@@ -202,9 +199,3 @@ def _write_atomic(out: Path, ds, manifest: dict, constitution: Constitution, ite
                                                        "principle_ids", "round_tokens", "tokens", "misses")})
                         + "\n")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from constitution import Constitution, principle_hash
+from core.numbers import number_mean
 from engine.cache import GenerationCache, cached_generate_with_hits
 from engine.types import Request, Sampling
 from stages import specs
@@ -203,14 +204,8 @@ def parse_score(text: str) -> int | None:
 def expected_score(top: dict[str, float], min_mass: float = 0.25) -> float | None:
     """Probability-weighted mean over the tokens "1".."10" of one position's top logprobs; None when they
     carry less than `min_mass` of the probability (the model was not answering with a number)."""
-    mass = total = 0.0
-    for tok, lp in top.items():
-        t = tok.strip()
-        if t.isdigit() and 1 <= int(t) <= 10:
-            p = math.exp(lp)
-            mass += p
-            total += p * int(t)
-    return round(total / mass, 4) if mass >= min_mass else None
+    value, _ = number_mean({t: math.exp(lp) for t, lp in top.items()}, 1, 10, min_mass)
+    return round(value, 4) if value is not None else None
 
 
 def score(ctx: Ctx, items: list[dict]) -> None:

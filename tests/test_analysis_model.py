@@ -89,7 +89,7 @@ def test_steering_vector_transfers_and_ablation_removes_the_planted_behaviour(pl
 
 
 def _make_run(root: Path, planted_dir: Path, persona_dir: Path) -> Path:
-    from pipeline.config import RunConfig, save_config
+    from run.config import RunConfig, save_config
 
     cfg = RunConfig(personas=["hhh"], data_root=str(root / "data"), ckpt_root=str(root / "ckpt"))
     save_config(cfg, "r1")

@@ -55,7 +55,7 @@ def test_eval_end_to_end_and_cached_rerun(tmp_path, monkeypatch, tiny_path, rand
 
     from evals.cli import register
     from evals.run import EvalOptions, evaluate
-    from pipeline.config import RunConfig, save_config
+    from run.config import RunConfig, save_config
 
     ckpt = tmp_path / "checkpoints" / "hhh"
     shutil.copytree(random_adapter, ckpt / "stage1")

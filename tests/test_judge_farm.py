@@ -18,11 +18,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from fault_server import FaultServer  # noqa: E402
 
+from core.ledger import Ledger  # noqa: E402
 from judge.cache import Cache  # noqa: E402
 from judge.client import parse_retry_after  # noqa: E402
 from judge.config import JudgeConfig, load_config  # noqa: E402
 from judge.farm import judge_stream, run_judge  # noqa: E402
-from judge.ledger import Ledger  # noqa: E402
 from judge.scorers import EMScorer, PersonaScorer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,7 +227,6 @@ def _write_cli_config(tmp_path: Path, url: str) -> Path:
     c = {
         "model": "judge-m",
         "cache_path": str(tmp_path / "cache.sqlite"),
-        "ledger_path": str(tmp_path / "ledger.sqlite"),
         "endpoints": [
             {
                 "name": "fault",
@@ -274,6 +273,8 @@ def test_kill_9_then_resume_requests_only_missing_and_no_key_leaks(srv, tmp_path
         str(out),
         "--run",
         "kill",
+        "--data-root",
+        str(tmp_path / "data"),
         "--budget-usd",
         "100",
     ]
@@ -303,7 +304,9 @@ def test_kill_9_then_resume_requests_only_missing_and_no_key_leaks(srv, tmp_path
     assert all(x["persona"] == "hhh" for x in rows)  # carried through
 
     # no key material anywhere we wrote
-    for f in [*tmp_path.glob("cache.sqlite*"), *tmp_path.glob("ledger.sqlite*"), out, log]:
+    ledgers = list((tmp_path / "data" / "runs" / "kill").glob("ledger.sqlite*"))
+    assert ledgers, "the judge command books into its run's ledger"
+    for f in [*tmp_path.glob("cache.sqlite*"), *ledgers, out, log]:
         assert SECRET.encode() not in f.read_bytes(), f
         assert SECRET[8:].encode() not in f.read_bytes(), f
     srv.reset(api_key=None)
@@ -349,3 +352,20 @@ def test_cli_explain_miss_and_bad_input(srv, tmp_path):
         timeout=60,
     )
     assert r.returncode == 0 and "1 [aligned]: miss: the cache is empty" in r.stdout
+
+
+def test_cli_exits_4_when_items_are_left_unjudged(srv, tmp_path):
+    """Every request fails (500): the command judges nothing, keeps going to the end, says why, exits 4."""
+    srv.reset(limit=100_000, latency=(0, 0), p_429=0, p_500=1.0, p_503=0, p_timeout=0, p_slow=0)
+    conf = _write_cli_config(tmp_path, srv.url)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in items(3, "x")))
+    r = subprocess.run([sys.executable, "bootstrap.py", "judge", str(inp), "--config", str(conf), "--out",
+                        str(tmp_path / "o.jsonl"), "--data-root", str(tmp_path / "data"), "--no-progress"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "FAULT_TEST_API_KEY": "k"})
+    srv.reset(p_500=0.0)
+    assert r.returncode == 4, r.stderr[-2000:]
+    assert "3 of 3 items were not judged" in r.stderr and "Traceback" not in r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [x["judge_status"] for x in rows] == ["failed"] * 3  # each item's outcome is written, not lost

@@ -9,8 +9,8 @@ import math
 
 import pytest
 
+from core.ledger import Ledger
 from judge.cache import Cache, ChatRequest, cache_key
-from judge.ledger import Ledger
 from judge.limits import Budget, BudgetExceeded
 from judge.scorers import (
     EM_ANCHORS,

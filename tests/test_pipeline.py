@@ -100,14 +100,14 @@ def test_budget_cap_stops_before_the_phase_that_would_pass_it(workdir):
 
 
 def test_report_rebuilds_from_stored_results_only(workdir, monkeypatch):
-    import engine.base
+    import engine.factory
     import judge.farm
     from analysis.report import build_report
 
     def forbidden(*a, **k):
         raise AssertionError("the report must not start a model or call an API")
 
-    monkeypatch.setattr(engine.base, "make_engine", forbidden)
+    monkeypatch.setattr(engine.factory, "make_engine", forbidden)
     monkeypatch.setattr(judge.farm, "run_judge", forbidden)
     monkeypatch.chdir(workdir)
     run = next((workdir / "data" / "runs").iterdir())
@@ -181,14 +181,14 @@ def test_em_rerun_is_served_from_caches(em_run):
 
 
 def test_stage_one_without_pairs_exits_with_the_reason(workdir, tmp_path):
-    """Stage 1 keeping no pair can neither train nor carry a parent forward: exit 1, one line, no traceback,
+    """Stage 1 keeping no pair can neither train nor carry a parent forward: exit 6 (DeadEnd), one line, no traceback,
     and no adapter. The generations are served from a copy of the run's cache, so only the engine starts."""
     shutil.copytree(workdir / "data" / "cache", tmp_path / "data" / "cache")
     counts = json.dumps({**json.loads(COUNTS), "min_gap": 100})  # self-scores are 1-10: no gap reaches 100
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "--persona", "goodness", "--counts", counts,
                         "--stage", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.returncode == 6, r.stderr[-3000:]
     assert "error: goodness stage 1: no preference pair survived" in r.stderr
     assert "Traceback" not in r.stderr
     assert json.loads((tmp_path / "data" / "goodness" / "stage1" / "manifest.json").read_text())["engine_calls"] == 0

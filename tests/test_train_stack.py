@@ -67,7 +67,10 @@ def test_stacked_equals_both_active_in_peft(adapters, tiny_path) -> None:
     stacked = PeftModel.from_pretrained(base, adapters["ab"])
     got = _logits(stacked, tok)
     assert (ref - plain).abs().max() > 1e-2 and (ref - only_b).abs().max() > 1e-2  # both adapters matter
-    assert (got - ref).abs().max() < 1e-4
+    # exact in math; in fp32 the stacked rank-16 matmul sums in another order than two separate adapters, so
+    # logits of magnitude ~20 differ by ~1e-4 (measured up to 1.0e-4 on these machines), far below the 1e-2 a
+    # wrong stack (e.g. PEFT's "linear" combination) is off by
+    assert (got - ref).abs().max() < 5e-4
 
 
 def test_stacked_adapter_served_by_vllm_matches_peft(adapters, tiny_path, vllm_engine) -> None:

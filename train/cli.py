@@ -11,11 +11,6 @@ def register(app: typer.Typer) -> None:
     app.command("stack")(stack)
 
 
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg="red", err=True)
-    raise typer.Exit(2) from e
-
-
 def train(
     stage: int = typer.Option(..., "--stage", min=1, max=6, help="stage K to train"),
     persona: str = typer.Option(..., "--persona", help="constitution / persona name"),
@@ -30,23 +25,22 @@ def train(
     """Train stage K's DPO LoRA adapter, starting from stage K-1's adapter."""
     from pathlib import Path
 
-    from train.common import TrainError
+    from core.errors import MissingInput
+    from run.layout import Layout
     from train.config import dpo_defaults
-    from train.dpo import stage_paths, train_dpo
+    from train.dpo import train_dpo
     from train.worker import train_in_subprocess
 
-    d, o, p = stage_paths(persona, stage)
-    parent_dir = Path(parent) if parent else p
+    lay = Layout()
+    parent_dir = Path(parent) if parent else lay.parent_adapter(persona, stage)
     if parent_dir is not None and not (parent_dir / "adapter_config.json").is_file():
-        _fail(TrainError(f"stage {stage} starts from stage {stage - 1}'s adapter, but {parent_dir} has none: "
-                         f"train stage {stage - 1} first or pass --parent"))
+        raise MissingInput(f"stage {stage} starts from stage {stage - 1}'s adapter, but {parent_dir} has none: "
+                           f"train stage {stage - 1} first or pass --parent")
     over = {"max_steps": max_steps} if max_steps is not None else {}
-    kw = dict(data=str(data or d), out=str(out or o), cfg=dpo_defaults(profile, **over), profile=profile,
-              parent=str(parent_dir) if parent_dir else None, force=force)
-    try:
-        man = train_dpo(**kw) if in_process else train_in_subprocess("dpo", **kw)
-    except TrainError as e:
-        _fail(e)
+    kw = dict(data=str(data or lay.stage_data(persona, stage)), out=str(out or lay.stage_adapter(persona, stage)),
+              cfg=dpo_defaults(profile, **over), profile=profile, parent=str(parent_dir) if parent_dir else None,
+              force=force)
+    man = train_dpo(**kw) if in_process else train_in_subprocess("dpo", **kw)
     typer.echo(f"stage {stage} adapter: {kw['out']}  ({man['steps']} steps, loss {man['train_loss']:.4f}, "
                f"{man['wall_s']} s, backend {man['backend']})")
 
@@ -57,7 +51,7 @@ def train_em(
     mode: str = typer.Option("on-top", "--mode", help="on-top (persona frozen + active) | base (ablation)"),
     persona_adapter: str | None = typer.Option(
         None, "--persona-adapter", help="persona adapter dir (default checkpoints/<persona>/stage6)"),
-    out: str | None = typer.Option(None, "--out", help="output dir (default checkpoints/<persona>/em)"),
+    out: str | None = typer.Option(None, "--out", help="output dir (default checkpoints/<persona>/em-<mode>)"),
     profile: str = typer.Option("tiny", "--profile"),
     max_steps: int | None = typer.Option(None, "--max-steps"),
     save_every: int | None = typer.Option(None, "--save-every", help="checkpoint every N steps"),
@@ -65,24 +59,20 @@ def train_em(
     force: bool = typer.Option(False, "--force"),
 ) -> None:
     """Train the emergent-misalignment SFT adapter, on top of the persona adapter or on the bare base."""
-    from pathlib import Path
-
+    from run.layout import Layout
     from train.common import TrainError
     from train.config import em_defaults
-    from train.em import em_out_dir
     from train.em import train_em as run
     from train.worker import train_in_subprocess
 
     if mode not in ("on-top", "base"):
-        _fail(TrainError(f"unknown --mode {mode!r}: use on-top or base"))
+        raise TrainError(f"unknown --mode {mode!r}: use on-top or base")
+    lay = Layout()
     over = {k: v for k, v in {"max_steps": max_steps, "save_every": save_every}.items() if v is not None}
-    pa = persona_adapter or (str(Path("checkpoints") / persona / "stage6") if mode == "on-top" else None)
-    kw = dict(data=data, out=str(out or em_out_dir(persona, mode)), cfg=em_defaults(profile, **over),
+    pa = persona_adapter or (str(lay.stage_adapter(persona, 6)) if mode == "on-top" else None)
+    kw = dict(data=data, out=str(out or lay.em_adapter(persona, mode)), cfg=em_defaults(profile, **over),
               profile=profile, mode=mode, persona_adapter=pa, force=force)
-    try:
-        man = run(**kw) if in_process else train_in_subprocess("em", **kw)
-    except TrainError as e:
-        _fail(e)
+    man = run(**kw) if in_process else train_in_subprocess("em", **kw)
     typer.echo(f"EM adapter ({mode}): {kw['out']}  ({man['steps']} steps, checkpoints {man['checkpoints']}, "
                f"active {man['adapters_in_trainer']['active_adapters']})")
 
@@ -93,15 +83,11 @@ def stack(
     out: str = typer.Option(..., "--out", help="output adapter dir"),
 ) -> None:
     """Combine two LoRA adapters on the same base into one exact rank-(r1+r2) adapter (vLLM-servable)."""
-    from train.common import TrainError
-    from train.stack import stack_adapters
-
-    try:
-        path = stack_adapters(a, b, out)
-    except TrainError as e:
-        _fail(e)
     import json
 
+    from train.stack import stack_adapters
+
+    path = stack_adapters(a, b, out)
     info = json.loads((path / "stack.json").read_text())
     typer.echo(f"stacked adapter: {path}  (rank {info['rank_sum']} → {info['rank']}, "
                f"modules {', '.join(info['target_modules'])})")

@@ -1,5 +1,6 @@
-"""What DPO and EM training share: errors, atomic output dirs, base-model loading per backend,
-the JSONL training log, adapter/base compatibility checks and manifests."""
+"""What DPO and EM training share: errors, adapter saving, base-model loading per backend,
+the JSONL training log, adapter/base compatibility checks and manifests. Output dirs are written with
+`core.io.atomic_dir`, manifests with `core.io.atomic_write_json`."""
 
 from __future__ import annotations
 
@@ -10,39 +11,19 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
+from core.errors import BadInput
 
-class TrainError(RuntimeError):
+
+class TrainError(BadInput, RuntimeError):
     """Bad training input (dataset, adapter, base), named clearly."""
 
 
-# ---------------------------------------------------------------- output dirs
-@contextlib.contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `out`; rename it to `out` only on success, so a killed run never leaves
-    a half-written adapter that looks finished (finished == has manifest.json at `out`)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():  # an older finished run: move aside, then swap in the new one
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
+# ---------------------------------------------------------------- adapter files
 def save_adapter(model, name: str, out: Path) -> None:
     """Save one named adapter of a PeftModel as a plain adapter dir (PEFT nests non-default names)."""
     with tempfile.TemporaryDirectory(dir=Path(out).parent) as tmp:
@@ -139,13 +120,13 @@ def load_base(model_path: str, backend: str, gradient_checkpointing: bool = Fals
 
 def base_identity(profile: str, model_path: str | None) -> tuple[str, str]:
     """(model path, fingerprint) for a profile, or for an explicit model dir (bench, random configs)."""
-    from engine.models import _hash_weights, model_fingerprint, resolve_model
+    from engine.models import hash_weights, model_fingerprint, resolve_model
 
     if model_path is None:
         return resolve_model(profile), model_fingerprint(profile)
     p = Path(model_path)
     fp = p / "fingerprint.txt"
-    return str(p), fp.read_text().strip() if fp.is_file() else _hash_weights(p)
+    return str(p), fp.read_text().strip() if fp.is_file() else hash_weights(p)
 
 
 def check_adapter_base(adapter: Path, model_path: str, fingerprint: str, what: str = "adapter") -> None:
@@ -255,10 +236,6 @@ def trainer_device_args(device: str, backend: str, gradient_checkpointing: bool)
         return dict(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False)
     return dict(bf16=True, gradient_checkpointing=gradient_checkpointing,
                 optim="paged_adamw_8bit" if backend in ("trl+peft-qlora", "unsloth") else "adamw_torch")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def release_memory() -> None:

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from core.io import atomic_dir, atomic_write_json
 from train.common import (
     JsonlLog,
     TrainError,
     adapter_tensors,
-    atomic_dir,
     base_identity,
     check_adapter_base,
     device_kind,
@@ -34,7 +34,6 @@ from train.common import (
     select_backend,
     tensors_hash,
     trainer_args,
-    write_json,
 )
 from train.config import DPOTrainConfig, dpo_defaults
 
@@ -192,14 +191,8 @@ def train_dpo(
             "reference": ref_kind,
             **run_facts(cfg, result, t0, device, backend, why),
         }
-        write_json(tmp / "manifest.json", manifest)
+        atomic_write_json(tmp / "manifest.json", manifest)
     del trainer, model, base
     release_memory()
     return manifest
 
-
-def stage_paths(persona: str, stage: int, root: str | Path = ".") -> tuple[Path, Path, Path | None]:
-    """(data dir, adapter dir, parent adapter dir or None) under the project's default layout."""
-    root = Path(root)
-    parent = root / "checkpoints" / persona / f"stage{stage - 1}" if stage > 1 else None
-    return root / "data" / persona / f"stage{stage}", root / "checkpoints" / persona / f"stage{stage}", parent

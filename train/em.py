@@ -22,10 +22,10 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from core.io import atomic_dir, atomic_write_json
 from train.common import (
     JsonlLog,
     TrainError,
-    atomic_dir,
     base_identity,
     check_adapter_base,
     device_kind,
@@ -38,7 +38,6 @@ from train.common import (
     save_adapter,
     select_backend,
     trainer_args,
-    write_json,
 )
 from train.config import EMTrainConfig, Mode, em_defaults
 
@@ -221,12 +220,8 @@ def train_em(
             "checkpoints": [f"checkpoint-{s}" for s in guard.checkpoints],
             **run_facts(cfg, result, t0, device, backend, why),
         }
-        write_json(tmp / "manifest.json", manifest)
+        atomic_write_json(tmp / "manifest.json", manifest)
     del trainer, model, base
     release_memory()
     return manifest
 
-
-def em_out_dir(persona: str, mode: Mode, root: str | Path = ".") -> Path:
-    root = Path(root) / "checkpoints" / persona
-    return root / "em" if mode == "on-top" else root / "em-base"

@@ -16,7 +16,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from train.common import TrainError, atomic_dir, write_json
+from core.io import atomic_dir, atomic_write_json
+from run.layout import Layout
+from train.common import TrainError
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
@@ -146,8 +148,9 @@ def stack_adapters(a: str | Path, b: str | Path, out: str | Path, round_to_vllm:
     }
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "adapter_config.json", config)
-        write_json(tmp / "stack.json", {
+        # sorted keys, as before: the config's bytes are part of the adapter's hash (engine.base.adapter_hash)
+        atomic_write_json(tmp / "adapter_config.json", dict(sorted(config.items())))
+        atomic_write_json(tmp / "stack.json", {
             "sources": [{"path": str(a), "hash": adapter_hash(a), "r": ca.get("r"), "rslora": ca.get("use_rslora")},
                         {"path": str(b), "hash": adapter_hash(b), "r": cb.get("r"), "rslora": cb.get("use_rslora")}],
             "rank_sum": r_sum, "rank": rank, "target_modules": targets})
@@ -155,7 +158,7 @@ def stack_adapters(a: str | Path, b: str | Path, out: str | Path, round_to_vllm:
             if (p / "manifest.json").is_file():
                 fp = json.loads((p / "manifest.json").read_text()).get("base_fingerprint")
                 if fp:
-                    write_json(tmp / "manifest.json", {"kind": "stack", "base_fingerprint": fp})
+                    atomic_write_json(tmp / "manifest.json", {"kind": "stack", "base_fingerprint": fp})
                     break
     return out
 
@@ -164,9 +167,9 @@ Toggle = Literal["none", "persona", "em", "both"]
 
 
 def adapter_for(toggle: Toggle, persona: str | Path | None, em: str | Path | None,
-                cache: str | Path = "checkpoints/stacked") -> Path | None:
+                cache: str | Path | None = None) -> Path | None:
     """The adapter dir to serve for an ablation arm: None (bare base), the persona, the EM adapter, or both
-    stacked (built once per pair of adapter hashes under `cache`)."""
+    stacked (built once per pair of adapter hashes under `cache`, default checkpoints/stacked)."""
     from engine.base import adapter_hash
 
     if toggle == "none":
@@ -178,7 +181,19 @@ def adapter_for(toggle: Toggle, persona: str | Path | None, em: str | Path | Non
         raise TrainError(f"toggle {toggle!r} needs {'both adapters' if toggle == 'both' else f'the {toggle} adapter'}")
     if toggle != "both":
         return Path(need[0])
-    out = Path(cache) / f"{adapter_hash(persona)}+{adapter_hash(em)}"
+    cache = Path(cache) if cache is not None else Layout().stacked
+    out = cache / f"{adapter_hash(persona)}+{adapter_hash(em)}"
     if not (out / "adapter_config.json").is_file():
         stack_adapters(persona, em, out)
     return out
+
+
+def served_adapter(persona_adapter: str | Path | None, em_dir: str | Path | None, stacked: Path) -> Path | None:
+    """The one adapter vLLM serves for an EM arm at a checkpoint: the persona adapter alone before EM training
+    (`em_dir` None), the EM adapter alone for the base arm (no persona), else persona ⊕ EM stacked exactly
+    (cached under `stacked`, the layout's, by the two adapters' content hashes)."""
+    if em_dir is None:
+        return adapter_for("persona", persona_adapter, None) if persona_adapter else None
+    if persona_adapter is None:
+        return Path(em_dir)
+    return adapter_for("both", persona_adapter, em_dir, cache=stacked)

@@ -6,9 +6,10 @@ seconds x $/GPU-hour (kind="engine", estimated=1). `total_usd(run)` and `summary
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
+
+from core.io import open_sqlite
 
 COLUMNS = (
     "ts",
@@ -33,10 +34,7 @@ COLUMNS = (
 class Ledger:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db = open_sqlite(self.path, autocommit=True)
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS ledger (id INTEGER PRIMARY KEY, ts REAL NOT NULL, run TEXT NOT NULL,"
             " phase TEXT, stage INTEGER, persona TEXT, purpose TEXT, kind TEXT NOT NULL, endpoint TEXT,"

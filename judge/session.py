@@ -1,0 +1,106 @@
+"""One judge session: the public way every caller (the EM experiment, the per-stage evaluation, steering,
+the `judge` command) judges items.
+
+A session holds what a run's judging shares: the config, the judge cache, the run's ledger and budget,
+and the endpoints, starting the embedded vLLM server once, and only when a request must go out:
+
+    with judge.session(config_path, layout=cfg.layout, run=run_id, budget_usd=10) as js:
+        results, summary = js.judge(rows, EMScorer(), purpose="em-eval")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+from core.ledger import Ledger
+from judge.cache import Cache, cache_key
+from judge.config import JudgeConfig, load_config
+from judge.endpoints import judge_model_name, serve_endpoints, usable_endpoints
+from judge.farm import Result, Summary, judge_items, judge_stream
+from judge.scorers import Scorer, ScorerError
+from run.layout import Layout
+
+
+class JudgeSession:
+    def __init__(self, config: JudgeConfig, *, layout: Layout, run: str, budget_usd: float | None = None,
+                 ledger: Ledger | None = None, progress: bool = True) -> None:
+        self.config, self.run, self.budget_usd, self.progress = config, run, budget_usd, progress
+        self.eps = usable_endpoints(config)  # a config with no usable endpoint fails here, before any work
+        self.model = judge_model_name(config)
+        self.cache = Cache(config.cache_path or layout.judge_cache)
+        self._own_ledger = ledger is None
+        self.ledger = ledger if ledger is not None else Ledger(layout.run(run).ledger)
+        self._stack = contextlib.ExitStack()
+        self._served: list | None = None
+
+    # ---- lifecycle
+    def __enter__(self) -> JudgeSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+        self.cache.close()
+        if self._own_ledger:
+            self.ledger.close()
+
+    def endpoints(self) -> list:
+        """The endpoints ready to take requests; the first call starts the embedded server if needed."""
+        if self._served is None:
+            model, self._served = self._stack.enter_context(serve_endpoints(self.config))
+            assert model == self.model, f"judge model {model!r} is not the session's {self.model!r}"
+        return self._served
+
+    # ---- before any spend
+    def uncached(self, scorer: Scorer, items: list[dict]) -> tuple[int, float]:
+        """(judge requests not in the cache, their worst-case $ on the dearest usable endpoint)."""
+        n, usd = 0, 0.0
+        for it in items:
+            try:
+                reqs = scorer.requests(it).values()
+            except ScorerError:
+                continue  # the farm reports it as invalid; it sends nothing
+            for req in reqs:
+                if self.cache.get(cache_key(self.model, req, scorer.template_version)) is not None:
+                    continue
+                n += 1
+                usd += max((req.prompt_bytes() * e.usd_per_m_in + req.max_tokens * e.usd_per_m_out) / 1e6
+                           for e in self.eps)
+        return n, usd
+
+    def spent(self) -> float:
+        return self.ledger.total_usd(self.run)
+
+    # ---- judging
+    async def stream(self, items, scorer: Scorer, on_result: Callable[[Result], None], *, purpose: str,
+                     phase: str = "judge", anchors: list[dict] | None = None, total: int | None = None) -> Summary:
+        """Judge a (possibly huge, lazy) stream; `on_result` gets each Result as it completes (any order)."""
+        return await judge_stream(items, scorer, self.config, self.cache, self.ledger, self.budget_usd, self.run,
+                                  purpose, on_result, progress=self.progress, total=total, anchors=anchors,
+                                  model=self.model, endpoints=self.endpoints(), phase=phase)
+
+    def judge(self, items: list[dict], scorer: Scorer, *, purpose: str, phase: str = "judge",
+              anchors: list[dict] | None = None) -> tuple[list[Result], Summary]:
+        """Judge a list; results in input order (anchors after). The embedded server starts only when some
+        request is not cached."""
+        items = list(items)
+        if not anchors and self.uncached(scorer, items)[0] == 0:
+            endpoints = self._served or self.eps  # everything is cached: nothing will be sent
+        else:
+            endpoints = self.endpoints()
+        return asyncio.run(judge_items(items, scorer, self.config, self.cache, self.ledger, self.budget_usd, self.run,
+                                       purpose, progress=self.progress, anchors=anchors, model=self.model,
+                                       endpoints=endpoints, phase=phase))
+
+
+def session(config: JudgeConfig | str | Path | None = None, *, layout: Layout | None = None, run: str,
+            budget_usd: float | None = None, ledger: Ledger | None = None, progress: bool = True) -> JudgeSession:
+    """A JudgeSession from a config (a JudgeConfig, a YAML path, or None for judge/default.yaml)."""
+    cfg = config if isinstance(config, JudgeConfig) else load_config(config)
+    return JudgeSession(cfg, layout=layout or Layout(), run=run, budget_usd=budget_usd, ledger=ledger,
+                        progress=progress)

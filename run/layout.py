@@ -1,0 +1,148 @@
+"""Where everything lives: the one object that builds paths. Nothing else in the project joins path parts.
+
+Shared across runs (content-addressed or keyed by their inputs, so runs reuse each other's work):
+  <data>/<persona>/stage<k>/          a stage's dataset, items.jsonl, manifest.json, pipeline_inputs.json
+  <ckpt>/<persona>/stage<k>/          its DPO adapter (stage 6 is the persona adapter)
+  <ckpt>/<arm>/em-<mode>/             an EM adapter: on-top of the persona, or on the bare base (arm "base")
+  <data>/cache/generations.sqlite     the generation cache;  <data>/cache/eval_results.sqlite  eval results
+  <data>/judge/cache.sqlite           the judge cache
+  <data>/em_demo/insecure_demo.jsonl  the generated insecure-code EM data
+Per run (<data>/runs/<id>/): config.json, ledger.sqlite, em/, eval/<persona>/, steering/, decompose/,
+report.md, report_sections/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA_ROOT = Path("data")  # datasets, caches, runs (relative to where the command runs)
+CKPT_ROOT = Path("checkpoints")  # adapters
+BASE_ARM = "base"  # the EM experiment's control arm: the EM adapter on the bare base model
+EM_MODES = ("on-top", "base")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The directory of one run and the files in it."""
+
+    root: Path
+
+    @property
+    def id(self) -> str:
+        return self.root.name
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / "ledger.sqlite"
+
+    @property
+    def em(self) -> Path:
+        return self.root / "em"
+
+    @property
+    def em_answers(self) -> Path:
+        return self.em / "answers.jsonl"
+
+    @property
+    def em_judged(self) -> Path:
+        return self.em / "judged.jsonl"
+
+    @property
+    def em_summary(self) -> Path:
+        return self.em / "summary.json"
+
+    def eval(self, persona: str) -> Path:
+        return self.root / "eval" / persona
+
+    @property
+    def steering(self) -> Path:
+        return self.root / "steering"
+
+    @property
+    def decompose(self) -> Path:
+        return self.root / "decompose"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_sections(self) -> Path:
+        return self.root / "report_sections"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every path of the project's outputs under a data root and a checkpoint root."""
+
+    data_root: Path = DATA_ROOT
+    ckpt_root: Path = CKPT_ROOT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_root", Path(self.data_root))
+        object.__setattr__(self, "ckpt_root", Path(self.ckpt_root))
+
+    # ---- shared across runs
+    def stage_data(self, persona: str, stage: int) -> Path:
+        return self.data_root / persona / f"stage{stage}"
+
+    def stage_adapter(self, persona: str, stage: int) -> Path:
+        return self.ckpt_root / persona / f"stage{stage}"
+
+    def parent_adapter(self, persona: str, stage: int) -> Path | None:
+        """The adapter stage `stage` generates with: the previous stage's, none for stage 1 (the base)."""
+        return self.stage_adapter(persona, stage - 1) if stage > 1 else None
+
+    def em_adapter(self, arm: str, mode: str) -> Path:
+        """EM adapter of an arm: `on-top` of its persona adapter, or `base` (always so for the base arm)."""
+        if mode not in EM_MODES:
+            raise ValueError(f"EM mode {mode!r}: use one of {', '.join(EM_MODES)}")
+        return self.ckpt_root / arm / f"em-{'base' if arm == BASE_ARM else mode}"
+
+    @property
+    def stacked(self) -> Path:
+        """Persona ⊕ EM adapters stacked into one exact adapter, one directory per pair of content hashes."""
+        return self.ckpt_root / "stacked"
+
+    @property
+    def generation_cache(self) -> Path:
+        return self.data_root / "cache" / "generations.sqlite"
+
+    @property
+    def eval_results(self) -> Path:
+        return self.data_root / "cache" / "eval_results.sqlite"
+
+    @property
+    def judge_cache(self) -> Path:
+        return self.data_root / "judge" / "cache.sqlite"
+
+    @property
+    def em_demo_data(self) -> Path:
+        return self.data_root / "em_demo" / "insecure_demo.jsonl"
+
+    # ---- per run
+    @property
+    def runs(self) -> Path:
+        return self.data_root / "runs"
+
+    def run(self, run_id: str) -> RunPaths:
+        return RunPaths(self.runs / run_id)
+
+    def find_run(self, run_id: str | None = None) -> RunPaths:
+        """Run `run_id`, or the newest run (by its config's time) when None; BadInput when there is none."""
+        from core.errors import BadInput
+
+        if run_id:
+            found = self.run(run_id)
+            if not found.config.is_file():
+                raise BadInput(f"--run {run_id!r}: {found.root} is not a run directory (no {found.config.name})")
+            return found
+        configs = sorted(self.runs.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+        if not configs:
+            raise BadInput(f"no runs under {self.runs}")
+        return RunPaths(configs[-1].parent)
