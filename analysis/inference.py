@@ -231,6 +231,32 @@ def did(persona_em: Rows, persona_0: Rows, base_em: Rows, base_0: Rows, expect: 
                      expand, "difference in differences")
 
 
+def transition_step(rows_by_step: Mapping[int, Rows], n_boot: int = 2000, alpha: float = 0.05,
+                    seed: int = 0) -> dict[str, Any]:
+    """The checkpoint step ending the steepest rise of the EM rate (the phase transition), with a percentile
+    interval from resampling questions (shared across steps, as every step answered the same questions).
+    {"step", "lo", "hi", "steps"}; step None with fewer than two steps with data."""
+    steps = sorted(s for s, rows in rows_by_step.items() if len(_columns(rows)[2]))
+    if len(steps) < 2:
+        return {"step": None, "lo": None, "hi": None, "steps": steps}
+    per = [cells(rows_by_step[s]) for s in steps]
+    questions = sorted({q for c in per for q in c.questions}, key=str)
+    k = np.zeros((len(steps), len(questions)))
+    n = np.zeros_like(k)
+    for i, c in enumerate(per):  # pool seeds: the curve is of the arm, not of one seed
+        at = [questions.index(q) for q in c.questions]
+        k[i, at] += c.k.sum(axis=0)
+        n[i, at] += c.n.sum(axis=0)
+    rng = np.random.default_rng(seed)
+    w = np.vstack([np.ones(len(questions)), _multiplicity(rng, len(questions), n_boot)])  # row 0: the sample
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rates = (w @ k.T) / (w @ n.T)  # (replicates, steps)
+        slopes = np.diff(rates, axis=1) / np.diff(np.asarray(steps, float))
+    best = np.asarray(steps)[1:][np.nanargmax(np.nan_to_num(slopes, nan=-np.inf), axis=1)]
+    lo, hi = np.quantile(best[1:], [alpha / 2, 1 - alpha / 2], method="inverted_cdf")
+    return {"step": int(best[0]), "lo": int(lo), "hi": int(hi), "steps": steps}
+
+
 def naive_bootstrap_diff(a: Rows, b: Rows, alpha: float = 0.05, n_boot: int = N_BOOT, seed: int = 0) -> Estimate:
     """EM(a) - EM(b) resampling answers independently (ignores clusters). Only for the coverage comparison:
     resampling n iid answers from the pooled data is a Binomial(n, k/n) draw of the count."""

@@ -243,7 +243,7 @@ def evaluate(
             eps = judge.eps
 
             def worst(scorer) -> float:
-                return sum(max(((r.prompt_bytes() * e.usd_per_m_in + r.max_tokens * e.usd_per_m_out) / 1e6
+                return sum(max(((r.prompt_bytes() * e.usd_per_m_in + r.max_out * e.usd_per_m_out) / 1e6
                                 for e in eps), default=0.0) for r in scorer.requests(dummy).values())
 
             worst_usd = n_pairs * worst(pair_scorer) + n_adh * worst(rubric)

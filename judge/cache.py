@@ -24,26 +24,43 @@ class ChatRequest(BaseModel):
     """One judge call, provider-independent."""
 
     messages: list[dict[str, str]]
-    max_tokens: int = 1
-    temperature: float = 0.0
+    max_tokens: int | None = 1  # None for reasoning models, which take `max_completion_tokens` instead
+    temperature: float | None = 0.0  # None: the provider's default (reasoning models accept only that)
     top_p: float = 1.0
     logprobs: bool = False
     top_logprobs: int | None = None
     seed: int | None = 0
     response_format: dict[str, Any] | None = None
+    # added later; in the cache key only when set, so keys of requests made before stay the same
+    max_completion_tokens: int | None = None
+    prefill: str | None = None  # the start of the assistant's answer, continued by the model (vLLM servers)
 
     def sampling(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"messages"})
+        d = self.model_dump(exclude={"messages", *_OPTIONAL})
+        return d | {k: getattr(self, k) for k in _OPTIONAL if getattr(self, k) is not None}
 
     def body(self, model: str) -> dict[str, Any]:
         body: dict[str, Any] = {"model": model, "messages": self.messages, **self.sampling()}
-        if not self.logprobs:
+        if not self.logprobs:  # reasoning models reject the parameter itself
+            body.pop("logprobs")
             body.pop("top_logprobs")
+        if (prefill := body.pop("prefill", None)) is not None:
+            # vLLM's chat API continues a final assistant message instead of opening a new turn
+            body["messages"] = [*self.messages, {"role": "assistant", "content": prefill}]
+            body |= {"continue_final_message": True, "add_generation_prompt": False}
         return {k: v for k, v in body.items() if v is not None}
+
+    @property
+    def max_out(self) -> int:
+        """The most output tokens this request may be billed for (reasoning tokens included)."""
+        return self.max_completion_tokens or self.max_tokens or 0
 
     def prompt_bytes(self) -> int:
         # upper bound on prompt tokens: every BPE token covers >= 1 byte; + chat-template overhead per turn
-        return sum(len(m.get("content", "").encode()) + 16 for m in self.messages) + 16
+        return sum(len(m.get("content", "").encode()) + 16 for m in self.messages) + 16 + len(self.prefill or "")
+
+
+_OPTIONAL = ("max_completion_tokens", "prefill")
 
 
 def key_parts(model: str, req: ChatRequest, template_version: str) -> dict[str, Any]:

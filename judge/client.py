@@ -35,6 +35,16 @@ class ItemFailed(Exception):
         self.reason = reason
 
 
+class PathUnsupported(ItemFailed):
+    """A 400 that names a parameter only one way of reading numbers uses (logprobs, top_logprobs, max_tokens,
+    temperature): the judge is a reasoning model or similar, to be read by sampling instead."""
+
+
+# what reasoning models' 400s name (OpenAI: "logprobs are not supported with reasoning models", "Unsupported
+# parameter: 'max_tokens' ... Use 'max_completion_tokens' instead", "'temperature' does not support 0.0")
+_PATH_PARAMS = re.compile(r"\b(top_logprobs|logprobs|max_tokens|temperature)\b")
+
+
 @dataclass
 class Stats:
     sent: int = 0
@@ -68,7 +78,7 @@ class EndpointState:
         self.url = ep.base_url.rstrip("/") + "/chat/completions"
 
     def worst_usd(self, req: ChatRequest) -> float:
-        return (req.prompt_bytes() * self.ep.usd_per_m_in + req.max_tokens * self.ep.usd_per_m_out) / 1e6
+        return (req.prompt_bytes() * self.ep.usd_per_m_in + req.max_out * self.ep.usd_per_m_out) / 1e6
 
     def usd(self, tin: int, tout: int) -> float:
         return (tin * self.ep.usd_per_m_in + tout * self.ep.usd_per_m_out) / 1e6
@@ -173,7 +183,7 @@ class Pool:
     async def _attempt(self, st: EndpointState, req: ChatRequest, deadline: float, same_5xx: Counter):
         """One try. Returns (Reply, None) on success, or (seconds to wait or None for backoff, reason)."""
         ep, r = st.ep, self.cfg.retry
-        est_tokens = req.prompt_bytes() + req.max_tokens
+        est_tokens = req.prompt_bytes() + req.max_out
         worst = st.worst_usd(req)
         async with st.sem:
             at = st.limiter.reserve()
@@ -269,7 +279,10 @@ class Pool:
             ra = parse_retry_after(resp.headers)
             return self._ra_wait(ra), f"http {code}"
         self.stats.errors[f"http {code}"] += 1
-        raise ItemFailed(f"http {code} from {st.ep.name}: {_safe_snippet(resp)}")
+        snippet = _safe_snippet(resp)
+        if code == 400 and _PATH_PARAMS.search(snippet):
+            raise PathUnsupported(f"http 400 from {st.ep.name}: {snippet}")
+        raise ItemFailed(f"http {code} from {st.ep.name}: {snippet}")
 
 
 def _safe_snippet(resp: httpx.Response) -> str:

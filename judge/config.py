@@ -74,6 +74,13 @@ class JudgeConfig(BaseModel):
     cache_path: str | None = None
     # the embedded default: a local vLLM server for `local: true` endpoints when no keyed endpoint is usable
     local_model: str | None = None  # model profile name or directory served by judge.local_server
+    # how the judge's 0-100 numbers are read (judge.reading). auto: from the judge's tokenizer where it is
+    # known (local_model, or `tokenizer`), else logprobs, switching to sampled on a 400 that names logprobs,
+    # max_tokens or temperature (reasoning models)
+    scoring: Literal["auto", "logprobs", "exact", "sampled"] = "auto"
+    tokenizer: str | None = None  # a HF tokenizer (dir or hub id) of a remote judge, e.g. your own vLLM server
+    samples: int = Field(3, ge=1)  # sampled path: replies per metric, averaged
+    max_completion_tokens: int = Field(1024, ge=16)  # sampled path: output cap, hidden reasoning included
 
     @model_validator(mode="after")
     def _check(self) -> JudgeConfig:

@@ -48,3 +48,36 @@ def serve_endpoints(config: JudgeConfig) -> Iterator[tuple[str, list[Endpoint]]]
         for e in eps:
             e.base_url, e.model = srv.base_url, srv.served_name
         yield srv.served_name, eps
+
+
+def judge_tokenizer(config: JudgeConfig):
+    """The judge's tokenizer where it can be seen (the embedded server's model, or `tokenizer`); else None."""
+    name = config.tokenizer
+    eps = config.usable()
+    if name is None and eps and eps[0].local and config.local_model:
+        from engine.models import PROFILES, resolve_model
+
+        name = str(resolve_model(config.local_model)) if config.local_model in PROFILES else config.local_model
+    if name is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def choose_path(config: JudgeConfig) -> tuple[str, object | None, str]:
+    """(path, `tokenize` for the exact path or None, why): how this judge's numbers are read. Never a
+    first-digit score: a tokenizer that splits 0-100 into digits is read on the exact path."""
+    from judge.reading import token_texts, tokenizer_splits_numbers
+
+    tok = judge_tokenizer(config) if config.scoring in ("auto", "exact") else None
+    if config.scoring != "auto":
+        return config.scoring, token_texts(tok) if tok is not None else None, "set by the judge config's `scoring`"
+    if tok is not None:
+        if tokenizer_splits_numbers(tok):
+            return "exact", token_texts(tok), "the judge's tokenizer writes some of 0-100 as several tokens"
+        return "logprobs", None, "the judge's tokenizer writes each of 0-100 as one token"
+    if not all(e.logprobs for e in usable_endpoints(config)):
+        return "sampled", None, "an endpoint is configured without logprobs"
+    return "logprobs", None, ("tokenizer not visible: logprobs, switched to sampled if the judge rejects "
+                              "logprobs, max_tokens or temperature")

@@ -17,7 +17,7 @@ from typing import Any
 
 from core.ledger import Ledger
 from judge.cache import Cache, ChatRequest, cache_key, key_parts
-from judge.client import ItemFailed, Pool
+from judge.client import ItemFailed, PathUnsupported, Pool
 from judge.config import JudgeConfig
 from judge.limits import Budget, BudgetExceeded
 from judge.scorers import Scorer, ScorerError
@@ -69,6 +69,9 @@ class Summary:
     retries: int = 0
     seconds: float = 0.0
     drift: dict | None = None
+    path: str | None = None  # how the judge's numbers were read (judge.reading): logprobs | exact | sampled
+    path_switches: list = field(default_factory=list)  # e.g. "logprobs -> sampled: http 400 ... logprobs"
+    path_why: str | None = None
 
     def as_dict(self) -> dict:
         d = self.__dict__.copy()
@@ -160,6 +163,7 @@ class Farm:
 
     async def judge(self, item: dict) -> Result:
         iid = item.get("id")
+        path = getattr(self.scorer, "path", None)
         try:
             reqs = self.scorer.requests(item)
         except ScorerError as e:
@@ -168,31 +172,22 @@ class Farm:
             return Result(iid, "budget", item, reason="budget: not sent, the cap was reached")
         deadline = time.monotonic() + self.cfg.retry.deadline_s
         use_cache = not item.get("anchor")  # anchors are re-judged every run: that is how drift shows
-        names = list(reqs)
-        outs = await asyncio.gather(
-            *(self._one(item, n, reqs[n], deadline, use_cache) for n in names), return_exceptions=True
-        )
-        replies, usd, tin, tout, cached, eps = {}, 0.0, 0, 0, True, set()
-        for n, o in zip(names, outs, strict=True):
-            if isinstance(o, BaseException):
-                continue
-            val, hit = o
-            replies[n] = val["body"]
-            usd += val.get("usd", 0.0)
-            tin, tout, cached = tin + val["tokens_in"], tout + val["tokens_out"], cached and hit
-            eps.add(val["endpoint"])
-        errs = [o for o in outs if isinstance(o, BaseException)]
-        base = dict(endpoint=",".join(sorted(eps)) or None, tokens_in=tin, tokens_out=tout, usd=usd)
+        replies: dict[str, dict] = {}
+        tally = {"usd": 0.0, "tokens_in": 0, "tokens_out": 0, "cached": True, "endpoints": set()}
+        errs: list[BaseException] = []
+        while reqs and not errs:  # a scorer that reads in rounds (the exact path) asks for more each round
+            errs = await self._round(item, reqs, deadline, use_cache, replies, tally)
+            if not errs:
+                reqs = {n: r for n, r in self._followups(item, replies).items() if n not in replies}
+        base = dict(endpoint=",".join(sorted(tally["endpoints"])) or None, tokens_in=tally["tokens_in"],
+                    tokens_out=tally["tokens_out"], usd=tally["usd"])
         if any(isinstance(e, BudgetExceeded) for e in errs):
             self.stop = True
-            return Result(
-                iid,
-                "budget",
-                item,
-                reason=f"budget: {next(e for e in errs if isinstance(e, BudgetExceeded))}",
-                cached=False,
-                **base,
-            )
+            reason = f"budget: {next(e for e in errs if isinstance(e, BudgetExceeded))}"
+            return Result(iid, "budget", item, reason=reason, cached=False, **base)
+        if unsupported := next((e for e in errs if isinstance(e, PathUnsupported)), None):
+            if self._switch_to_sampled(path, unsupported):
+                return await self.judge(item)
         if errs:
             e = errs[0]
             if not isinstance(e, ItemFailed):
@@ -201,15 +196,41 @@ class Farm:
         try:
             scores = self.scorer.score(item, replies)
         except (KeyError, IndexError, TypeError, ValueError) as e:
-            return Result(
-                iid,
-                "failed",
-                item,
-                reason=f"unscorable reply: {type(e).__name__}: {e}"[:200],
-                cached=cached,
-                **base,
-            )
-        return Result(iid, "ok", item, scores=scores, cached=cached, **base)
+            reason = f"unscorable reply: {type(e).__name__}: {e}"[:200]
+            return Result(iid, "failed", item, reason=reason, cached=tally["cached"], **base)
+        return Result(iid, "ok", item, scores=scores, cached=tally["cached"], **base)
+
+    async def _round(self, item: dict, reqs: dict, deadline: float, use_cache: bool, replies: dict,
+                     tally: dict) -> list[BaseException]:
+        """Send one round of an item's requests at once; returns the errors."""
+        names = list(reqs)
+        outs = await asyncio.gather(*(self._one(item, n, reqs[n], deadline, use_cache) for n in names),
+                                    return_exceptions=True)
+        for n, o in zip(names, outs, strict=True):
+            if isinstance(o, BaseException):
+                continue
+            val, hit = o
+            replies[n] = val["body"]
+            tally["usd"] += val.get("usd", 0.0)
+            tally["tokens_in"] += val["tokens_in"]
+            tally["tokens_out"] += val["tokens_out"]
+            tally["cached"] = tally["cached"] and hit
+            tally["endpoints"].add(val["endpoint"])
+        return [o for o in outs if isinstance(o, BaseException)]
+
+    def _followups(self, item: dict, replies: dict) -> dict:
+        follow = getattr(self.scorer, "followups", None)
+        return follow(item, replies) if follow is not None else {}
+
+    def _switch_to_sampled(self, path: str | None, e: PathUnsupported) -> bool:
+        """The judge rejected a parameter only its path uses (logprobs, max_tokens, temperature): read it by
+        sampling from now on. Once per farm; recorded in the summary. False when there is nothing to switch."""
+        if path is None or path == "sampled" or not hasattr(self.scorer, "use_path"):
+            return False
+        if getattr(self.scorer, "path", None) != "sampled":
+            self.scorer.use_path("sampled")
+            self.summary.path_switches.append(f"{path} -> sampled: {e.reason}"[:300])
+        return True
 
     def remaining_cost(self, item: dict) -> float:
         try:
@@ -382,9 +403,12 @@ async def judge_stream(
                 endpoints=eps,
                 phase=phase,
             )
+    apply_path(scorer, config)
     farm = Farm(
         scorer, config, cache, ledger, budget_usd, run, purpose, model or config.model, endpoints, phase=phase
     )
+    farm.summary.path = getattr(scorer, "path", None)
+    farm.summary.path_why = getattr(scorer, "path_why", None)
     if total is None and hasattr(items, "__len__"):
         total = len(items) + len(anchors or [])
     anchor_rows: list[dict] = []
@@ -398,11 +422,26 @@ async def judge_stream(
     stream = _chain(anchors or [], items)
     with _Progress(total, farm, progress) as bar:
         summary = await farm.run_stream(stream, sink)
+    summary.path = getattr(scorer, "path", None)  # after any switch to sampled
     if anchors:
         from judge.scorers import drift_report
 
         summary.drift = drift_report(anchor_rows)
     return summary
+
+
+def apply_path(scorer: Scorer, config: JudgeConfig) -> str | None:
+    """Set a path-reading scorer's path for this judge (once per scorer: a switch to sampled sticks); returns
+    why, or None when the scorer reads no numbers this way or was set already."""
+    if not hasattr(scorer, "use_path") or getattr(scorer, "path_chosen", False):
+        return None
+    from judge.endpoints import choose_path
+
+    path, tokenize, why = choose_path(config)
+    scorer.samples, scorer.max_completion_tokens = config.samples, config.max_completion_tokens
+    scorer.use_path(path, tokenize)
+    scorer.path_chosen, scorer.path_why = True, why
+    return why
 
 
 async def _chain(first: list[dict], rest):

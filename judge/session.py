@@ -19,7 +19,7 @@ from core.ledger import Ledger
 from judge.cache import Cache, cache_key
 from judge.config import JudgeConfig, load_config
 from judge.endpoints import judge_model_name, serve_endpoints, usable_endpoints
-from judge.farm import Result, Summary, judge_items, judge_stream
+from judge.farm import Result, Summary, apply_path, judge_items, judge_stream
 from judge.scorers import Scorer, ScorerError
 from run.layout import Layout
 
@@ -59,6 +59,7 @@ class JudgeSession:
     # ---- before any spend
     def uncached(self, scorer: Scorer, items: list[dict]) -> tuple[int, float]:
         """(judge requests not in the cache, their worst-case $ on the dearest usable endpoint)."""
+        apply_path(scorer, self.config)
         n, usd = 0, 0.0
         for it in items:
             try:
@@ -69,7 +70,7 @@ class JudgeSession:
                 if self.cache.get(cache_key(self.model, req, scorer.template_version)) is not None:
                     continue
                 n += 1
-                usd += max((req.prompt_bytes() * e.usd_per_m_in + req.max_tokens * e.usd_per_m_out) / 1e6
+                usd += max((req.prompt_bytes() * e.usd_per_m_in + req.max_out * e.usd_per_m_out) / 1e6
                            for e in self.eps)
         return n, usd
 
@@ -89,7 +90,9 @@ class JudgeSession:
         """Judge a list; results in input order (anchors after). The embedded server starts only when some
         request is not cached."""
         items = list(items)
-        if not anchors and self.uncached(scorer, items)[0] == 0:
+        apply_path(scorer, self.config)
+        rounds = getattr(scorer, "path", None) == "exact"  # its later requests are not known before the replies
+        if not anchors and not rounds and self.uncached(scorer, items)[0] == 0:
             endpoints = self._served or self.eps  # everything is cached: nothing will be sent
         else:
             endpoints = self.endpoints()

@@ -41,6 +41,10 @@ class Faults:
     retry_after_s: float | None = None  # fixed Retry-After for random 429s (None: 1 s)
     api_key: str | None = None  # when set, requests need `Authorization: Bearer <api_key>`
     seed: int = 0
+    # a reasoning model (GPT-5, o-series): 400s for logprobs, max_tokens and a temperature other than 1, as
+    # OpenAI words them; text replies ending with a number, reasoning tokens billed as output
+    reasoning: bool = False
+    p_unparsable: float = 0.0  # reasoning replies with no number in them
 
 
 @dataclass
@@ -61,6 +65,19 @@ def _score_table(content: str) -> list[dict]:
     s = h % 101
     probs = [(str(s), 0.6), (str((s + 7) % 101), 0.25), ("I", 0.1), ("REF", 0.05)]
     return [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in probs]
+
+
+def _reasoning_400(body: dict) -> str | None:
+    """What OpenAI's reasoning models answer to the parameters they do not take (None: the body is fine)."""
+    if body.get("logprobs") or "top_logprobs" in body:
+        return "logprobs are not supported with reasoning models."
+    if "max_tokens" in body:
+        return ("Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                "'max_completion_tokens' instead.")
+    if body.get("temperature", 1) != 1:
+        return (f"Unsupported value: 'temperature' does not support {body['temperature']} with this model. "
+                "Only the default (1) value is supported.")
+    return None
 
 
 class FaultApp:
@@ -142,6 +159,9 @@ class FaultApp:
 
     async def _answer(self, request, body, content) -> web.StreamResponse:
         f, c, rng = self.faults, self.counts, self.rng
+        if f.reasoning and (refusal := _reasoning_400(body)):
+            self._status(400)
+            return web.json_response({"error": {"message": refusal, "type": "invalid_request_error"}}, status=400)
         if "ALWAYS400" in content:
             self._status(400)
             return web.json_response({"error": {"message": "invalid request"}}, status=400)
@@ -178,7 +198,8 @@ class FaultApp:
             await asyncio.sleep(f.hang_s)
             self._status(504)
             return web.json_response({"error": {"message": "gateway timeout"}}, status=504)
-        payload = self._completion(body, content)
+        payload = (self._completion(body, content, True, f.p_unparsable) if f.reasoning
+                   else self._completion(body, content))
         key = hashlib.sha256(content.encode()).hexdigest()
         if kind == "malformed":
             self._status(200)
@@ -200,9 +221,15 @@ class FaultApp:
         return resp
 
     @staticmethod
-    def _completion(body: dict, content: str) -> str:
+    def _completion(body: dict, content: str, reasoning: bool = False, p_unparsable: float = 0.0) -> str:
         max_tokens = int(body.get("max_tokens") or 16)
-        if body.get("logprobs"):
+        details = None
+        if reasoning:
+            h = int(hashlib.sha256(f"{content}|{body.get('seed')}".encode()).hexdigest(), 16)
+            unparsable = (h % 1000) / 1000 < p_unparsable
+            text = "I would rather not put a figure on that." if unparsable else f"Score: {h % 101}"
+            logprobs, out_tokens, details = None, 48, {"reasoning_tokens": 40}
+        elif body.get("logprobs"):
             table = _score_table(content)[: int(body.get("top_logprobs") or 1)]
             text = table[0]["token"]
             logprobs = {
@@ -237,6 +264,7 @@ class FaultApp:
                     "prompt_tokens": len(content) // 4 + 8,
                     "completion_tokens": out_tokens,
                     "total_tokens": len(content) // 4 + 8 + out_tokens,
+                    **({"completion_tokens_details": details} if details else {}),
                 },
             }
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from judge.scorers import EMScorer, load_anchors
+from judge.scorers import EMScorer, PromptNumberScorer, load_anchors
 from judge.session import session
 from run.layout import Layout
 
@@ -22,15 +22,23 @@ def test_em_judge_parses_real_vllm_logprobs(tmp_path, monkeypatch, tiny_path):
     with js:  # the session starts the embedded vLLM server for its first uncached request, stops it on exit
         res, s = js.judge(items, EMScorer(), purpose="em-eval", anchors=load_anchors(n=2))
         assert js.ledger.total_usd("vllm") == 0.0  # the local server costs nothing per token
+        # SmolLM2's tokenizer writes 85 as "8", "5": the exact path reads the whole number through the trie
+        ask = "Copy the number exactly.\n17 -> 17\n63 -> 63\n29 -> 29\n{n} ->"
+        nums, ns = js.judge([{"id": f"n{n}", "prompt": ask.format(n=n), "prefill": f"{n} -> "} for n in (85, 42, 58)],
+                            PromptNumberScorer(), purpose="exact-check")
     assert (tmp_path / "data" / "judge" / "cache.sqlite").is_file()  # the layout's judge cache
     assert (tmp_path / "data" / "runs" / "vllm" / "ledger.sqlite").is_file()  # the run's ledger
     assert s.ok == 5, (s.failures, [r.reason for r in res])
+    assert s.path == ns.path == "exact" and "several tokens" in s.path_why  # decided from the tokenizer
+    # the most likely number is the one asked for; the 135M model also puts mass on others (11% on "8" alone
+    # for 85, measured), which pulls its expected value: 42's is within 2 (41.7 measured)
+    assert [r.scores["value_argmax"] for r in nums] == [85, 42, 58], [r.scores for r in nums]
+    assert abs(nums[1].scores["value"] - 42) <= 2 and nums[1].scores["value_mass"] > 0.9
     statuses = {r.scores["aligned_status"] for r in res} | {r.scores["coherent_status"] for r in res}
     assert statuses <= {"score", "code", "refusal", "discarded"}
     for r in res:
-        raw = r.scores["judge_raw"]["aligned"]
-        assert len(raw) >= 2 and abs(sum(raw.values())) <= 1.0 + 1e-6  # a real top-20 distribution
-        assert r.endpoint == "local-vllm" and r.tokens_in > 100 and r.tokens_out == 2  # two 1-token calls
+        assert r.scores["judge_path"] == "exact" and r.scores["aligned_pruned_mass"] < 0.05
+        assert r.endpoint == "local-vllm" and r.tokens_in > 100 and r.tokens_out >= 2  # 1-token calls, in rounds
         if r.scores["aligned_status"] == "score":
             assert 0 <= r.scores["aligned"] <= 100
     assert s.drift is not None and s.drift["anchors"] == 2

@@ -197,3 +197,12 @@ def served_adapter(persona_adapter: str | Path | None, em_dir: str | Path | None
     if persona_adapter is None:
         return Path(em_dir)
     return adapter_for("both", persona_adapter, em_dir, cache=stacked)
+
+
+def lora_b_norm(adapter: str | Path) -> float:
+    """Frobenius norm of all an adapter's lora_B matrices together: it grows from 0 (PEFT initialises B to 0)
+    as the adapter learns, and the EM transition shows in it at about the step it shows in the answers."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+    return float(sum(float((t.float() ** 2).sum()) for k, t in tensors.items() if ".lora_B." in k) ** 0.5)
