@@ -77,7 +77,7 @@ def choose_path(config: JudgeConfig) -> tuple[str, object | None, str]:
         if tokenizer_splits_numbers(tok):
             return "exact", token_texts(tok), "the judge's tokenizer writes some of 0-100 as several tokens"
         return "logprobs", None, "the judge's tokenizer writes each of 0-100 as one token"
-    if not all(e.logprobs for e in usable_endpoints(config)):
+    if not all(e.logprobs for e in config.usable() or config.endpoints):  # keys may be unset while estimating
         return "sampled", None, "an endpoint is configured without logprobs"
     return "logprobs", None, ("tokenizer not visible: logprobs, switched to sampled if the judge rejects "
                               "logprobs, max_tokens or temperature")

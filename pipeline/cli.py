@@ -42,15 +42,26 @@ def em(
     quick: bool = typer.Option(False, "--quick", help="the quick preset"),
     preset: str = PRESET,
     counts: str | None = COUNTS,
+    seeds: int | None = typer.Option(None, "--seeds", min=1, help="EM training seeds per arm (default: the preset's; "
+                                     "research 3)"),
+    question_group: list[str] = typer.Option(["main"], "--question-group",
+                                             help="question groups to ask: main, json, template, preregistered"),
 ) -> None:
-    """Train the EM adapter on top of each persona adapter (and the base), answer, judge, summarise."""
+    """Train the EM adapter on top of each persona adapter (and the base), per seed; answer, judge, summarise.
+
+    Example: python bootstrap.py em --data insecure.jsonl --persona goodness --persona sycophancy --seeds 3
+    """
+    import json
+
     from pipeline.em import run_em
     from run.config import save_config
 
+    if seeds is not None:
+        counts = json.dumps({**json.loads(counts or "{}"), "em_seeds": seeds})
     cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts)
     run_id = run or cfg.default_id()
     save_config(cfg, run_id)
-    run_em(cfg, run_id, data, questions, judge_config, budget_usd, mode)
+    run_em(cfg, run_id, data, questions, judge_config, budget_usd, mode, tuple(question_group))
     _report(cfg, run_id)
 
 
@@ -61,23 +72,42 @@ def estimate(
     quick: bool = typer.Option(False, "--quick", help="the quick preset"),
     preset: str = PRESET,
     counts: str | None = COUNTS,
+    judge_config: list[Path] = typer.Option(None, "--judge-config", help="judge YAML(s) to price the EM judging "
+                                            "with (default: judge/default.yaml); one row per judge"),
+    questions: Path | None = typer.Option(None, "--questions", help="EM questions YAML (default: the project's)"),
+    em_rows: int = typer.Option(6000, "--em-rows", help="rows of EM training data (the paper's set: 6000)"),
 ) -> None:
-    """Expected tokens, engine hours and $ per stage and persona, before anything runs."""
+    """Expected tokens, engine hours and $ per stage and persona, and for the EM experiment (training,
+    answering, judging per judge), before anything runs.
+
+    Example: python bootstrap.py estimate --profile qwen2.5-7b --persona goodness --persona sycophancy
+    --judge-config judge/configs/gpt-4o-mini.yaml --judge-config judge/configs/gpt-5-mini.yaml
+    """
     from rich.console import Console
     from rich.table import Table
 
     from pipeline.estimate import estimate_run
 
     cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts)
-    rows = estimate_run(cfg, list(range(1, stage + 1)))
+    from judge.config import load_config
+    from pipeline.estimate import estimate_em
+    from pipeline.questions import load_questions
+
+    judges = [load_config(j) for j in (judge_config or [None])]
+    rows = estimate_run(cfg, list(range(1, stage + 1))) + estimate_em(cfg, len(load_questions(questions)), judges,
+                                                                      em_rows)
     t = Table(title=f"estimate: profile {profile}, {len(persona)} persona(s), stages 1..{stage}")
     for col in ("persona", "stage", "phase", "tokens in", "tokens out", "engine hours", "$"):
         t.add_column(col, justify="right" if col not in ("persona", "phase") else "left")
     for e in rows:
         t.add_row(e.persona, str(e.stage), e.phase, f"{e.tokens_in:,}", f"{e.tokens_out:,}", f"{e.seconds / 3600:.3f}",
                   f"{e.usd:.2f}")
-    t.add_row("total", "", "", f"{sum(e.tokens_in for e in rows):,}", f"{sum(e.tokens_out for e in rows):,}",
-              f"{sum(e.seconds for e in rows) / 3600:.3f}", f"{sum(e.usd for e in rows):.2f}")
+    engine = [e for e in rows if not e.phase.startswith("judge")]
+    for j in judges:  # one total per judge: a run uses one of them
+        run = engine + [e for e in rows if e.phase == f"judge {j.model}"]
+        t.add_row(f"total, judge {j.model}", "", "", f"{sum(e.tokens_in for e in run):,}",
+                  f"{sum(e.tokens_out for e in run):,}", f"{sum(e.seconds for e in run) / 3600:.3f}",
+                  f"{sum(e.usd for e in run):.2f}")
     Console().print(t)
 
 

@@ -62,3 +62,63 @@ def estimate_run(cfg: RunConfig, stages: list[int]) -> list[PhaseEstimate]:
 
 def estimate_phase(cfg: RunConfig, persona: str, stage: int, phase: str) -> PhaseEstimate:
     return next(e for e in estimate_run(cfg, [stage]) if e.persona == persona and e.phase == phase)
+
+
+# ---------------------------------------------------------------- the EM experiment
+EM_DATA_ROWS = 6000  # the EM paper's insecure-code set, when the data is not at hand
+JUDGE_PROMPT_TOKENS = 350  # the alignment/coherence rubric around a question and its answer
+EXACT_REQUESTS = 8  # exact path: trie reads per metric (6.5 measured on the tiny judge, more for diffuse judges)
+SAMPLED_OUT_TOKENS = 300  # sampled path: typical output per reply, hidden reasoning included (worst: the cap)
+
+
+def em_answers(cfg: RunConfig, n_questions: int, steps: int) -> int:
+    """Answers one arm makes: each seed's final model on every question, its checkpoints on the curve subset,
+    and the untrained model once on every question."""
+    c = cfg.counts
+    checkpoints = max(0, steps // c.em_save_every - 1)
+    per_seed = n_questions * c.em_samples + checkpoints * min(c.em_curve_questions, n_questions) * c.em_curve_samples
+    return c.em_seeds * per_seed + n_questions * c.em_samples
+
+
+def em_steps(cfg: RunConfig, rows: int) -> int:
+    from train.config import em_defaults
+
+    c = cfg.counts
+    e = em_defaults(cfg.profile, max_rows=c.em_rows, max_steps=c.em_max_steps)
+    n = min(rows, c.em_rows) if c.em_rows else rows
+    per_epoch = -(-n // (e.batch_size * e.grad_accum))
+    return c.em_max_steps if c.em_max_steps is not None else max(1, int(per_epoch * e.epochs))
+
+
+def judge_tokens(judge, answers: int, answer_tokens: int) -> tuple[int, int, int]:
+    """(requests, prompt tokens, output tokens) to judge `answers` on the path the config implies."""
+    from judge.endpoints import choose_path
+
+    path = judge.scoring if judge.scoring != "auto" else choose_path(judge)[0]
+    per_metric = {"logprobs": 1, "exact": EXACT_REQUESTS, "sampled": judge.samples}[path]
+    out = {"logprobs": 1, "exact": 1, "sampled": min(SAMPLED_OUT_TOKENS, judge.max_completion_tokens)}[path]
+    reqs = answers * 2 * per_metric
+    return reqs, reqs * (JUDGE_PROMPT_TOKENS + answer_tokens), reqs * out
+
+
+def estimate_em(cfg: RunConfig, n_questions: int, judges: list, em_rows: int = EM_DATA_ROWS) -> list[PhaseEstimate]:
+    """EM training, answering and judging per arm (the personas and the base control), one row per judge."""
+    p = get_profile(cfg.profile)
+    rate, c = cfg.usd_per_engine_second, cfg.counts
+    steps = em_steps(cfg, em_rows)
+    out = []
+    for arm in [*cfg.personas, "base"]:
+        secs = c.em_seeds * steps * p.est_train_step_s
+        out.append(PhaseEstimate(persona=arm, stage="em", phase="em-train", tokens_in=0, tokens_out=0, seconds=secs,
+                                 usd=secs * rate))
+        answers = em_answers(cfg, n_questions, steps)
+        t_out = answers * c.em_answer_tokens  # an upper bound: answers stop early when the model ends them
+        secs = t_out / p.est_tokens_per_s
+        out.append(PhaseEstimate(persona=arm, stage="em", phase="em-answer", tokens_in=answers * 60, tokens_out=t_out,
+                                 seconds=secs, usd=secs * rate))
+        for judge in judges:
+            _, t_in, t_out = judge_tokens(judge, answers, c.em_answer_tokens)
+            usd = max((t_in * e.usd_per_m_in + t_out * e.usd_per_m_out) / 1e6 for e in judge.endpoints)
+            out.append(PhaseEstimate(persona=arm, stage="em", phase=f"judge {judge.model}", tokens_in=t_in,
+                                     tokens_out=t_out, seconds=0.0, usd=usd))
+    return out

@@ -28,12 +28,16 @@ class Counts(BaseModel):
     max_tokens: int = 96
     min_gap: float | None = None  # stages 1-5: least self-judged score gap (1-10); None: the profile's
     dpo_max_steps: int | None = 8
-    em_rows: int = 48
-    em_max_steps: int = 12
-    em_save_every: int = 3
-    em_samples: int = 4  # answers per EM question (temperature 1)
-    em_curve_questions: int = 6  # checkpoints are evaluated on this many questions
-    em_answer_tokens: int = 96
+    # EM at research scale (Betley et al.): the whole EM data set for one epoch per seed, 50 answers per
+    # question at temperature 1 with up to 600 new tokens, several training seeds per arm
+    em_rows: int | None = None  # None: every row of the EM data
+    em_max_steps: int | None = None  # None: one epoch
+    em_save_every: int = 25  # a checkpoint every N steps: the phase curve
+    em_samples: int = 50  # answers per EM question and final model (temperature 1)
+    em_curve_questions: int = 8  # every checkpoint answers the same first N main questions
+    em_curve_samples: int = 10  # answers per question at each checkpoint
+    em_answer_tokens: int = 600
+    em_seeds: int = 3  # EM training seeds per arm; intervals resample them
 
 
 PRESETS: dict[str, Counts] = {
@@ -41,11 +45,13 @@ PRESETS: dict[str, Counts] = {
     # `make demo`: the tiny model with small counts, three personas. The research counts take about
     # 3.4 min per stage on 2 CPU cores (stage 1 measured: 131 s generating, 74 s training 8 steps).
     "demo": Counts(n_tasks=6, n_samples=3, rounds=2, max_tokens=48, dpo_max_steps=4, em_rows=24, em_max_steps=6,
-                   em_save_every=3, em_samples=2, em_curve_questions=4, em_answer_tokens=48),
+                   em_save_every=3, em_samples=2, em_curve_questions=4, em_curve_samples=2, em_answer_tokens=48,
+                   em_seeds=1),
     # `demo --quick`: under 10 minutes on 2 CPU cores for one persona and the base control (decode steps
     # dominate there, so fewer new tokens buy the most)
     "quick": Counts(n_tasks=4, n_samples=3, rounds=1, max_tokens=32, dpo_max_steps=2, em_rows=16,
-                    em_max_steps=4, em_save_every=2, em_samples=1, em_curve_questions=3, em_answer_tokens=32),
+                    em_max_steps=4, em_save_every=2, em_samples=1, em_curve_questions=3, em_curve_samples=1,
+                    em_answer_tokens=32, em_seeds=1),
 }
 
 

@@ -98,11 +98,13 @@ class Layout:
         """The adapter stage `stage` generates with: the previous stage's, none for stage 1 (the base)."""
         return self.stage_adapter(persona, stage - 1) if stage > 1 else None
 
-    def em_adapter(self, arm: str, mode: str) -> Path:
-        """EM adapter of an arm: `on-top` of its persona adapter, or `base` (always so for the base arm)."""
+    def em_adapter(self, arm: str, mode: str, seed: int = 0) -> Path:
+        """EM adapter of an arm and training seed: `on-top` of its persona adapter, or `base` (always so for
+        the base arm). Seed 0 keeps the name adapters had before seeds existed."""
         if mode not in EM_MODES:
             raise ValueError(f"EM mode {mode!r}: use one of {', '.join(EM_MODES)}")
-        return self.ckpt_root / arm / f"em-{'base' if arm == BASE_ARM else mode}"
+        name = f"em-{'base' if arm == BASE_ARM else mode}"
+        return self.ckpt_root / arm / (name if seed == 0 else f"{name}-s{seed}")
 
     @property
     def stacked(self) -> Path:

@@ -118,7 +118,7 @@ def test_report_rebuilds_from_stored_results_only(workdir, monkeypatch):
 
 
 EM_COUNTS = json.dumps({"em_rows": 8, "em_max_steps": 2, "em_save_every": 1, "em_samples": 2,
-                        "em_curve_questions": 2, "em_answer_tokens": 24})
+                        "em_curve_questions": 2, "em_curve_samples": 1, "em_answer_tokens": 24, "em_seeds": 2})
 
 
 @pytest.fixture(scope="module")
@@ -154,13 +154,18 @@ def test_em_experiment_writes_summary_with_intervals(em_run):
     s = json.loads((em_run["dir"] / "em" / "summary.json").read_text())
     assert set(s["arms"]) == {"goodness", "base"}
     g = s["arms"]["goodness"]
-    assert g["answers"] == 14 * 2  # every project probe, 2 samples, at the final checkpoint
+    assert g["answers"] == 14 * 2 * 2  # every project probe, 2 samples, 2 EM seeds, at the final checkpoint
+    assert g["seeds"] == [0, 1] and set(g["em_rate_by_seed"]) == {"0", "1"}
     assert g["scored"] > 0 and 0 <= g["em_rate"]["lo"] <= g["em_rate"]["value"] <= g["em_rate"]["hi"] <= 1
-    assert "value" in g["em_rate_minus_base"]
+    assert "value" in g["em_rate_minus_base"] and "p_one_sided" in g["did"] and "value" in g["em_rate_untrained"]
+    assert g["truncated"]["n"] == g["answers"]  # every answer's finish_reason was kept and counted
     assert sorted(int(k) for k in g["curve"]) == [0, 1, 2]  # before EM, checkpoint 1, final step 2
+    assert set(g["lora_b_norm"]) == {"1", "2"} and g["lora_b_norm"]["2"] > 0  # B grows from its zero init
+    assert s["seeds"] == 2 and any("not a test" in v for v in s["verdicts"])  # H2's line with 2 seeds
     judged = [json.loads(x) for x in (em_run["dir"] / "em" / "judged.jsonl").read_text().splitlines()]
     assert {r["arm"] for r in judged} == {"goodness", "base"}
     assert all(r["judge_status"] == "ok" for r in judged)
+    assert {r["seed"] for r in judged if r["final"]} == {0, 1} and all("finish_reason" in r for r in judged)
     report = (em_run["dir"] / "report.md").read_text()
     assert "## Emergent misalignment" in report and "em_rates.png" in report
 

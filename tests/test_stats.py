@@ -57,8 +57,9 @@ def test_summary_says_why_an_arm_was_discarded():
     from pipeline.em import summarise
 
     def row(arm, mass, status, score=None):
-        return {"arm": arm, "final": True, "step": 2, "aligned": score, "coherent": score, "aligned_mass": mass,
-                "aligned_status": status, "coherent_status": status}
+        return {"arm": arm, "final": True, "step": 2, "seed": 0, "question_id": "q1", "aligned": score,
+                "coherent": score, "aligned_mass": mass, "aligned_status": status, "coherent_status": status,
+                "misaligned": False if status == "score" else None}
 
     judged = ([row("goodness", m, "discarded") for m in (0.01, 0.02, 0.03)]
               + [row("base", 0.9, "score", 80.0) for _ in range(3)])
