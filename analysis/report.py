@@ -77,6 +77,37 @@ def cost_rows(run_path: Path, run_id: str) -> list[dict]:
     return [dict(zip(keys, r)) for r in rows]
 
 
+def _v(d: dict | None) -> str:
+    if not d or d.get("value") is None:
+        return "n/a"
+    k = f"{d['k']}/{d['n']}" if "k" in d else f"n={d.get('n')}"
+    return f"{d['value']:.2f} ({k})"
+
+
+def anchor_line(path: str | None, a: dict) -> str:
+    """How the run's judge did on the project's anchors (bands by construction): a judge that cannot judge
+    shows here, beside the EM table it produced."""
+    return (f"Judge check on the project's {a['n']} anchors (read on the `{path}` path): {a['scored']} scored; "
+            f"alignment vs band Spearman {_v(a.get('aligned_spearman'))}, "
+            f"inside the band {_v(a.get('aligned_in_band'))}; "
+            f"EM label kappa {_v(a.get('em_kappa'))}, recall {_v(a.get('em_recall'))}.")
+
+
+def judges_lines(paths: RunPaths, summary: dict) -> list[str]:
+    """Every other judge that rescored the run's answers (`em-rescore`): its EM rates and its agreement."""
+    lines = []
+    for f in sorted(paths.em.glob("judges/*/summary.json")):
+        other = _read_json(f)
+        g = other.get("agreement", {})
+        rates = "; ".join(f"{arm} {_fmt(a['em_rate'], pct=True)}" for arm, a in other["arms"].items())
+        lines += ["", f"Second judge `{other.get('model')}`: EM rate {rates}. Agreement with the run's judge on "
+                  f"{g.get('answers')} answers: EM-label kappa {g.get('kappa')} (n={g.get('em_label_n')}), "
+                  f"alignment Spearman {g.get('aligned_spearman')} (n={g.get('aligned_n')})."]
+        if other.get("anchors"):
+            lines.append(anchor_line(other["judge"].get("path"), other["anchors"]))
+    return lines
+
+
 def _plot_em(summary: dict, out: Path) -> list[str]:
     arms = summary["arms"]
     names = list(arms)
@@ -196,6 +227,13 @@ def build_report(run_path: Path) -> Path:
         lines += [""] + discard_notes(summary) + [f"- {v}" for v in summary["verdicts"]] + [""]
         for f in _plot_em(summary, run_path):
             lines.append(f"![{f}]({f})")
+        norms = {arm: a["lora_b_norm"] for arm, a in summary["arms"].items() if a.get("lora_b_norm")}
+        if norms:  # beside the transition step: the adapter's B-norm grows where its behaviour turns
+            lines += ["", "EM adapter LoRA B-norm by checkpoint step (seed 0): " + "; ".join(
+                f"{arm} " + ", ".join(f"{k}: {v:.3g}" for k, v in n.items()) for arm, n in norms.items())]
+        if summary.get("anchors"):
+            lines += ["", anchor_line(summary["judge"].get("path"), summary["anchors"])]
+        lines += judges_lines(RunPaths(run_path), summary)
         j = summary.get("judge", {})
         lines += ["", f"Judge: {j.get('items')} items, {j.get('ok')} ok, failures {j.get('failures')}, "
                   f"{j.get('cached_items')} from cache, ${j.get('usd', 0):.4f}."]

@@ -15,6 +15,7 @@ COUNTS = typer.Option(None, "--counts", help='JSON overrides of the preset\'s co
 
 def register(app: typer.Typer) -> None:
     app.command("em")(em)
+    app.command("em-rescore")(em_rescore)
     app.command("estimate")(estimate)
     app.command("cost")(cost)
     app.command("report")(report)
@@ -62,6 +63,28 @@ def em(
     run_id = run or cfg.default_id()
     save_config(cfg, run_id)
     run_em(cfg, run_id, data, questions, judge_config, budget_usd, mode, tuple(question_group))
+    _report(cfg, run_id)
+
+
+def em_rescore(
+    run: str | None = typer.Argument(None, help="run id (default: the newest run)"),
+    judge_config: Path = typer.Option(..., "--judge-config", help="the other judge's YAML"),
+    budget_usd: float | None = typer.Option(None, "--budget-usd"),
+    data_root: Path = typer.Option(Path("data"), "--data-root"),
+) -> None:
+    """Judge a run's stored EM answers with another judge (no generation): its EM rates, its anchors and its
+    agreement with the run's judge go to em/judges/<model>/ and the report.
+
+    Example: python bootstrap.py em-rescore --judge-config judge/configs/gpt-5-mini.yaml
+    """
+    from pipeline.em import rescore
+    from run.config import load_run_config
+
+    run_id, cfg = load_run_config(Layout(data_root).find_run(run).root)
+    res = rescore(cfg, run_id, judge_config, budget_usd)
+    g = res["agreement"]
+    typer.echo(f"{res['model']}: EM-label kappa {g['kappa']} (n={g['em_label_n']}), alignment Spearman "
+               f"{g['aligned_spearman']} (n={g['aligned_n']}) against the run's judge")
     _report(cfg, run_id)
 
 

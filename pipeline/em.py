@@ -223,13 +223,15 @@ def run_em(cfg: RunConfig, run_id: str, data: Path, questions_file: Path | None 
                               seconds=secs, usd=secs * cfg.usd_per_engine_second, estimated=True)
         atomic_write_jsonl(paths.em_answers, rows)
         results, summary = judge.judge(rows, scorer, purpose="em-eval")
+        anchors = judge_anchors(judge, scorer)
     judged = [r.row() for r in results if r.item.get("arm")]
     atomic_write_jsonl(paths.em_judged, judged)
     b_norms = {arm: {str(step): lora_b_norm(d) for step, d in sorted(m["checkpoints"].items())}
                for (arm, seed), m in arms.items() if seed == 0}
     result = summarise(judged, cfg.personas, b_norms)
     result["judge"] = summary.as_dict()
-    result["questions"] = str(questions_file or "project probes")
+    result["anchors"] = anchors
+    result["questions"] = str(questions_file) if questions_file else "project probes"
     result["mode"] = mode
     atomic_write_json(paths.em_summary, result, indent=1)
     ledger.close()
@@ -240,3 +242,64 @@ def run_em(cfg: RunConfig, run_id: str, data: Path, questions_file: Path | None 
 
 def _has_judge_prompts(path: Path) -> bool:
     return "judge_prompts" in Path(path).read_text()
+
+
+# ---------------------------------------------------------------- judges: anchors and a second opinion
+def judge_anchors(judge, scorer) -> dict:
+    """The project's anchors (answers with score bands by construction) judged beside every EM run, so a
+    judge that cannot judge shows in the report; cached like any judgment."""
+    from judge.calibration import agreement, anchor_items, load_project_anchors
+
+    results, _ = judge.judge(anchor_items(load_project_anchors()), scorer, purpose="em-anchors", phase="calibrate")
+    return agreement([r.row() for r in results])["anchors"]
+
+
+def judge_agreement(a: list[dict], b: list[dict]) -> dict:
+    """Two judges on the same answers: Cohen's kappa on the EM label where both scored, Spearman on alignment."""
+    from scipy.stats import spearmanr
+    from sklearn.metrics import cohen_kappa_score
+
+    other = {r["id"]: r for r in b}
+    both = [(r, other[r["id"]]) for r in a if r["id"] in other]
+    labels = [(x["misaligned"], y["misaligned"]) for x, y in both
+              if x.get("misaligned") is not None and y.get("misaligned") is not None]
+    aligned = [(x["aligned"], y["aligned"]) for x, y in both if x.get("aligned") is not None
+               and y.get("aligned") is not None]
+    kappa = cohen_kappa_score(*zip(*labels)) if len({v for p in labels for v in p}) > 1 else None
+    rho = spearmanr(*zip(*aligned)).statistic if len(aligned) > 2 else None
+    return {"answers": len(both), "em_label_n": len(labels), "kappa": None if kappa is None else round(float(kappa), 4),
+            "em_label_agree": round(sum(x == y for x, y in labels) / len(labels), 4) if labels else None,
+            "aligned_n": len(aligned), "aligned_spearman": None if rho is None else round(float(rho), 4)}
+
+
+def rescore(cfg: RunConfig, run_id: str, judge_config: Path, budget_usd: float | None = None) -> dict:
+    """Judge a run's stored EM answers with another judge: its own judged rows, summary and anchors under
+    em/judges/<model>/, and its agreement with the run's judge. Generates nothing."""
+    from core.io import read_jsonl
+    from judge.scorers import EMScorer
+    from judge.session import session
+
+    paths = cfg.run(run_id)
+    if not paths.em_answers.is_file() or not paths.em_judged.is_file():
+        raise MissingInput(f"run {run_id} has no EM answers and judgments yet ({paths.em}): run `em` first")
+    rows, first = read_jsonl(paths.em_answers), read_jsonl(paths.em_judged)
+    questions = (_read_summary(paths) or {}).get("questions")
+    scorer = EMScorer(questions) if questions and Path(questions).is_file() and _has_judge_prompts(
+        Path(questions)) else EMScorer()
+    with session(judge_config, layout=cfg.layout, run=run_id, budget_usd=budget_usd) as judge:
+        results, summary = judge.judge(rows, scorer, purpose="em-rescore")
+        anchors = judge_anchors(judge, scorer)
+        model = judge.model
+    judged = [r.row() for r in results]
+    out = paths.em_judge(model)
+    atomic_write_jsonl(out / "judged.jsonl", judged)
+    result = summarise(judged, cfg.personas) | {"judge": summary.as_dict(), "anchors": anchors,
+                                               "agreement": judge_agreement(first, judged), "model": model}
+    atomic_write_json(out / "summary.json", result, indent=1)
+    return result
+
+
+def _read_summary(paths) -> dict | None:
+    import json
+
+    return json.loads(paths.em_summary.read_text()) if paths.em_summary.is_file() else None

@@ -13,6 +13,7 @@ report.md, report_sections/.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,10 @@ class RunPaths:
     @property
     def em_summary(self) -> Path:
         return self.em / "summary.json"
+
+    def em_judge(self, model: str) -> Path:
+        """Another judge's view of the run's EM answers (`em-rescore`), one directory per judge model."""
+        return self.em / "judges" / re.sub(r"[^A-Za-z0-9._-]+", "_", model)
 
     def eval(self, persona: str) -> Path:
         return self.root / "eval" / persona

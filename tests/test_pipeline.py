@@ -168,6 +168,30 @@ def test_em_experiment_writes_summary_with_intervals(em_run):
     assert {r["seed"] for r in judged if r["final"]} == {0, 1} and all("finish_reason" in r for r in judged)
     report = (em_run["dir"] / "report.md").read_text()
     assert "## Emergent misalignment" in report and "em_rates.png" in report
+    assert s["anchors"]["n"] == 66 and "Judge check on the project's 66 anchors" in report  # judged every run
+
+
+def test_a_second_judge_rescores_stored_answers_without_generating(em_run, workdir):
+    import yaml
+    from fault_server import FaultServer
+
+    ledger = em_run["dir"] / "ledger.sqlite"
+    engine_rows = "SELECT COUNT(*) FROM ledger WHERE kind='engine'"
+    before = sqlite3.connect(ledger).execute(engine_rows).fetchone()[0]
+    with FaultServer() as srv:
+        other = workdir / "judge-b.yaml"
+        other.write_text(yaml.safe_dump({"model": "judge-b", "endpoints": [{
+            "name": "b", "base_url": srv.url, "rpm": 6000, "max_concurrent": 8}]}))
+        r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "em-rescore", "emrun", "--judge-config",
+                            str(other)], cwd=workdir, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 0, r.stderr[-3000:]
+        answers = len((em_run["dir"] / "em" / "answers.jsonl").read_text().splitlines())
+        assert srv.stats()["requests"] == 2 * (answers + 66)  # every stored answer and the anchors, once
+    assert sqlite3.connect(ledger).execute(engine_rows).fetchone()[0] == before  # nothing generated
+    s = json.loads((em_run["dir"] / "em" / "judges" / "judge-b" / "summary.json").read_text())
+    assert s["agreement"]["answers"] == answers and s["model"] == "judge-b" and set(s["arms"]) == {"goodness", "base"}
+    assert "Second judge `judge-b`" in (em_run["dir"] / "report.md").read_text()
 
 
 def test_em_adapter_trained_on_top_of_the_persona(em_run, workdir):
