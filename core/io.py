@@ -18,7 +18,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-SQLITE_TIMEOUT_S = 60.0  # a writer waits this long for another process's transaction before failing
+SQLITE_TIMEOUT_S = 60.0
+_UMASK = os.umask(0)  # read once at import (setting it is process-wide: not from threads later)
+os.umask(_UMASK)  # a writer waits this long for another process's transaction before failing
 
 
 def canonical_json(obj: Any) -> str:
@@ -41,6 +43,7 @@ def atomic_file(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every output owner-only
     try:
         yield tmp
         os.replace(tmp, path)
@@ -87,8 +90,9 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
 
 
 def swap_dir(new: Path, out: Path) -> None:
-    """Put directory `new` at `out`. An existing `out` is moved aside first and removed after, so at every
-    instant `out` is either the old directory or the new one."""
+    """Put directory `new` at `out`. An existing `out` is moved aside first and removed after, so `out` is
+    always the old directory or the new one, except for the instant between two renames (a reader then finds
+    none: never half of one)."""
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)

@@ -26,7 +26,7 @@ class ChatRequest(BaseModel):
     messages: list[dict[str, str]]
     max_tokens: int | None = 1  # None for reasoning models, which take `max_completion_tokens` instead
     temperature: float | None = 0.0  # None: the provider's default (reasoning models accept only that)
-    top_p: float = 1.0
+    top_p: float | None = 1.0  # None: not sent (reasoning models reject it)
     logprobs: bool = False
     top_logprobs: int | None = None
     seed: int | None = 0

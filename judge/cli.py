@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from core.errors import BadInput, BudgetStop, ItemsFailed, MissingInput
+from core.errors import BadInput, MissingInput
 
 
 def register(app: typer.Typer) -> None:
@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
 
         from judge.config import load_config
         from judge.scorers import load_anchors, make_scorer
-        from judge.session import session
+        from judge.session import check_complete, session
         from run.layout import Layout
 
         cfg = load_config(config)
@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
 
                 summary = asyncio.run(js.stream(rows, sc, write, purpose=purpose, anchors=anchor_rows))
         _print_summary(summary)
-        _exit_for(summary)
+        check_complete(summary)
 
     @app.command("calibrate")
     def calibrate(
@@ -100,23 +100,14 @@ def register(app: typer.Typer) -> None:
 def _explain(rows: list[dict], sc, cfg, layout) -> None:
     from judge.cache import Cache
     from judge.endpoints import judge_model_name
+    from judge.farm import apply_path
 
+    apply_path(sc, cfg)  # the requests of the path this judge is read on
     model, cache = judge_model_name(cfg), Cache(cfg.cache_path or layout.judge_cache)
     for row in rows:
         for name, req in sc.requests(row).items():
             typer.echo(f"{row['id']} [{name}]: {cache.explain_miss(model, req, sc.template_version)}")
     cache.close()
-
-
-def _exit_for(s) -> None:
-    """Every item judged, or the exit code of what is left: budget (3) before failures (4)."""
-    if s.budget_stopped or s.remaining:
-        raise BudgetStop(f"the budget cap stopped the judge: {s.remaining} items not sent "
-                         f"(worst case ${s.remaining_usd:.6f}); finished items are kept")
-    failed = sum(s.failures.values())
-    if failed:
-        reasons = ", ".join(f"{n} {r}" for r, n in sorted(s.failures.items()))
-        raise ItemsFailed(f"{failed} of {s.items} items were not judged ({reasons}); a rerun sends only those")
 
 
 def _read_jsonl(path: Path):

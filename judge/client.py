@@ -40,9 +40,11 @@ class PathUnsupported(ItemFailed):
     temperature): the judge is a reasoning model or similar, to be read by sampling instead."""
 
 
-# what reasoning models' 400s name (OpenAI: "logprobs are not supported with reasoning models", "Unsupported
-# parameter: 'max_tokens' ... Use 'max_completion_tokens' instead", "'temperature' does not support 0.0")
-_PATH_PARAMS = re.compile(r"\b(top_logprobs|logprobs|max_tokens|temperature)\b")
+# what reasoning models' 400s say (OpenAI: "logprobs are not supported with reasoning models", "Unsupported
+# parameter: 'max_tokens' ... Use 'max_completion_tokens' instead", "'temperature' does not support 0.0"): a
+# parameter the path uses AND that it is unsupported, so "max_tokens is too large" (a long prompt) is no switch
+_PATH_PARAMS = re.compile(r"\b(top_logprobs|logprobs|max_tokens|temperature|top_p)\b")
+_UNSUPPORTED = re.compile(r"not supported|unsupported|does not support", re.I)
 
 
 @dataclass
@@ -280,7 +282,7 @@ class Pool:
             return self._ra_wait(ra), f"http {code}"
         self.stats.errors[f"http {code}"] += 1
         snippet = _safe_snippet(resp)
-        if code == 400 and _PATH_PARAMS.search(snippet):
+        if code == 400 and _PATH_PARAMS.search(snippet) and _UNSUPPORTED.search(snippet):
             raise PathUnsupported(f"http 400 from {st.ep.name}: {snippet}")
         raise ItemFailed(f"http {code} from {st.ep.name}: {snippet}")
 

@@ -193,6 +193,8 @@ class Farm:
             if not isinstance(e, ItemFailed):
                 raise e
             return Result(iid, "failed", item, reason=e.reason, cached=False, **base)
+        if getattr(self.scorer, "path", None) != path:  # switched while this item was read the old way
+            return await self.judge(item)
         try:
             scores = self.scorer.score(item, replies)
         except (KeyError, IndexError, TypeError, ValueError) as e:

@@ -131,7 +131,7 @@ class NumberScorer:
         prompts = self.prompts(item)
         if self.path == "sampled":
             # the provider's default temperature; a seed per reply so the K replies are K cache entries
-            return {f"{m}#{k}": ChatRequest(messages=msgs, max_tokens=None, temperature=None,
+            return {f"{m}#{k}": ChatRequest(messages=msgs, max_tokens=None, temperature=None, top_p=None,
                                             max_completion_tokens=self.max_completion_tokens, seed=k)
                     for m, msgs in prompts.items() for k in range(self.samples)}
         key = (lambda m: f"{m}@[]") if self.path == "exact" else (lambda m: m)

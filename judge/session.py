@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
+from core.errors import BudgetStop, ItemsFailed
 from core.ledger import Ledger
 from judge.cache import Cache, cache_key
 from judge.config import JudgeConfig, load_config
@@ -99,6 +100,20 @@ class JudgeSession:
         return asyncio.run(judge_items(items, scorer, self.config, self.cache, self.ledger, self.budget_usd, self.run,
                                        purpose, progress=self.progress, anchors=anchors, model=self.model,
                                        endpoints=endpoints, phase=phase))
+
+
+def check_complete(summary: Summary | dict, what: str = "the judge") -> None:
+    """Raise the exit code of what a judge run left undone: BudgetStop (3) before ItemsFailed (4); return when
+    every item was judged. Callers write what was judged first: nothing judged is lost."""
+    s = summary.as_dict() if isinstance(summary, Summary) else summary
+    if s.get("budget_stopped") or s.get("remaining"):
+        raise BudgetStop(f"the budget cap stopped {what}: {s.get('remaining')} items not sent (worst case "
+                         f"${s.get('remaining_usd', 0):.6f}); finished items are kept")
+    failures = s.get("failures") or {}
+    if failed := sum(failures.values()):
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(failures.items()))
+        raise ItemsFailed(f"{failed} of {s.get('items')} items were not judged by {what} ({reasons}); a rerun "
+                          "sends only those")
 
 
 def session(config: JudgeConfig | str | Path | None = None, *, layout: Layout | None = None, run: str,

@@ -62,8 +62,11 @@ def em(
     cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts)
     run_id = run or cfg.default_id()
     save_config(cfg, run_id)
-    run_em(cfg, run_id, data, questions, judge_config, budget_usd, mode, tuple(question_group))
+    from judge.session import check_complete
+
+    result = run_em(cfg, run_id, data, questions, judge_config, budget_usd, mode, tuple(question_group))
     _report(cfg, run_id)
+    check_complete(result["judge"], "the EM judge")
 
 
 def em_rescore(
@@ -81,11 +84,14 @@ def em_rescore(
     from run.config import load_run_config
 
     run_id, cfg = load_run_config(Layout(data_root).find_run(run).root)
+    from judge.session import check_complete
+
     res = rescore(cfg, run_id, judge_config, budget_usd)
     g = res["agreement"]
     typer.echo(f"{res['model']}: EM-label kappa {g['kappa']} (n={g['em_label_n']}), alignment Spearman "
                f"{g['aligned_spearman']} (n={g['aligned_n']}) against the run's judge")
     _report(cfg, run_id)
+    check_complete(res["judge"], res["model"])
 
 
 def estimate(
@@ -186,8 +192,11 @@ def demo(quick: bool = typer.Option(False, "--quick", help="smallest counts, one
     run_id = run_bootstrap(stage=6, personas=personas, profile="tiny", preset=preset)
     cfg = RunConfig(personas=personas, profile="tiny", stage=6, counts=counts_from(preset))
     data = write_jsonl(cfg.layout.em_demo_data, n=max(cfg.counts.em_rows, 40))
-    run_em(cfg, run_id, data)
+    from judge.session import check_complete
+
+    result = run_em(cfg, run_id, data)
     _report(cfg, run_id)
+    check_complete(result["judge"], "the EM judge")
 
 
 def _report(cfg, run_id: str) -> None:

@@ -267,6 +267,7 @@ def judge_agreement(a: list[dict], b: list[dict]) -> dict:
                and y.get("aligned") is not None]
     kappa = cohen_kappa_score(*zip(*labels)) if len({v for p in labels for v in p}) > 1 else None
     rho = spearmanr(*zip(*aligned)).statistic if len(aligned) > 2 else None
+    rho = None if rho is None or rho != rho else rho  # constant scores give NaN: no figure, not NaN in JSON
     return {"answers": len(both), "em_label_n": len(labels), "kappa": None if kappa is None else round(float(kappa), 4),
             "em_label_agree": round(sum(x == y for x, y in labels) / len(labels), 4) if labels else None,
             "aligned_n": len(aligned), "aligned_spearman": None if rho is None else round(float(rho), 4)}

@@ -110,7 +110,8 @@ class RunConfig(BaseModel):
 
     def default_id(self) -> str:
         """Same config → same id, so a rerun lands in the same directory and reuses its work."""
-        # json.dumps' default separators, not canonical_json: ids of runs made before stay the same
+        # json.dumps' default separators, not canonical_json: the id derivation of earlier runs is kept (an
+        # id still changes whenever the config, counts included, does)
         blob = json.dumps(self.model_dump(exclude={"stage", "only"}), sort_keys=True)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
         return f"{self.profile}-{'-'.join(self.personas)}-{digest}"

@@ -74,6 +74,8 @@ def _reasoning_400(body: dict) -> str | None:
     if "max_tokens" in body:
         return ("Unsupported parameter: 'max_tokens' is not supported with this model. Use "
                 "'max_completion_tokens' instead.")
+    if "top_p" in body:
+        return "Unsupported parameter: 'top_p' is not supported with this model."
     if body.get("temperature", 1) != 1:
         return (f"Unsupported value: 'temperature' does not support {body['temperature']} with this model. "
                 "Only the default (1) value is supported.")
@@ -162,6 +164,10 @@ class FaultApp:
         if f.reasoning and (refusal := _reasoning_400(body)):
             self._status(400)
             return web.json_response({"error": {"message": refusal, "type": "invalid_request_error"}}, status=400)
+        if "TOOLONG400" in content:  # vLLM's answer to a prompt that leaves no room for max_tokens
+            self._status(400)
+            msg = "'max_tokens' or 'max_completion_tokens' is too large: 1. This model's maximum context length is 2048"
+            return web.json_response({"error": {"message": msg}}, status=400)
         if "ALWAYS400" in content:
             self._status(400)
             return web.json_response({"error": {"message": "invalid request"}}, status=400)

@@ -56,6 +56,8 @@ def test_sampled_parses_the_last_integer_and_counts_what_does_not_parse():
     assert parse_reply("No figure.") is None and parse_reply("REFUSAL") == "REFUSAL"
     assert parse_reply("I rate it 3.5") is None  # not an integer answer
     assert parse_reply("I'd give it 85/100.") == 85 and parse_reply("7 out of 10", hi=10) == 7  # not the scale
+    assert parse_reply("Score: 85.") == 85  # a full stop ends the number
+    assert parse_reply("I'd say 8/10") is None  # another scale than the rubric's 0-100: not read as 8
     body = lambda t: {"choices": [{"message": {"content": t}}]}  # noqa: E731
     r = read_sampled([body("80"), body("90"), body("hmm")])
     assert (r.value, r.status, r.replies, r.parsed) == (85.0, "score", 3, 2)
@@ -106,12 +108,12 @@ def test_the_sampled_path_sends_what_reasoning_models_take(reasoning):
 def test_any_other_400_fails_the_item_and_keeps_the_path(reasoning):
     reasoning.reset(reasoning=False)
     try:
-        items = [{"id": 0, "question": "ALWAYS400", "answer": "x"}]
+        items = [{"id": 0, "question": "ALWAYS400", "answer": "x"}, {"id": 1, "question": "TOOLONG400", "answer": "x"}]
         res, s = run_judge(items, EMScorer(), _cfg(reasoning.url), progress=False)
     finally:
         reasoning.reset(reasoning=True)
-    assert res[0].status == "failed" and "http 400" in res[0].reason and s.path == "logprobs"
-    assert s.path_switches == []
+    assert [r.status for r in res] == ["failed", "failed"] and all("http 400" in r.reason for r in res)
+    assert s.path == "logprobs" and s.path_switches == []  # "max_tokens is too large" is no reasoning model
 
 
 def test_number_probabilities_sum_like_a_distribution():
