@@ -188,8 +188,9 @@ def test_a_second_judge_rescores_stored_answers_without_generating(em_run, workd
         assert r.returncode == 0, r.stderr[-3000:]
         rows = [json.loads(x) for x in (em_run["dir"] / "em" / "answers.jsonl").read_text().splitlines()]
         answers, distinct = len(rows), len({(r["question_id"], r["answer"]) for r in rows})
-        # every distinct stored answer and every anchor, once (equal answers to a question share a judgment)
-        assert srv.stats()["requests"] == 2 * (distinct + 66)
+        # every stored answer and every anchor; equal answers to a question share a judgment, unless two of them
+        # were in flight at once (the cache is filled when a reply lands)
+        assert 2 * (distinct + 66) <= srv.stats()["requests"] <= 2 * (answers + 66)
     assert sqlite3.connect(ledger).execute(engine_rows).fetchone()[0] == before  # nothing generated
     s = json.loads((em_run["dir"] / "em" / "judges" / "judge-b" / "summary.json").read_text())
     assert s["agreement"]["answers"] == answers and s["model"] == "judge-b" and set(s["arms"]) == {"goodness", "base"}
