@@ -80,6 +80,9 @@ class JudgeConfig(BaseModel):
     scoring: Literal["auto", "logprobs", "exact", "sampled"] = "auto"
     tokenizer: str | None = None  # a HF tokenizer (dir or hub id) of a remote judge, e.g. your own vLLM server
     samples: int = Field(3, ge=1)  # sampled path: replies per metric, averaged
+    # exact path: prefixes less likely than this are not read (their mass is reported as pruned_mass); each
+    # read is one request, and a judge unsure of its number has many likely prefixes
+    exact_prune: float = Field(1e-3, gt=0, lt=1)
     max_completion_tokens: int = Field(1024, ge=16)  # sampled path: output cap, hidden reasoning included
 
     @model_validator(mode="after")

@@ -26,6 +26,7 @@ from judge.cache import ChatRequest
 from judge.reading import (
     LABELS,
     MIN_MASS,
+    PRUNE,
     Reading,
     Tables,
     Trie,
@@ -122,10 +123,11 @@ class NumberScorer:
     def prefill(self, item: dict) -> str:
         return ""
 
-    def use_path(self, path: ReadPath, tokenize=None) -> None:
-        """`tokenize(text) -> [token text]` of the judge, for the exact path (default: one token per digit)."""
+    def use_path(self, path: ReadPath, tokenize=None, prune: float = PRUNE) -> None:
+        """`tokenize(text) -> [token text]` of the judge, for the exact path (default: one token per digit);
+        `prune`: the least probable prefix the exact path still reads."""
         self.path = path
-        self.trie = Trie(tokenize or list, self.lo, self.hi) if path == "exact" else None
+        self.trie = Trie(tokenize or list, self.lo, self.hi, prune) if path == "exact" else None
 
     def requests(self, item: dict) -> dict[str, ChatRequest]:
         prompts = self.prompts(item)
