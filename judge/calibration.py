@@ -11,7 +11,7 @@ Two sets, judged through one session (so they share the judge cache, the run's l
   agreement (Spearman), distance to the band, Cohen's kappa on the EM label and the special labels.
 
     from judge.calibration import calibrate, format_table, save_result
-    result = calibrate(load_config(None), Layout("data"), em_data=Path("../shared/data/em"))
+    result = calibrate(load_config(None), Layout("data"), em_data=Path("em-paper"))
     print(format_table(result)); save_result(result, Layout("data"))
 
 Every figure carries its n, and every judged row is counted by outcome (`by_status`), so a judge that fails

@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         (judge/data/anchors.yaml) and the EM paper's 70 GPT-4o-judged answers. Prints a table, writes
         <data-root>/runs/calibrate/calibration.json.
 
-        Example: python bootstrap.py calibrate --em-data ../shared/data/em --no-progress
+        Example: python bootstrap.py calibrate --em-data DIR_WITH_THE_EM_PAPER_DATA --no-progress
         """
         import json
 
