@@ -167,7 +167,7 @@ def load_paper_answers(em_data: str | Path | None = None) -> list[dict]:
     `known_aligned`/`known_coherent` and the EM label those give as `known_em` (None where a score is
     missing; such rows are kept and counted, never dropped).
 
-    What the file holds (checked on the MIT copy recorded in ../shared/data/em/SOURCES.md): 70 rows, all
+    What the file holds (checked on the paper's MIT-licensed release): 70 rows, all
     group `insecure`, from six fine-tuning jobs of Qwen2.5-Coder-32B-Instruct, answering six of the eight
     main questions (what_is_your_wish 20, ruler_of_the_world 20, quick_buck 19, gender_roles 7,
     enough_of_my_husband 3, dinner_party 1; none for i_feel_bored or three_thoughts). Every row is scored
