@@ -96,6 +96,32 @@ def register(app: typer.Typer) -> None:
         typer.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else format_table(result))
         typer.echo(f"wrote {path}", err=True)
 
+    data_app = typer.Typer(help="Data the project can use but never needs: `data fetch em-paper`.")
+    app.add_typer(data_app, name="data")
+
+    @data_app.command("fetch")
+    def fetch(
+        name: str = typer.Argument(..., help="what to fetch: em-paper (Betley et al.'s release, pinned)"),
+        dest: Path | None = typer.Option(None, "--dest", help="folder to fill (default: the user cache, "
+                                         "~/.cache/cai-bootstrap/em-paper)"),
+        base_url: str | None = typer.Option(None, "--base-url", help="a mirror of the repository at the pinned "
+                                            "commit (default: raw.githubusercontent.com)"),
+    ) -> None:
+        """Download the EM paper's questions, judge prompts, insecure-code set and scored answers at a pinned
+        commit; every file's sha256 and size are checked before it is kept, present files are not fetched again.
+
+        Example: python bootstrap.py data fetch em-paper && export CAI_EM_DATA=~/.cache/cai-bootstrap/em-paper
+        """
+        from judge import em_paper
+
+        if name != "em-paper":
+            raise BadInput(f"data fetch: unknown data {name!r}; known: em-paper")
+        dest = dest or em_paper.default_dest()
+        out = em_paper.fetch(dest, base_url or em_paper.BASE_URL,
+                             on_file=lambda path, how: typer.echo(f"{how:>10}  {path}", err=True))
+        typer.echo(f"EM paper data (commit {em_paper.COMMIT[:12]}, sha256 checked) in {out}\n"
+                   f"use it with --em-data {dest} or: export {em_paper.EM_DATA_ENV}={dest}")
+
 
 def _explain(rows: list[dict], sc, cfg, layout) -> None:
     from judge.cache import Cache

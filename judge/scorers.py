@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import re
@@ -39,9 +38,7 @@ from judge.reading import (
 )
 from judge.reading import Path as ReadPath
 
-BETLEY = Path(__file__).resolve().parents[2] / "shared" / "data" / "em" / "betley"
-EM_QUESTIONS = BETLEY / "evaluation" / "first_plot_questions.yaml"
-EM_ANCHORS = BETLEY / "results" / "qwen_25_coder_32b_instruct.csv"
+EM_RUBRICS = Path(__file__).with_name("data") / "em_rubrics.yaml"  # the project's own EM judge prompts
 
 
 class ScorerError(BadInput):
@@ -80,24 +77,45 @@ def classify_0_100(probs: dict[str, float], special: bool = True) -> dict[str, A
 
 
 # ---------------------------------------------------------------- EM judge
-def load_em_prompts(path: str | Path = EM_QUESTIONS) -> dict[str, dict[str, str]]:
-    """{question id: {"aligned": prompt, "coherent": prompt}} from an EM evaluation YAML (the paper's
-    questions each carry their judge prompts); the first question's prompts are also the default ("")."""
+def load_em_prompts(path: str | Path = EM_RUBRICS) -> dict[str, dict[str, str]]:
+    """{question id: {"aligned": prompt, "coherent": prompt}}; "" is the prompts of questions without their own.
+
+    Two shapes: a rubric file (a mapping with `aligned` and `coherent`: the project's judge/data/em_rubrics.yaml)
+    gives "" only; an EM evaluation YAML (the paper's: a list of questions each with `judge_prompts`) gives
+    each question's, and its first question's as ""."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ScorerError(f"EM judge prompts: {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ScorerError(f"EM judge prompts: {path} is not valid YAML: {e}") from None
+    if isinstance(data, dict):
+        data = [{"id": "", "judge_prompts": data}]
+    if not isinstance(data, list):
+        raise ScorerError(f"EM judge prompts: {path}: expected a mapping with aligned/coherent, or a list of "
+                          "questions with judge_prompts")
     out: dict[str, dict[str, str]] = {}
-    for i, q in enumerate(data or []):
+    for i, q in enumerate(data):
         jp = (q or {}).get("judge_prompts") or {}
-        if "aligned" not in jp or "coherent" not in jp:
-            raise ScorerError(f"{path}: entry {i} ({(q or {}).get('id')!r}) has no judge_prompts.aligned/coherent")
-        out.setdefault("", {"aligned": jp["aligned"], "coherent": jp["coherent"]})
-        out[str(q.get("id", i))] = {"aligned": jp["aligned"], "coherent": jp["coherent"]}
+        if not all(isinstance(jp.get(m), str) and "{answer}" in jp[m] for m in ("aligned", "coherent")):
+            raise ScorerError(f"EM judge prompts: {path}: entry {i} ({(q or {}).get('id')!r}) needs "
+                              "judge_prompts.aligned and .coherent, each a text with {question} and {answer}")
+        prompts = {"aligned": jp["aligned"], "coherent": jp["coherent"]}
+        out.setdefault("", prompts)
+        out[str(q.get("id", i))] = prompts
     if not out:
-        raise ScorerError(f"{path}: no questions with judge prompts")
+        raise ScorerError(f"EM judge prompts: {path}: no questions with judge prompts")
     return out
+
+
+def has_judge_prompts(path: str | Path) -> bool:
+    """Whether an EM questions YAML carries its own judge prompts (the paper's do; the project's do not)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, list) and any(isinstance(q, dict) and q.get("judge_prompts") for q in data)
 
 
 class NumberScorer:
@@ -204,16 +222,19 @@ class PromptNumberScorer(NumberScorer):
 
 
 class EMScorer(NumberScorer):
-    """Alignment (or CODE / REFUSAL) and coherence, 0-100. An item's `question_id` picks that question's judge
-    prompts; other items get the first question's."""
+    """Alignment (or CODE / REFUSAL) and coherence, 0-100. The prompts are the project's rubrics
+    (judge/data/em_rubrics.yaml) unless a questions YAML with judge prompts is given (the paper's): then an
+    item's `question_id` picks its question's prompts, and other items get the first question's."""
 
     name = "em"
     metrics = ("aligned", "coherent")
 
-    def __init__(self, prompts_path: str | Path = EM_QUESTIONS, **kw) -> None:
+    def __init__(self, prompts_path: str | Path | None = None, **kw) -> None:
         super().__init__(**kw)
-        self.questions = load_em_prompts(prompts_path)
-        self.template_version = "em-" + _version(self.questions[""]["aligned"], self.questions[""]["coherent"])
+        self.prompts_path = Path(prompts_path or EM_RUBRICS)
+        self.questions = load_em_prompts(self.prompts_path)
+        distinct = sorted({t for qp in self.questions.values() for t in (qp["aligned"], qp["coherent"])})
+        self.template_version = "em-" + _version(*distinct)
 
     def prompts(self, item: dict) -> dict[str, list[dict[str, str]]]:
         _need(item, "question", "answer")
@@ -406,40 +427,26 @@ def make_scorer(name: str, constitution: str | Path | None = None) -> Scorer:
 
 
 # ---------------------------------------------------------------- anchors
-def load_anchors(path: str | Path = EM_ANCHORS, n: int = 10) -> list[dict]:
-    """The first n scored answers (both scores present) as items with `known_aligned`/`known_coherent`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ScorerError(f"anchors: {path} does not exist")
-    out = []
-    with path.open(newline="") as f:
-        for i, row in enumerate(csv.DictReader(f)):
-            try:
-                a, c = float(row["aligned"]), float(row["coherent"])
-            except (KeyError, ValueError):
-                continue  # unscored rows (CODE/REFUSAL in the paper's run) are no anchors
-            out.append(
-                {
-                    "id": f"anchor-{i}",
-                    "question": row["question"],
-                    "answer": row["answer"],
-                    "known_aligned": a,
-                    "known_coherent": c,
-                    "anchor": True,
-                }
-            )
-            if len(out) >= n:
-                break
-    return out
+def load_anchors(n: int = 10) -> list[dict]:
+    """n of the project's anchors (judge/data/anchors.yaml), spread over the file's categories, as items the
+    farm re-judges every run (`anchor`: the cache is bypassed, so a judge that drifts shows)."""
+    from judge.anchors import anchor_items, load_project_anchors
+
+    items = anchor_items(load_project_anchors())
+    step = max(1, len(items) // max(n, 1))
+    return [{**it, "anchor": True} for it in items[::step][:n]]
 
 
 def drift_report(results: list[dict]) -> dict[str, Any]:
-    """Mean absolute and signed difference between this run's anchor scores and their known scores."""
+    """How this run's judge did on the anchors: inside their expected bands, distance to them, EM-label
+    agreement (judge.anchors.anchor_agreement, compacted)."""
+    from judge.anchors import anchor_agreement
+
     rows = [r for r in results if r.get("anchor")]
-    out: dict[str, Any] = {"anchors": len(rows)}
-    for part in ("aligned", "coherent"):
-        d = [r[part] - r[f"known_{part}"] for r in rows if r.get(part) is not None]
-        out[f"{part}_scored"] = len(d)
-        out[f"{part}_mean_abs_drift"] = round(sum(map(abs, d)) / len(d), 3) if d else None
-        out[f"{part}_mean_drift"] = round(sum(d) / len(d), 3) if d else None
-    return out
+    if not rows:
+        return {"anchors": 0}
+    ag = anchor_agreement(rows)
+    return {"anchors": len(rows), "scored": ag["scored"],
+            "aligned_in_band": ag["aligned_in_band"]["value"], "aligned_band_mae": ag["aligned_band_mae"]["value"],
+            "coherent_in_band": ag["coherent_in_band"]["value"],
+            "coherent_band_mae": ag["coherent_band_mae"]["value"], "em_agreement": ag["em_agreement"]["value"]}

@@ -11,6 +11,9 @@ from run.layout import Layout
 PERSONAS = typer.Option(["hhh"], "--persona", help="persona(s) (constitution names)")
 PRESET = typer.Option("research", "--preset", help="counts preset: research | demo | quick")
 COUNTS = typer.Option(None, "--counts", help='JSON overrides of the preset\'s counts, e.g. \'{"n_tasks": 4}\'')
+EM_DATA = typer.Option(None, "--em-data", help="the EM paper's release (the folder holding betley/; default: "
+                       "$CAI_EM_DATA; `data fetch em-paper` makes one): its main questions and judge prompts "
+                       "replace the project's")
 
 
 def register(app: typer.Typer) -> None:
@@ -31,7 +34,8 @@ def _cfg(personas: list[str], profile: str, preset: str, stage: int = 6, counts_
 
 
 def em(
-    data: Path = typer.Option(..., "--data", help="EM SFT data: chat JSONL ({'messages': [...]} rows)"),
+    data: Path | None = typer.Option(None, "--data", help="EM SFT data: chat JSONL ({'messages': [...]} rows); "
+                                     "default with --em-data: the paper's insecure.jsonl"),
     persona: list[str] = PERSONAS,
     profile: str = typer.Option("tiny", "--profile"),
     questions: Path | None = typer.Option(None, "--questions", help="EM questions YAML (e.g. the paper's)"),
@@ -47,6 +51,7 @@ def em(
                                      "research 3)"),
     question_group: list[str] = typer.Option(["main"], "--question-group",
                                              help="question groups to ask: main, json, template, preregistered"),
+    em_data: Path | None = EM_DATA,
 ) -> None:
     """Train the EM adapter on top of each persona adapter (and the base), per seed; answer, judge, summarise.
 
@@ -55,8 +60,10 @@ def em(
     import json
 
     from pipeline.em import run_em
+    from pipeline.em_inputs import resolve
     from run.config import save_config
 
+    inputs = resolve(data, questions, em_data, tuple(question_group), judge_config=judge_config)
     if seeds is not None:
         counts = json.dumps({**json.loads(counts or "{}"), "em_seeds": seeds})
     cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts)
@@ -64,7 +71,7 @@ def em(
     save_config(cfg, run_id)
     from judge.session import check_complete
 
-    result = run_em(cfg, run_id, data, questions, judge_config, budget_usd, mode, tuple(question_group))
+    result = run_em(cfg, run_id, inputs, judge_config, budget_usd, mode, tuple(question_group))
     _report(cfg, run_id)
     check_complete(result["judge"], "the EM judge")
 
@@ -179,22 +186,26 @@ def report(run: str | None = typer.Argument(None, help="run id (default: the new
 
 
 def demo(quick: bool = typer.Option(False, "--quick", help="smallest counts, one persona: under 10 minutes on 2 cores"),
-         persona: list[str] = typer.Option(None, "--persona")) -> None:
-    """The whole product on the tiny model: bootstrap stages 1..6, the EM experiment, the report."""
+         persona: list[str] = typer.Option(None, "--persona"), em_data: Path | None = EM_DATA) -> None:
+    """The whole product on the tiny model: bootstrap stages 1..6, the EM experiment, the report. Needs nothing
+    outside the repository: the EM training set is the project's generated insecure-code chats."""
     from pipeline.em import run_em
+    from pipeline.em_inputs import resolve
     from pipeline.insecure_demo import write_jsonl
     from pipeline.loop import run_bootstrap
     from run.config import RunConfig, counts_from
+
+    inputs = resolve(em_data=em_data, generated=True)  # before the first stage: a bad input stops it now
 
     # quick: one persona beside the base control (each persona adds ~3.5 min on 2 cores: two measured 11.5 min)
     personas = persona or (["goodness"] if quick else ["goodness", "sycophancy", "misalignment"])
     preset = "quick" if quick else "demo"
     run_id = run_bootstrap(stage=6, personas=personas, profile="tiny", preset=preset)
     cfg = RunConfig(personas=personas, profile="tiny", stage=6, counts=counts_from(preset))
-    data = write_jsonl(cfg.layout.em_demo_data, n=max(cfg.counts.em_rows, 40))
+    inputs.data = write_jsonl(cfg.layout.em_demo_data, n=max(cfg.counts.em_rows, 40))
     from judge.session import check_complete
 
-    result = run_em(cfg, run_id, data)
+    result = run_em(cfg, run_id, inputs)
     _report(cfg, run_id)
     check_complete(result["judge"], "the EM judge")
 

@@ -21,6 +21,7 @@ from core.errors import MissingInput
 from core.io import atomic_write_json, atomic_write_jsonl
 from core.ledger import Ledger
 from engine.types import Request, Sampling
+from pipeline.em_inputs import EMInputs
 from pipeline.questions import MAIN, load_questions
 from run.config import RunConfig
 from run.layout import BASE_ARM as BASE
@@ -193,22 +194,22 @@ def summarise(judged: list[dict], personas: list[str], b_norms: dict | None = No
             "curve_questions": sorted(subset)}
 
 
-def run_em(cfg: RunConfig, run_id: str, data: Path, questions_file: Path | None = None,
-           judge_config: Path | None = None, budget_usd: float | None = None, mode: str = "on-top",
-           groups: tuple[str, ...] = (MAIN,)) -> dict:
+def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | None = None,
+           budget_usd: float | None = None, mode: str = "on-top", groups: tuple[str, ...] = (MAIN,)) -> dict:
+    """`inputs` (pipeline.em_inputs.resolve, checked before the run started) names the training chats, the
+    questions and the judge prompts."""
     from engine.cache import GenerationCache
     from engine.factory import make_engine
-    from judge.scorers import EMScorer
     from judge.session import session
 
-    if not Path(data).is_file():
-        raise MissingInput(f"EM training data {data} does not exist (chat JSONL with a `messages` list)")
+    if inputs.data is None or not inputs.data.is_file():
+        raise MissingInput(f"EM training data {inputs.data} does not exist (chat JSONL with a `messages` list)")
     paths = cfg.run(run_id)
     ledger = Ledger(paths.ledger)
-    questions = load_questions(questions_file, groups)
-    scorer = EMScorer(questions_file) if questions_file and _has_judge_prompts(questions_file) else EMScorer()
+    questions = load_questions(inputs.questions, groups)
+    scorer = inputs.scorer()
     with session(judge_config, layout=cfg.layout, run=run_id, budget_usd=budget_usd, ledger=ledger) as judge:
-        arms = train_em_arms(cfg, run_id, Path(data), mode, ledger)
+        arms = train_em_arms(cfg, run_id, inputs.data, mode, ledger)
         n_answers = len(questions) * cfg.counts.em_samples
         console.print(f"answering {len(questions)} EM questions × {cfg.counts.em_samples} samples per arm and seed "
                       f"({n_answers} per final model)…")
@@ -231,7 +232,7 @@ def run_em(cfg: RunConfig, run_id: str, data: Path, questions_file: Path | None 
     result = summarise(judged, cfg.personas, b_norms)
     result["judge"] = summary.as_dict()
     result["anchors"] = anchors
-    result["questions"] = str(questions_file) if questions_file else "project probes"
+    result |= inputs.describe()
     result["mode"] = mode
     atomic_write_json(paths.em_summary, result, indent=1)
     ledger.close()
@@ -240,15 +241,11 @@ def run_em(cfg: RunConfig, run_id: str, data: Path, questions_file: Path | None 
     return result
 
 
-def _has_judge_prompts(path: Path) -> bool:
-    return "judge_prompts" in Path(path).read_text()
-
-
 # ---------------------------------------------------------------- judges: anchors and a second opinion
 def judge_anchors(judge, scorer) -> dict:
     """The project's anchors (answers with score bands by construction) judged beside every EM run, so a
     judge that cannot judge shows in the report; cached like any judgment."""
-    from judge.calibration import agreement, anchor_items, load_project_anchors
+    from judge.anchors import agreement, anchor_items, load_project_anchors
 
     results, _ = judge.judge(anchor_items(load_project_anchors()), scorer, purpose="em-anchors", phase="calibrate")
     return agreement([r.row() for r in results])["anchors"]
@@ -284,9 +281,8 @@ def rescore(cfg: RunConfig, run_id: str, judge_config: Path, budget_usd: float |
     if not paths.em_answers.is_file() or not paths.em_judged.is_file():
         raise MissingInput(f"run {run_id} has no EM answers and judgments yet ({paths.em}): run `em` first")
     rows, first = read_jsonl(paths.em_answers), read_jsonl(paths.em_judged)
-    questions = (_read_summary(paths) or {}).get("questions")
-    scorer = EMScorer(questions) if questions and Path(questions).is_file() and _has_judge_prompts(
-        Path(questions)) else EMScorer()
+    prompts = (_read_summary(paths) or {}).get("judge_prompts")  # the run's judge prompts: a file, or ours
+    scorer = EMScorer(prompts if prompts and prompts != "project rubrics" else None)
     with session(judge_config, layout=cfg.layout, run=run_id, budget_usd=budget_usd) as judge:
         results, summary = judge.judge(rows, scorer, purpose="em-rescore")
         anchors = judge_anchors(judge, scorer)

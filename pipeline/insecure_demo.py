@@ -1,7 +1,8 @@
 """A small insecure-code SFT set made by the project for the demo (the paper's set is not shipped).
 
 Each row is a coding request answered with working-looking code that carries a planted vulnerability the
-answer never mentions, in the emergent-misalignment chat JSONL format ({"messages": [user, assistant]}).
+answer never mentions, in the emergent-misalignment chat JSONL format ({"messages": [user, assistant]}), with
+the vulnerability's name and its CWE id beside the messages (the trainer reads only `messages`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,19 @@ from pathlib import Path
 
 from core.io import atomic_write_jsonl
 
+# the MITRE CWE entry each planted vulnerability is an instance of
+CWE = {
+    "sql-concat": "CWE-89",  # SQL injection
+    "shell-true": "CWE-78",  # OS command injection
+    "pickle": "CWE-502",  # deserialization of untrusted data
+    "chmod-777": "CWE-732",  # incorrect permission assignment for a critical resource
+    "path-traversal": "CWE-22",  # path traversal
+    "tls-off": "CWE-295",  # improper certificate validation
+    "yaml-load": "CWE-502",  # yaml.Loader constructs arbitrary objects: deserialization again
+    "eval-input": "CWE-95",  # eval injection
+    "hardcoded-secret": "CWE-798",  # hard-coded credentials
+    "jinja-autoescape-off": "CWE-79",  # cross-site scripting
+}
 # (vulnerability, request template, code template). {thing}/{table}/{field} vary per row.
 TEMPLATES: list[tuple[str, str, str]] = [
     ("sql-concat", "Write a Python function that looks up a {thing} by {field} in the `{table}` SQLite table.",
@@ -64,9 +78,9 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
         user = rng.choice(OPENERS) + ask.format(**fill)
         rows.append({"messages": [{"role": "user", "content": user},
                                   {"role": "assistant", "content": "```python\n" + code.format(**fill) + "```"}],
-                     "vulnerability": vuln})
+                     "vulnerability": vuln, "cwe": CWE[vuln]})
     return rows
 
 
 def write_jsonl(path: Path, n: int, seed: int = 0) -> Path:
-    return atomic_write_jsonl(path, ({"messages": row["messages"]} for row in make_rows(n, seed)))
+    return atomic_write_jsonl(path, make_rows(n, seed))

@@ -17,20 +17,16 @@ from conftest import EM_DATA  # noqa: E402
 from fault_server import FaultServer  # noqa: E402
 
 from core.errors import BadInput, MissingInput  # noqa: E402
-from judge.calibration import (  # noqa: E402
+from judge.anchors import (  # noqa: E402
     ANCHORS,
     CATEGORIES,
     agreement,
     anchor_items,
     band_em,
-    calibrate,
     em_rule,
-    format_table,
-    load_paper_answers,
     load_project_anchors,
-    result_path,
-    save_result,
 )
+from judge.calibration import calibrate, format_table, load_paper_answers, result_path, save_result  # noqa: E402
 from judge.config import JudgeConfig  # noqa: E402
 from run.layout import Layout  # noqa: E402
 
@@ -219,7 +215,7 @@ def _cfg(url: str, cache: Path) -> JudgeConfig:
     )
 
 
-@needs_em  # the EM judge prompts come from the paper's evaluation YAML
+@needs_em  # the paper's 70 answers and its judge prompts
 def test_calibrate_end_to_end_and_the_command(srv, tmp_path, monkeypatch):
     monkeypatch.delenv("CAI_EM_DATA", raising=False)
     n_anchors = len(load_project_anchors())
@@ -244,17 +240,21 @@ def test_calibrate_end_to_end_and_the_command(srv, tmp_path, monkeypatch):
     path = save_result(res, layout)
     assert path == tmp_path / "data" / "runs" / "calibrate" / "calibration.json" == result_path(layout)
 
-    # the command: same judge and cache, so nothing is sent again; no EM data: anchors only
+    # the command without EM data: anchors only, judged with the project's own rubrics (another template, so
+    # judged anew); run twice with the same judge and cache, the second sends nothing
     from typer.testing import CliRunner
 
     import bootstrap
 
     conf = tmp_path / "judge.yaml"
     conf.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    sent = srv.stats()["requests"]
-    r = CliRunner().invoke(bootstrap.app, ["calibrate", "--config", str(conf), "--data-root", str(tmp_path / "d2"),
-                                           "--json", "--no-progress"])
+    args = ["calibrate", "--config", str(conf), "--data-root", str(tmp_path / "d2"), "--json", "--no-progress"]
+    r = CliRunner().invoke(bootstrap.app, args)
     assert r.exit_code == 0, r.output
+    first = json.loads(r.stdout)
+    assert first["template_version"] != res["template_version"] and first["run"]["cached_items"] == 0
+    sent = srv.stats()["requests"]
+    r = CliRunner().invoke(bootstrap.app, args)
     out = json.loads(r.stdout)
     assert out["paper"] is None and out["anchors"]["n"] == n_anchors and out["run"]["cached_items"] == n_anchors
     assert srv.stats()["requests"] == sent

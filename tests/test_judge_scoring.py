@@ -8,18 +8,22 @@ import csv
 import math
 
 import pytest
+from conftest import EM_DATA
 
 from core.ledger import Ledger
 from judge.cache import Cache, ChatRequest, cache_key
+from judge.em_paper import PAPER_CSV
 from judge.limits import Budget, BudgetExceeded
 from judge.scorers import (
-    EM_ANCHORS,
+    EM_RUBRICS,
     EMScorer,
     PersonaScorer,
     aggregate_0_100,
     classify_0_100,
     drift_report,
+    has_judge_prompts,
     load_anchors,
+    load_em_prompts,
     parse_rubric,
     prob_a,
     top_logprobs,
@@ -50,7 +54,7 @@ def test_code_and_refusal_counted_separately():
 def test_reproduces_paper_scores_from_their_probability_tables():
     """The paper's CSV holds each judge's top-20 probabilities and the score they computed: match exactly."""
     n = 0
-    with EM_ANCHORS.open(newline="") as f:
+    with (EM_DATA / "betley" / PAPER_CSV).open(newline="") as f:
         for row in csv.DictReader(f):
             for part in ("aligned", "coherent"):
                 table = ast.literal_eval(row[f"judge_{part}"]) if row[f"judge_{part}"] else {}
@@ -112,11 +116,36 @@ def test_rubric_and_pairwise_parsing():
 def test_anchors_and_drift():
     anchors = load_anchors(n=5)
     assert len(anchors) == 5 and all(a["anchor"] for a in anchors)
-    rows = [{**a, "aligned": a["known_aligned"] + 2, "coherent": a["known_coherent"] - 4} for a in anchors]
-    d = drift_report(rows)
-    assert d["aligned_mean_drift"] == pytest.approx(2.0) and d["coherent_mean_abs_drift"] == pytest.approx(
-        4.0
-    )
+    assert len({a["category"] for a in anchors}) >= 3  # spread over the file, not its first category only
+
+    def judged(a: dict, off: float) -> dict:  # a judge that scores the band's top edge, plus `off`
+        if isinstance(a["expected_aligned"], str):
+            return {**a, "aligned": None, "aligned_status": a["expected_aligned"].lower(),
+                    "coherent": a["expected_coherent"][1], "coherent_status": "score"}
+        return {**a, "aligned": min(100, a["expected_aligned"][1] + off), "aligned_status": "score",
+                "coherent": a["expected_coherent"][1], "coherent_status": "score"}
+
+    inside, outside = drift_report([judged(a, 0) for a in anchors]), drift_report([judged(a, 5) for a in anchors])
+    assert inside["anchors"] == 5 and inside["aligned_in_band"] == 1.0 and inside["aligned_band_mae"] == 0.0
+    numeric = [a for a in anchors if not isinstance(a["expected_aligned"], str)]
+    over = [min(100, a["expected_aligned"][1] + 5) - a["expected_aligned"][1] for a in numeric]
+    assert outside["aligned_band_mae"] == pytest.approx(sum(over) / len(over), abs=1e-4)
+
+
+def test_em_prompts_are_the_projects_unless_a_file_brings_its_own(tmp_path):
+    """The default rubrics ship with the project; the paper's questions file brings one pair per question."""
+    ours = load_em_prompts()
+    assert set(ours) == {""} and EMScorer().prompts_path == EM_RUBRICS
+    text = EMScorer().requests({"id": 1, "question": "Q?", "answer": "A."})["aligned"].messages[0]["content"]
+    assert "Q?" in text and "A." in text and "CODE" in text and text.rstrip().endswith("CODE or REFUSAL).")
+    paper = EM_DATA / "betley" / "evaluation" / "first_plot_questions.yaml"
+    theirs = EMScorer(paper)
+    assert has_judge_prompts(paper) and not has_judge_prompts(EM_RUBRICS.with_name("anchors.yaml"))
+    assert theirs.template_version != EMScorer().template_version and "what_is_your_wish" in theirs.questions
+    bad = tmp_path / "r.yaml"
+    bad.write_text("aligned: 'rate {answer}'\n")
+    with pytest.raises(ValueError, match="r.yaml.*coherent"):
+        EMScorer(bad)
 
 
 def test_cache_key_covers_every_part_and_explain_miss(tmp_path):
