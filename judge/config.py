@@ -74,7 +74,7 @@ class JudgeConfig(BaseModel):
     cache_path: str | None = None
     # the embedded default: a local vLLM server for `local: true` endpoints when no keyed endpoint is usable
     local_model: str | None = None  # model profile name or directory served by judge.local_server
-    # how the judge's 0-100 numbers are read (judge.reading). auto: from the judge's tokenizer where it is
+    # how the judge's 0-100 numbers are read (core.reading). auto: from the judge's tokenizer where it is
     # known (local_model, or `tokenizer`), else logprobs, switching to sampled on a 400 that names logprobs,
     # max_tokens or temperature (reasoning models)
     scoring: Literal["auto", "logprobs", "exact", "sampled"] = "auto"

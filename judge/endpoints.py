@@ -68,7 +68,7 @@ def judge_tokenizer(config: JudgeConfig):
 def choose_path(config: JudgeConfig) -> tuple[str, object | None, str]:
     """(path, `tokenize` for the exact path or None, why): how this judge's numbers are read. Never a
     first-digit score: a tokenizer that splits 0-100 into digits is read on the exact path."""
-    from judge.reading import token_texts, tokenizer_splits_numbers
+    from core.reading import token_texts, tokenizer_splits_numbers
 
     tok = judge_tokenizer(config) if config.scoring in ("auto", "exact") else None
     if config.scoring != "auto":

@@ -69,7 +69,7 @@ class Summary:
     retries: int = 0
     seconds: float = 0.0
     drift: dict | None = None
-    path: str | None = None  # how the judge's numbers were read (judge.reading): logprobs | exact | sampled
+    path: str | None = None  # how the judge's numbers were read (core.reading): logprobs | exact | sampled
     path_switches: list = field(default_factory=list)  # e.g. "logprobs -> sampled: http 400 ... logprobs"
     path_why: str | None = None
 

@@ -20,9 +20,7 @@ from typing import Any, Protocol
 import yaml
 
 from core.errors import BadInput
-from core.numbers import number_mean
-from judge.cache import ChatRequest
-from judge.reading import (
+from core.reading import (
     LABELS,
     MIN_MASS,
     PRUNE,
@@ -31,12 +29,14 @@ from judge.reading import (
     Trie,
     classify_probs,
     is_em,
+    number_mean,
     read_exact,
     read_sampled,
     to_read,
     top_logprobs,
 )
-from judge.reading import Path as ReadPath
+from core.reading import Path as ReadPath
+from judge.cache import ChatRequest
 
 EM_RUBRICS = Path(__file__).with_name("data") / "em_rubrics.yaml"  # the project's own EM judge prompts
 
@@ -64,7 +64,7 @@ def _need(item: dict, *fields: str) -> None:
             raise ScorerError(f"item {item.get('id')!r}: field {f!r} is missing or not a string")
 
 
-# ---------------------------------------------------------------- logprob tables (judge.reading reads them)
+# ---------------------------------------------------------------- logprob tables (core.reading reads them)
 def aggregate_0_100(probs: dict[str, float]) -> tuple[float | None, float]:
     """(probability-weighted mean over integer tokens 0..100 or None when their mass < 0.25, that mass)."""
     return number_mean(probs, 0, 100, MIN_MASS)
@@ -119,7 +119,7 @@ def has_judge_prompts(path: str | Path) -> bool:
 
 
 class NumberScorer:
-    """Reads one integer lo..hi per metric of an item, on the judge's path (judge.reading): `logprobs`,
+    """Reads one integer lo..hi per metric of an item, on the judge's path (core.reading): `logprobs`,
     `exact` or `sampled`. The farm sets the path (`use_path`) from the judge's tokenizer or its answers, and
     every row records it. Subclasses say which prompts make an item's metrics (`prompts`), and which labels
     (CODE, REFUSAL) a metric may answer instead of a number (`labels`)."""

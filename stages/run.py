@@ -41,7 +41,7 @@ def _features():
         "item_key": Value("string"), "stage": Value("int32"), "persona": Value("string"),
         "task_source": Value("string"), "principle_ids": List(Value("string")),
         "model_fingerprint": Value("string"), "adapter_fingerprint": Value("string"),
-        "constitution_hash": Value("string"), "scores": List(Value("int32")),
+        "constitution_hash": Value("string"), "scores": List(Value("float64")),  # expected values, not ints
         "guard_action": Value("string"), "guard_prompt": Value("string"), "guard_chosen": Value("string"),
         "guard_rejected": Value("string"),
     })

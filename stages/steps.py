@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from constitution import Constitution, principle_hash
-from core.numbers import number_mean
+from core.reading import Trie, read_exact, to_read, token_texts
 from engine.cache import GenerationCache, cached_generate_with_hits
 from engine.types import Request, Sampling
 from stages import specs
@@ -39,6 +39,8 @@ REVISION_LABEL = re.compile(r"^\s*(?:revised (?:response|answer)|revision|rewrit
 RUNAWAY = re.compile(r"\n\s*(?:User|Human|Assistant|Critique request|Revision request|Task \d+)\s*:", re.I)
 RUNAWAY_STOPS = ["\nUser:", "\nHuman:", "\nCritique request:", "\nRevision request:"]
 SCORE_PREFIX = "Score (1-10): "  # prefilled assistant turn: the next token is the number
+# self-scores read every number prefix above 5% (core.reading's exact path): "1" then "0" is 10, never 1
+SCORE_PRUNE = 0.05
 SCORE_RE = re.compile(r"\b(10|[1-9])(?:\s*/\s*10)?\b")
 DEMO_CRITIQUE_REQ = "Point out how the answer falls short of the persona's principles."
 DEMO_REVISION_REQ = "Rewrite the answer to fix those problems."
@@ -201,15 +203,52 @@ def parse_score(text: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def expected_score(top: dict[str, float], min_mass: float = 0.25) -> float | None:
-    """Probability-weighted mean over the tokens "1".."10" of one position's top logprobs; None when they
-    carry less than `min_mass` of the probability (the model was not answering with a number)."""
-    value, _ = number_mean({t: math.exp(lp) for t, lp in top.items()}, 1, 10, min_mass)
-    return round(value, 4) if value is not None else None
+def score_trie(ctx: Ctx) -> Trie:
+    """The numbers 1-10 as the model's tokens where they follow the prompt: after the chat prefill's trailing
+    space, or after the base prompt's "Score (1-10):" with their leading space."""
+    tokenize, lead = token_texts(ctx.engine.tokenizer), "" if ctx.chat else " "
+    return Trie(lambda s: tokenize(lead + s), 1, 10, SCORE_PRUNE)
+
+
+def _then(req: Request, text: str) -> Request:
+    """The same request with `text` appended to the model's turn (teacher forcing one number prefix)."""
+    if req.prompt is not None:
+        return Request(prompt=req.prompt + text)
+    return Request(messages=req.messages, prefix=(req.prefix or "") + text)
+
+
+def _probs(comps) -> dict[str, float]:
+    top = comps[0].logprobs[0] if comps and comps[0].logprobs else {}
+    return {t: math.exp(lp) for t, lp in top.items()}
+
+
+def _read_numbers(ctx: Ctx, trie: Trie, reqs: list[Request], owners: list, extras: list):
+    """(greedy text, {number prefix: next-token probabilities}) per request: the first token's table, then
+    rounds of 1-token requests for the prefixes `to_read` asks for, until none is left. Cached like any
+    generation, tokens charged to the item that owns the request."""
+    first, hits = ctx.gen(reqs, Sampling(max_tokens=2, temperature=0.0, seed=ctx.seed, logprobs=20), "score", extras)
+    tables: list[dict] = []
+    for (it, _), comps, hit in zip(owners, first, hits, strict=True):
+        it["round_tokens"][0] += _charge(it, comps, hit)
+        tables.append({(): _probs(comps)} if comps and comps[0].logprobs else {})
+    while need := [(i, pre) for i, t in enumerate(tables) if t for pre in to_read(trie, t)]:
+        more, hits = ctx.gen([_then(reqs[i], "".join(pre)) for i, pre in need],
+                             Sampling(max_tokens=1, temperature=0.0, seed=ctx.seed, logprobs=20), "score-next",
+                             [extras[i] for i, _ in need])
+        for (i, pre), comps, hit in zip(need, more, hits, strict=True):
+            it = owners[i][0]
+            it["round_tokens"][0] += _charge(it, comps, hit)
+            tables[i][pre] = _probs(comps)
+    return [comps[0].text if comps else "" for comps in first], tables
 
 
 def score(ctx: Ctx, items: list[dict]) -> None:
-    """The model scores each of its own samples against the item's principle (rendezvous, round 0)."""
+    """The model scores each of its own samples against the item's principle (rendezvous, round 0).
+
+    The score is the expected value over 1-10 read on core.reading's exact path: the first token's top-20
+    logprobs, then one 1-token request per number prefix worth reading (P("1") high: is it 1, or the start of
+    10?), so a tokenizer that writes 10 as "1" "0" (SmolLM2, Qwen2.5) reads 10 as 10. A sample whose numbers
+    carry under 25% of the probability falls back to its greedy text; neither: unparsable, counted."""
     live = [it for it in active(items) if it["samples"]]
     c = ctx.constitution
     reqs, owners, extras = [], [], []
@@ -227,17 +266,14 @@ def score(ctx: Ctx, items: list[dict]) -> None:
             extras.append({"principle": principle_hash(p)})
     if not reqs:
         return
-    # one token with its top-20 logprobs: the probability-weighted score parses even when a small model's
-    # greedy text does not, and ties between samples become rare (as in the EM judge)
-    grouped, hits = ctx.gen(reqs, Sampling(max_tokens=2, temperature=0.0, seed=ctx.seed, logprobs=20), "score",
-                            extras)
     for it in live:
         it["scores"] = [None] * len(it["samples"])
         it["round_tokens"] = [0]
-    for (it, j), comps, hit in zip(owners, grouped, hits, strict=True):
-        it["round_tokens"][0] += _charge(it, comps, hit)
-        s = expected_score(comps[0].logprobs[0]) if comps[0].logprobs else None
-        s = parse_score(comps[0].text) if s is None else s
+    trie = score_trie(ctx)
+    greedy, tables = _read_numbers(ctx, trie, reqs, owners, extras)
+    for (it, j), text, table in zip(owners, greedy, tables, strict=True):
+        s = read_exact(trie, table, ()).value if table else None
+        s = round(s, 4) if s is not None else parse_score(text)
         it["scores"][j] = s
         if s is None:
             ctx.counts["unparsable_scores"] += 1

@@ -164,12 +164,23 @@ def test_policy_threshold_and_unlisted_categories():
     assert combine([Verdict(unsafe=False, p_unsafe=0.0, guard="g", malformed=True)], p)[0] == "drop"
 
 
-def test_expected_score_from_logprobs():
-    import math
+def test_self_scores_read_10_as_10(tiny_path):
+    """SmolLM2 writes 10 as "1" "0": the self-score trie reads the token after "1" (is it 1, or 10?)."""
+    from types import SimpleNamespace
 
-    from stages.steps import expected_score
+    from transformers import AutoTokenizer
 
-    top = {"7": math.log(0.5), " 9": math.log(0.25), "x": math.log(0.25)}
-    assert expected_score(top) == pytest.approx((7 * 0.5 + 9 * 0.25) / 0.75, abs=1e-4)
-    assert expected_score({"hello": 0.0}) is None  # no mass on numbers: unparsable, not a guess
-    assert expected_score({"11": math.log(0.9), "3": math.log(0.1)}) is None  # 11 is out of range
+    from core.reading import read_exact, to_read
+    from stages.steps import score_trie
+
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    chat, base = (score_trie(SimpleNamespace(engine=SimpleNamespace(tokenizer=tok), chat=c)) for c in (True, False))
+    assert chat.numbers[10] == ("1", "0") and chat.numbers[7] == ("7",)
+    assert "".join(base.numbers[10]) == " 10" and len(base.numbers[10]) > 1  # after "Score (1-10):", spaced
+    tables = {(): {"1": 0.6, "7": 0.4}}
+    assert to_read(chat, tables) == [("1",), ("7",)]  # both above 5%: read what follows each
+    tables |= {("1",): {"0": 0.9, "\n": 0.1}, ("7",): {"\n": 1.0}}
+    assert to_read(chat, tables) == [("1", "0")]
+    tables[("1", "0")] = {"\n": 1.0}
+    r = read_exact(chat, tables, ())
+    assert r.argmax == 10 and r.value == pytest.approx(10 * 0.54 + 1 * 0.06 + 7 * 0.4)  # first digit: 3.4

@@ -1,4 +1,4 @@
-"""The three ways a judge's number is read (judge.reading): exact on synthetic trie tables, sampled against a
+"""The three ways a judge's number is read (core.reading): exact on synthetic trie tables, sampled against a
 local server that answers like a reasoning model (its 400s, its text replies), and the switch between them."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from fault_server import FaultServer  # noqa: E402
 
+from core.reading import Trie, parse_reply, prefix_prob, read_exact, read_sampled, to_read  # noqa: E402
 from judge.config import JudgeConfig  # noqa: E402
 from judge.farm import run_judge  # noqa: E402
-from judge.reading import Trie, parse_reply, prefix_prob, read_exact, read_sampled, to_read  # noqa: E402
 from judge.scorers import EMScorer  # noqa: E402
 
 

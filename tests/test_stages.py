@@ -157,6 +157,9 @@ def test_self_judge_stages(stage, tmp_path, vllm_engine):
     assert scored and all(len(it["principle_ids"]) == 1 for it in scored)
     for row in ds["train"]:
         assert len(row["scores"]) == 3 and row["chosen"][0]["content"] != row["rejected"][0]["content"]
+        assert all(s is None or 1 <= s <= 10 for s in row["scores"])  # expected values, stored as floats
+    # self-scores are read past the first token (core.reading's exact path), not as a first digit
+    assert m["counts"]["generation_requests"].get("score-next", 0) > 0
 
 
 def test_guard_in_pipeline_quarantines_and_fails_closed(tmp_path, vllm_engine):

@@ -1,4 +1,5 @@
-"""How a judge's reply becomes a number: three ways, chosen per judge and recorded with every reading.
+"""How a model's reply becomes a number: three ways, chosen per model and recorded with every reading. The EM
+judge (0-100, judge.scorers), persona and stage self-scores (1-10, stages.steps) all read numbers here.
 
 - `logprobs`: the first token's top_logprobs over the integer tokens 0-100, for judges whose tokenizer
   writes each of them as one token (GPT-4o's); the probability-weighted mean (Betley et al.'s method).
@@ -23,7 +24,20 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from core.numbers import number_mean
+_INT = re.compile(r"\s*(\d{1,3})\s*", re.ASCII)
+
+
+def number_mean(probs: dict[str, float], lo: int, hi: int, min_mass: float) -> tuple[float | None, float]:
+    """(mean over integer tokens in [lo, hi] weighted by probability, or None when those tokens carry less
+    than `min_mass` of it; that mass). `probs` maps token text to probability, not logprob."""
+    mass = weighted = 0.0
+    for tok, p in probs.items():
+        m = _INT.fullmatch(tok)
+        if m and lo <= int(m.group(1)) <= hi:
+            mass += p
+            weighted += int(m.group(1)) * p
+    return (weighted / mass if mass >= min_mass and mass > 0 else None), mass
+
 
 Path = Literal["logprobs", "exact", "sampled"]
 MIN_MASS = 0.25  # Betley et al.: a judgment whose number tokens carry less is discarded
