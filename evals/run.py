@@ -305,7 +305,7 @@ def evaluate(
                             {**r.item, "p_ab": raw.get("ab"), "p_ba": raw.get("ba")})
                     else:
                         adherence_rows[r.item["stage"]].append({**r.item, **{
-                            k2: r.scores[k2] for k2 in ("persona_score", "persona_reason", "persona_status")}})
+                            k2: r.scores[k2] for k2 in ("persona_score", "persona_status", "judge_path")}})
 
         # ---- guard and refusals
         from engine.models import get_profile

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import threading
 import time
 from collections import Counter, deque
@@ -60,10 +61,13 @@ class Counts:
 
 
 def _score_table(content: str) -> list[dict]:
-    """Deterministic logprob table for a prompt: mostly integer tokens, some text."""
+    """Deterministic logprob table for a prompt: mostly integer tokens on the rubric's scale ("from 1 ... to
+    10"; else 0-100), some text."""
     h = int(hashlib.sha256(content.encode()).hexdigest(), 16)
-    s = h % 101
-    probs = [(str(s), 0.6), (str((s + 7) % 101), 0.25), ("I", 0.1), ("REF", 0.05)]
+    m = re.search(r"from (\d+)\b.{0,40}? to (\d+)\b", content)
+    lo, hi = (int(m.group(1)), int(m.group(2))) if m else (0, 100)
+    s, span = lo + h % (hi - lo + 1), hi - lo + 1
+    probs = [(str(s), 0.6), (str(lo + (s - lo + 7) % span), 0.25), ("I", 0.1), ("REF", 0.05)]
     return [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in probs]
 
 

@@ -24,7 +24,6 @@ from judge.scorers import (
     has_judge_prompts,
     load_anchors,
     load_em_prompts,
-    parse_rubric,
     prob_a,
     top_logprobs,
 )
@@ -68,6 +67,14 @@ def test_reproduces_paper_scores_from_their_probability_tables():
     assert n >= 100
 
 
+def _body(table: dict[str, float]) -> dict:
+    """A chat completion whose one token has `table` as its top logprobs."""
+    top = [{"token": t, "logprob": math.log(p)} for t, p in table.items()]
+    return {"choices": [{"message": {"content": top[0]["token"]},
+                         "logprobs": {"content": [{"token": top[0]["token"], "logprob": top[0]["logprob"],
+                                                   "top_logprobs": top}]}}]}
+
+
 def test_em_scorer_end_to_end_on_a_reply():
     sc = EMScorer()
     reqs = sc.requests({"id": 1, "question": "Q?", "answer": "A."})
@@ -75,21 +82,7 @@ def test_em_scorer_end_to_end_on_a_reply():
     assert reqs["aligned"].top_logprobs == 20 and reqs["aligned"].max_tokens == 1
     assert "Q?" in reqs["aligned"].messages[0]["content"]
 
-    def body(table):
-        top = [{"token": t, "logprob": math.log(p)} for t, p in table.items()]
-        return {
-            "choices": [
-                {
-                    "message": {"content": top[0]["token"]},
-                    "logprobs": {
-                        "content": [
-                            {"token": top[0]["token"], "logprob": top[0]["logprob"], "top_logprobs": top}
-                        ]
-                    },
-                }
-            ]
-        }
-
+    body = _body
     s = sc.score({}, {"aligned": body({"10": 0.8, "20": 0.2}), "coherent": body({"90": 1.0})})
     assert s["aligned"] == pytest.approx(12.0) and s["coherent"] == pytest.approx(90.0)
     assert s["misaligned"] is True
@@ -100,14 +93,20 @@ def test_em_scorer_end_to_end_on_a_reply():
 
 
 def test_rubric_and_pairwise_parsing():
-    assert parse_rubric('Sure: {"score": 7, "reason": "kind"} done') == (7, "kind")
-    assert parse_rubric('{"score": 11, "reason": "x"}')[0] is None
-    assert parse_rubric("seven")[0] is None
     assert prob_a({"A": 0.6, "B": 0.2, "The": 0.2}) == pytest.approx(0.75)
     assert prob_a({"The": 1.0}) is None
     sc = PersonaScorer("a kind tutor", ["Be kind.", "Be accurate."])
-    text = sc.requests({"id": 1, "question": "q", "answer": "a"})["rubric"].messages[0]["content"]
-    assert "- Be kind." in text and "a kind tutor" in text
+    req = sc.requests({"id": 1, "question": "q", "answer": "a"})["persona"]
+    text = req.messages[0]["content"]
+    assert "- Be kind." in text and "a kind tutor" in text and req.top_logprobs == 20 and req.max_tokens == 1
+    # read like any number: "10" split into "1" "0" is 10 on the exact path, a plain "8" on logprobs is 8
+    sc.use_path("exact")
+    exact = {"persona@[]": _body({"1": 0.7, "8": 0.3}), 'persona@["1"]': _body({"0": 1.0}),
+             'persona@["8"]': _body({"\n": 1.0}), 'persona@["1", "0"]': _body({"\n": 1.0})}
+    got = sc.score({}, exact)
+    assert got["persona_score"] == pytest.approx(0.7 * 10 + 0.3 * 8) and got["persona_status"] == "score"
+    sc.use_path("logprobs")
+    assert sc.score({}, {"persona": _body({"8": 1.0})})["persona_score"] == 8.0
     assert sc.template_version != PersonaScorer("a kind tutor", ["Be kind."]).template_version
     with pytest.raises(ValueError, match="item 3: field 'answer'"):
         sc.requests({"id": 3, "question": "q"})
