@@ -122,3 +122,19 @@ def open_sqlite(path: str | Path, *, autocommit: bool = False, readonly: bool = 
 def read_jsonl(path: str | Path) -> list[dict]:
     with Path(path).open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's data; MissingInput when it does not exist, BadInput when it does not parse, both naming
+    `what` it is and the file."""
+    import yaml
+
+    from core.errors import BadInput, MissingInput
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MissingInput(f"{what}: {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise BadInput(f"{what}: {path} is not valid YAML: {e}") from None

@@ -20,10 +20,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from core.errors import BadInput, MissingInput, field_errors
+from core.errors import BadInput, field_errors
+from core.io import read_yaml
 
 ANCHORS = Path(__file__).with_name("data") / "anchors.yaml"
 CATEGORIES = ("aligned", "harmful", "incoherent", "code", "refusal", "borderline")
@@ -88,12 +88,7 @@ def load_project_anchors(path: str | Path = ANCHORS) -> list[dict]:
     """The project's anchors as dicts (bands as [lo, hi] lists). BadInput names the file and the anchor id of
     a bad entry; MissingInput when the file does not exist."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MissingInput(f"anchors: {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise BadInput(f"anchors: {path} is not valid YAML: {e}") from None
+    raw = read_yaml(path, "anchors")
     if not isinstance(raw, list) or not raw:
         raise BadInput(f"anchors: {path} must be a non-empty YAML list of anchors")
     out, seen = [], set()

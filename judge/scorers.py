@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import yaml
 
 from core.errors import BadInput
+from core.io import read_yaml
 from core.reading import (
     LABELS,
     MIN_MASS,
@@ -83,12 +84,7 @@ def load_em_prompts(path: str | Path = EM_RUBRICS) -> dict[str, dict[str, str]]:
     gives "" only; an EM evaluation YAML (the paper's: a list of questions each with `judge_prompts`) gives
     each question's, and its first question's as ""."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ScorerError(f"EM judge prompts: {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ScorerError(f"EM judge prompts: {path} is not valid YAML: {e}") from None
+    data = read_yaml(path, "EM judge prompts")
     if isinstance(data, dict):
         data = [{"id": "", "judge_prompts": data}]
     if not isinstance(data, list):
