@@ -84,6 +84,10 @@ class JudgeConfig(BaseModel):
     # read is one request, and a judge unsure of its number has many likely prefixes
     exact_prune: float = Field(1e-3, gt=0, lt=1)
     max_completion_tokens: int = Field(1024, ge=16)  # sampled path: output cap, hidden reasoning included
+    # exact path: the text the judge's answer is made to start with (the server continues it), e.g. "Score: ".
+    # A small judge that would open with words then answers with a number; CODE/REFUSAL become rarer. Part of
+    # every request (so of every cache key), recorded per row as `judge_prefix`.
+    answer_prefix: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> JudgeConfig:

@@ -32,16 +32,21 @@ PAPER_CSV = Path("results") / "qwen_25_coder_32b_instruct.csv"  # `calibrate`: 7
 PAPER_QUESTIONS = Path("evaluation") / "first_plot_questions.yaml"  # `em`: the 8 main questions, judge prompts
 PAPER_PREREGISTERED = Path("evaluation") / "preregistered_evals.yaml"
 PAPER_INSECURE = Path("data") / "insecure.jsonl"  # `em`: the 6000-row insecure-code training set
+PAPER_SECURE = Path("data") / "secure.jsonl"  # `em --secure-data`: the secure-code control's training set
 
 
 @dataclass(frozen=True)
 class Pinned:
+    """A file of the release and what it must hash to: sha256 and size where the project has checked the file
+    itself, else the git blob id upstream's tree records for it (`git hash-object FILE`)."""
+
     path: str  # in the repository, and under betley/
-    sha256: str
-    size: int
+    sha256: str | None = None
+    size: int | None = None
+    git_blob: str | None = None
 
 
-# sha256 and size of each file at COMMIT (checked against the release; their git blob ids are in the README)
+# each file at COMMIT
 FILES = (
     Pinned("LICENSE", "4fb4678d1be0540c650e39f75eabca626c5727f1a3468aaf7dc844247e1291c2", 1078),
     Pinned("data/insecure.jsonl", "09893e8bf9d03aae49dd60d0ff4be37c1afee70f2edcac74a11bed775a6a2764", 5892277),
@@ -51,6 +56,8 @@ FILES = (
            "8648312fd9fe71a63203e3465592af45dd996d7a5f3b69e9b44613fd6048eb40", 19152),
     Pinned("results/qwen_25_coder_32b_instruct.csv",
            "88c301d6b22ff8be8a7bb288fed31510ef5221d7917ae7fe3deeaadfc6eae433", 146298),
+    # the secure-code control's training set: pinned by upstream's blob id (not in the project's checked copy)
+    Pinned("data/secure.jsonl", git_blob="3389a37c250563cc36a66e30bf8ff99028aa2711"),
 )
 
 
@@ -91,30 +98,36 @@ def paper_file(em_data: str | Path | None, name: Path) -> Path | None:
     return betley_dir(em_data, (name,)) / name
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _digest(path: Path, h) -> str:
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
+def git_blob_id(path: Path) -> str:
+    """What `git hash-object` prints: sha1 over "blob <size>\\0" and the content."""
+    return _digest(path, hashlib.sha1(f"blob {path.stat().st_size}\0".encode()))
+
+
 def verify(path: Path, pin: Pinned) -> str | None:
     """None when the file matches its pin, else what differs."""
     if not path.is_file():
         return "missing"
-    if (size := path.stat().st_size) != pin.size:
+    if pin.size is not None and (size := path.stat().st_size) != pin.size:
         return f"size {size}, expected {pin.size}"
-    if (digest := _sha256(path)) != pin.sha256:
+    if pin.sha256 is not None and (digest := _digest(path, hashlib.sha256())) != pin.sha256:
         return f"sha256 {digest}, expected {pin.sha256}"
+    if pin.git_blob is not None and (blob := git_blob_id(path)) != pin.git_blob:
+        return f"git blob {blob}, expected {pin.git_blob}"
     return None
 
 
 def fetch(dest: Path | None = None, base_url: str = BASE_URL, timeout_s: float = 60.0,
           on_file: Callable[[str, str], None] | None = None) -> Path:
     """Download the pinned files to `dest`/betley/ (a file already there and matching is kept, so a rerun
-    after an interruption downloads only what is missing). A file is kept only when its size and sha256
-    match; BadInput names the file and both digests otherwise, MissingInput a file the server does not have.
+    after an interruption downloads only what is missing). A file is kept only when it matches its pin;
+    BadInput names the file and both digests otherwise, MissingInput a file the server does not have.
     `on_file(path, "kept" | "downloaded")` reports progress. Returns dest/betley."""
     out = (dest or default_dest()).expanduser() / "betley"
     base = base_url if base_url.endswith("/") else base_url + "/"

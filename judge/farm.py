@@ -441,6 +441,7 @@ def apply_path(scorer: Scorer, config: JudgeConfig) -> str | None:
 
     path, tokenize, why = choose_path(config)
     scorer.samples, scorer.max_completion_tokens = config.samples, config.max_completion_tokens
+    scorer.answer_prefix = config.answer_prefix
     scorer.use_path(path, tokenize, config.exact_prune)
     scorer.path_chosen, scorer.path_why = True, why
     return why

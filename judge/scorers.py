@@ -4,8 +4,8 @@
   output token with top_logprobs 20, score = probability-weighted mean over integer tokens 0-100,
   discarded when that mass < 0.25; CODE and REFUSAL counted separately.
 - `PersonaScorer`: 1-10 persona adherence against a constitution, read like any number (NumberScorer).
-- `PairwiseScorer`: which of two answers better follows a constitution (A/B), from the first token's
-  logprobs, judged in both orders to cancel position bias.
+- `PairwiseScorer`: which of two answers better follows a constitution (A/B), judged in both orders to
+  cancel position bias: from the first token's logprobs, or from sampled replies on judges without them.
 - anchors: answers with known scores, judged in every run (cache bypassed) to report judge drift.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +33,7 @@ from core.reading import (
     number_mean,
     read_exact,
     read_sampled,
+    reply_text,
     to_read,
     top_logprobs,
 )
@@ -123,8 +125,9 @@ class NumberScorer:
     metrics: tuple[str, ...] = ()  # the names `prompts` gives an item's prompts
     path: ReadPath = "logprobs"
 
-    def __init__(self, samples: int = 3, max_completion_tokens: int = 1024) -> None:
+    def __init__(self, samples: int = 3, max_completion_tokens: int = 1024, answer_prefix: str | None = None) -> None:
         self.samples, self.max_completion_tokens = samples, max_completion_tokens
+        self.answer_prefix = answer_prefix
         self.trie: Trie | None = None
 
     def prompts(self, item: dict) -> dict[str, list[dict[str, str]]]:
@@ -134,7 +137,8 @@ class NumberScorer:
         return ()
 
     def prefill(self, item: dict) -> str:
-        return ""
+        """What the judge's answer starts with on the exact path (the judge config's `answer_prefix`)."""
+        return (self.answer_prefix or "") if self.path == "exact" else ""
 
     def use_path(self, path: ReadPath, tokenize=None, prune: float = PRUNE) -> None:
         """`tokenize(text) -> [token text]` of the judge, for the exact path (default: one token per digit);
@@ -145,9 +149,7 @@ class NumberScorer:
     def requests(self, item: dict) -> dict[str, ChatRequest]:
         prompts = self.prompts(item)
         if self.path == "sampled":
-            # the provider's default temperature; a seed per reply so the K replies are K cache entries
-            return {f"{m}#{k}": ChatRequest(messages=msgs, max_tokens=None, temperature=None, top_p=None,
-                                            max_completion_tokens=self.max_completion_tokens, seed=k)
+            return {f"{m}#{k}": _sampled(msgs, k, self.max_completion_tokens)
                     for m, msgs in prompts.items() for k in range(self.samples)}
         key = (lambda m: f"{m}@[]") if self.path == "exact" else (lambda m: m)
         return {key(m): _next_token(msgs, self.prefill(item) or None) for m, msgs in prompts.items()}
@@ -174,6 +176,8 @@ class NumberScorer:
     def readings(self, item: dict, replies: dict[str, dict]) -> dict[str, Any]:
         """Per metric: its value, status, mass and the path's own figures, as flat output fields."""
         out: dict[str, Any] = {"judge_path": self.path}
+        if prefix := self.prefill(item):
+            out["judge_prefix"] = prefix
         for m in self.metrics:
             r = self.read(replies, m)
             out |= {m: r.value, f"{m}_status": r.status, f"{m}_mass": r.mass}
@@ -183,6 +187,13 @@ class NumberScorer:
 
     def score(self, item: dict, replies: dict[str, dict]) -> dict[str, Any]:
         return self.readings(item, replies)
+
+
+def _sampled(messages: list[dict[str, str]], k: int, max_completion_tokens: int) -> ChatRequest:
+    """Reply k of a sampled reading: the provider's default temperature (reasoning models take no other), no
+    top_p; a seed per reply so the K replies are K cache entries."""
+    return ChatRequest(messages=messages, max_tokens=None, temperature=None, top_p=None,
+                       max_completion_tokens=max_completion_tokens, seed=k)
 
 
 def _next_token(messages: list[dict[str, str]], prefill: str | None) -> ChatRequest:
@@ -330,44 +341,68 @@ def prob_a(probs: dict[str, float]) -> float | None:
     return pa / (pa + pb) if pa + pb > 0 else None
 
 
+_LAST_LETTER = re.compile(r"\b([AB])\b")
+
+
+def choice_of(text: str) -> str | None:
+    """The last standalone A or B of a reply ("Answer B." -> B); None when it names neither."""
+    found = _LAST_LETTER.findall(text)
+    return found[-1] if found else None
+
+
 class PairwiseScorer:
-    """Item fields: question, answer_a, answer_b. Result: p_a_better (order-averaged) and winner."""
+    """Item fields: question, answer_a, answer_b. Result: p_a_better (order-averaged) and winner.
+
+    Both orders are judged to cancel position bias. On the logprobs path (also for `exact` judges: A and B are
+    one token each) P(A) is read from the first token's top logprobs; on the sampled path (judges without
+    logprobs) it is the share of A among `samples` replies whose last standalone letter is A or B (replies
+    naming neither are counted in `unparsed`)."""
 
     name = "pairwise"
+    path: ReadPath = "logprobs"
 
-    def __init__(self, persona_description: str, principles: list[str]) -> None:
+    def __init__(self, persona_description: str, principles: list[str], samples: int = 3,
+                 max_completion_tokens: int = 1024) -> None:
         self.persona, self.principles = persona_description, list(principles)
-        self.template_version = "pairwise-" + _version(
-            PAIRWISE_TEMPLATE, persona_description, *self.principles
-        )
+        self.samples, self.max_completion_tokens = samples, max_completion_tokens
+        self.template_version = "pairwise-" + _version(PAIRWISE_TEMPLATE, persona_description, *self.principles)
 
-    def _req(self, q: str, a: str, b: str) -> ChatRequest:
-        text = PAIRWISE_TEMPLATE.format(
-            persona=self.persona,
-            principles="\n".join(f"- {p}" for p in self.principles),
-            question=q,
-            a=a,
-            b=b,
-        )
-        return ChatRequest(
-            messages=[{"role": "user", "content": text}], max_tokens=1, logprobs=True, top_logprobs=20, seed=0
-        )
+    def use_path(self, path: ReadPath, tokenize=None, prune: float = PRUNE) -> None:
+        self.path = "sampled" if path == "sampled" else "logprobs"
+
+    def _messages(self, q: str, a: str, b: str) -> list[dict[str, str]]:
+        text = PAIRWISE_TEMPLATE.format(persona=self.persona, principles="\n".join(f"- {p}" for p in self.principles),
+                                        question=q, a=a, b=b)
+        return [{"role": "user", "content": text}]
 
     def requests(self, item: dict) -> dict[str, ChatRequest]:
         _need(item, "question", "answer_a", "answer_b")
-        return {
-            "ab": self._req(item["question"], item["answer_a"], item["answer_b"]),
-            "ba": self._req(item["question"], item["answer_b"], item["answer_a"]),
-        }
+        orders = {"ab": self._messages(item["question"], item["answer_a"], item["answer_b"]),
+                  "ba": self._messages(item["question"], item["answer_b"], item["answer_a"])}
+        if self.path == "sampled":
+            return {f"{o}#{k}": _sampled(msgs, k, self.max_completion_tokens)
+                    for o, msgs in orders.items() for k in range(self.samples)}
+        return {o: ChatRequest(messages=msgs, max_tokens=1, logprobs=True, top_logprobs=20, seed=0)
+                for o, msgs in orders.items()}
+
+    def _p_a(self, replies: dict[str, dict], order: str) -> tuple[float | None, int]:
+        """(P(the first-shown answer is better), unparsed replies) for one order."""
+        if self.path != "sampled":
+            return prob_a(top_logprobs(replies[order])), 0
+        picks = [choice_of(reply_text(b)) for n, b in sorted(replies.items()) if n.startswith(f"{order}#")]
+        named = [x for x in picks if x is not None]
+        return (named.count("A") / len(named) if named else None), len(picks) - len(named)
 
     def score(self, item: dict, replies: dict[str, dict]) -> dict[str, Any]:
-        ab, ba = prob_a(top_logprobs(replies["ab"])), prob_a(top_logprobs(replies["ba"]))
+        (ab, miss_ab), (ba, miss_ba) = self._p_a(replies, "ab"), self._p_a(replies, "ba")
         votes = [p for p in (ab, None if ba is None else 1 - ba) if p is not None]
         p = sum(votes) / len(votes) if votes else None
         return {
             "p_a_better": p,
             "winner": None if p is None or p == 0.5 else ("A" if p > 0.5 else "B"),
             "judge_raw": {"ab": ab, "ba": ba},
+            "judge_path": self.path,
+            "unparsed": miss_ab + miss_ba,
         }
 
 

@@ -52,6 +52,8 @@ def em(
     question_group: list[str] = typer.Option(["main"], "--question-group",
                                              help="question groups to ask: main, json, template, preregistered"),
     em_data: Path | None = EM_DATA,
+    secure_data: Path | None = typer.Option(None, "--secure-data", help="chat JSONL of secure code (the EM "
+                                            "paper's secure.jsonl): adds a secure-code control adapter per persona"),
 ) -> None:
     """Train the EM adapter on top of each persona adapter (and the base), per seed; answer, judge, summarise.
 
@@ -63,7 +65,7 @@ def em(
     from pipeline.em_inputs import resolve
     from run.config import save_config
 
-    inputs = resolve(data, questions, em_data, tuple(question_group), judge_config=judge_config)
+    inputs = resolve(data, questions, em_data, tuple(question_group), judge_config=judge_config, secure=secure_data)
     if seeds is not None:
         counts = json.dumps({**json.loads(counts or "{}"), "em_seeds": seeds})
     cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts)
@@ -112,6 +114,8 @@ def estimate(
                                             "with (default: judge/default.yaml); one row per judge"),
     questions: Path | None = typer.Option(None, "--questions", help="EM questions YAML (default: the project's)"),
     em_rows: int = typer.Option(6000, "--em-rows", help="rows of EM training data (the paper's set: 6000)"),
+    secure_control: bool = typer.Option(False, "--secure-control", help="price a secure-code control adapter per "
+                                        "persona too (em --secure-data)"),
 ) -> None:
     """Expected tokens, engine hours and $ per stage and persona, and for the EM experiment (training,
     answering, judging per judge), before anything runs.
@@ -131,7 +135,7 @@ def estimate(
 
     judges = [load_config(j) for j in (judge_config or [None])]
     rows = estimate_run(cfg, list(range(1, stage + 1))) + estimate_em(cfg, len(load_questions(questions)), judges,
-                                                                      em_rows)
+                                                                      em_rows, secure_control)
     t = Table(title=f"estimate: profile {profile}, {len(persona)} persona(s), stages 1..{stage}")
     for col in ("persona", "stage", "phase", "tokens in", "tokens out", "engine hours", "$"):
         t.add_column(col, justify="right" if col not in ("persona", "phase") else "left")
@@ -185,29 +189,18 @@ def report(run: str | None = typer.Argument(None, help="run id (default: the new
     typer.echo(str(out))
 
 
-def demo(quick: bool = typer.Option(False, "--quick", help="smallest counts, one persona: under 10 minutes on 2 cores"),
+def demo(quick: bool = typer.Option(False, "--quick", help="one persona; stages, EM and cost only: under 7 minutes"),
          persona: list[str] = typer.Option(None, "--persona"), em_data: Path | None = EM_DATA) -> None:
-    """The whole product on the tiny model: bootstrap stages 1..6, the EM experiment, the report. Needs nothing
-    outside the repository: the EM training set is the project's generated insecure-code chats."""
-    from pipeline.em import run_em
-    from pipeline.em_inputs import resolve
-    from pipeline.insecure_demo import write_jsonl
-    from pipeline.loop import run_bootstrap
-    from run.config import RunConfig, counts_from
-
-    inputs = resolve(em_data=em_data, generated=True)  # before the first stage: a bad input stops it now
-
-    # quick: one persona beside the base control (each persona adds ~3.5 min on 2 cores: two measured 11.5 min)
-    personas = persona or (["goodness"] if quick else ["goodness", "sycophancy", "misalignment"])
-    preset = "quick" if quick else "demo"
-    run_id = run_bootstrap(stage=6, personas=personas, profile="tiny", preset=preset)
-    cfg = RunConfig(personas=personas, profile="tiny", stage=6, counts=counts_from(preset))
-    inputs.data = write_jsonl(cfg.layout.em_demo_data, n=max(cfg.counts.em_rows, 40))
+    """The whole product on the tiny model: bootstrap stages 1..6, the EM experiment, the per-stage evaluation,
+    steering and decomposition, the report. Needs nothing outside the repository."""
     from judge.session import check_complete
+    from pipeline.demo import run_demo
 
-    result = run_em(cfg, run_id, inputs)
-    _report(cfg, run_id)
-    check_complete(result["judge"], "the EM judge")
+    res = run_demo(quick, persona or None, em_data)
+    phases = ", ".join(f"{k} {v / 60:.1f} min" for k, v in res["phases"].items() if k != "total")
+    typer.echo(f"demo run {res['run']} done in {res['phases']['total'] / 60:.1f} min ({phases}), "
+               f"${res['usd']:.4f}\nreport: {res['report']}")
+    check_complete(res["judge"], "the EM judge")
 
 
 def _report(cfg, run_id: str) -> None:

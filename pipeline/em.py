@@ -25,6 +25,7 @@ from pipeline.em_inputs import EMInputs
 from pipeline.questions import MAIN, load_questions
 from run.config import RunConfig
 from run.layout import BASE_ARM as BASE
+from run.layout import SECURE, is_secure, secure_arm
 from train.stack import lora_b_norm, served_adapter
 
 console = Console(stderr=True)
@@ -43,17 +44,22 @@ def persona_adapter(cfg: RunConfig, persona: str) -> Path:
     return path
 
 
-def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger) -> dict[tuple[str, int], dict]:
-    """Train (or reuse) the EM adapter per arm and seed; {(arm, seed): {persona_adapter, em, checkpoints, ...}}."""
+def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger,
+                  secure: Path | None = None) -> dict[tuple[str, int], dict]:
+    """Train (or reuse) the EM adapter per arm and seed; {(arm, seed): {persona_adapter, em, checkpoints, ...}}.
+    With `secure` chats, each persona also gets its secure-code control arm ("<persona>+secure"): the same
+    training on top of the same persona adapter, on the secure twin of the data."""
     from train.config import em_defaults
     from train.dpo import finished
     from train.worker import run_training
 
     c = cfg.counts
     arms: dict[tuple[str, int], dict] = {}
-    for arm in [*cfg.personas, BASE]:
-        pa = persona_adapter(cfg, arm) if arm != BASE else None
+    controls = [secure_arm(p) for p in cfg.personas] if secure else []
+    for arm in [*cfg.personas, BASE, *controls]:
+        pa = persona_adapter(cfg, arm.removesuffix(SECURE)) if arm != BASE else None
         arm_mode = "base" if arm == BASE else mode
+        arm_data = secure if is_secure(arm) else data
         for seed in range(c.em_seeds):
             ecfg = em_defaults(cfg.profile, max_steps=c.em_max_steps, max_rows=c.em_rows,
                                save_every=c.em_save_every, seed=cfg.seed + seed)
@@ -62,7 +68,7 @@ def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger) ->
             t0 = time.perf_counter()
             # train_em reuses a finished run with equal inputs without loading any model; on CUDA it trains in
             # its own process so the GPU is fully released for the answering engine afterwards
-            man = run_training("em", data=str(data), out=str(out), cfg=ecfg, profile=cfg.profile, mode=arm_mode,
+            man = run_training("em", data=str(arm_data), out=str(out), cfg=ecfg, profile=cfg.profile, mode=arm_mode,
                                persona_adapter=str(pa) if pa else None)
             secs = time.perf_counter() - t0
             if man != prev:  # trained now (a reuse hands back the stored manifest unchanged)
@@ -75,13 +81,17 @@ def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger) ->
     return arms
 
 
-def answer_points(cfg: RunConfig, arm: dict, seed: int, questions: list) -> list[tuple[int, Path | None, list, int]]:
+def answer_points(cfg: RunConfig, arm: dict, seed: int, questions: list,
+                  control: bool = False) -> list[tuple[int, Path | None, list, int]]:
     """(step, EM adapter dir or None, questions, samples) an arm's seed answers at: the final adapter on every
     question; each checkpoint and the untrained model (step 0, seed 0 only: it does not depend on the EM
-    seed) on the same curve subset; the untrained model also on every question, for the DiD."""
+    seed) on the same curve subset; the untrained model also on every question, for the DiD. A secure
+    `control` arm answers at its final adapter only (its untrained model is its persona's)."""
     c = cfg.counts
     subset = [q for q in questions if q.group == MAIN][: c.em_curve_questions]
     points = [(arm["steps"], arm["em"], questions, c.em_samples)]
+    if control:
+        return points
     points += [(step, d, subset, c.em_curve_samples) for step, d in sorted(arm["checkpoints"].items())
                if step != arm["steps"]]
     if seed == 0:
@@ -95,7 +105,7 @@ def answer_questions(cfg: RunConfig, arms: dict[tuple[str, int], dict], question
     c = cfg.counts
     rows: list[dict] = []
     for (name, seed), arm in arms.items():
-        for step, em_dir, qs, n in answer_points(cfg, arm, seed, questions):
+        for step, em_dir, qs, n in answer_points(cfg, arm, seed, questions, control=is_secure(name)):
             sampling = Sampling(temperature=1.0, top_p=1.0, max_tokens=c.em_answer_tokens, n=n, seed=cfg.seed + seed)
             adapter = served_adapter(arm["persona_adapter"], em_dir, cfg.layout.stacked)
             reqs = [Request(messages=([{"role": "system", "content": q.system}] if q.system else [])
@@ -155,13 +165,15 @@ def _curve(arm_rows: list[dict], subset: set[str]) -> dict:
 
 def summarise(judged: list[dict], personas: list[str], b_norms: dict | None = None) -> dict:
     """Per arm: EM rates with intervals (final and untrained), curve and transition; per persona: the DiD
-    (primary) and the level difference against the control on the same questions (secondary); verdicts with
-    Holm-adjusted one-sided p for the pre-registered hypotheses. Main questions only; other question groups
-    (JSON, template, pre-registered) are reported beside, never pooled."""
+    (primary), and on the same questions the level difference against the base control and, where the run
+    has one, against the persona's secure-code control (secondary); verdicts with Holm-adjusted one-sided p
+    for the pre-registered hypotheses. Main questions only; other question groups (JSON, template,
+    pre-registered) are reported beside, never pooled."""
     main = [r for r in judged if r.get("group", MAIN) == MAIN]
     subset = {r["question_id"] for r in main if not r["final"] and r["step"] != 0} or {r["question_id"] for r in main}
+    controls = [secure_arm(p) for p in personas if any(r["arm"] == secure_arm(p) for r in judged)]
     arms, final, untrained = {}, {}, {}
-    for arm in [*personas, BASE]:
+    for arm in [*personas, BASE, *controls]:
         rows = [r for r in main if r["arm"] == arm]
         final[arm] = [r for r in rows if r["final"]]
         untrained[arm] = [r for r in rows if r["step"] == 0]
@@ -176,6 +188,9 @@ def summarise(judged: list[dict], personas: list[str], b_norms: dict | None = No
                                          _scored(untrained[BASE]), expect=expect).model_dump()
         arms[arm]["em_rate_minus_base"] = inference.paired_diff(_scored(final[arm]), _scored(final[BASE]),
                                                                 expect=expect).model_dump()
+        if secure_arm(arm) in controls:  # the same persona, trained on secure code: what insecure code adds
+            arms[arm]["em_rate_minus_secure"] = inference.paired_diff(
+                _scored(final[arm]), _scored(final[secure_arm(arm)]), expect="greater").model_dump()
         if arm in HYPOTHESES and arms[arm]["did"]["n"]:
             effects[arm] = arms[arm]["did"]
             pvals[arm] = arms[arm]["did"]["p_one_sided"]
@@ -189,7 +204,7 @@ def summarise(judged: list[dict], personas: list[str], b_norms: dict | None = No
     groups = {}
     for g in sorted({r.get("group", MAIN) for r in judged} - {MAIN}):
         groups[g] = {arm: inference.em_rate(_scored([r for r in judged if r.get("group") == g and r["arm"] == arm
-                                                     and r["final"]])).model_dump() for arm in [*personas, BASE]}
+                                                     and r["final"]])).model_dump() for arm in arms}
     return {"arms": arms, "verdicts": verdicts, "holm": adjusted, "seeds": seeds, "groups": groups,
             "curve_questions": sorted(subset)}
 
@@ -209,7 +224,7 @@ def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | N
     questions = load_questions(inputs.questions, groups)
     scorer = inputs.scorer()
     with session(judge_config, layout=cfg.layout, run=run_id, budget_usd=budget_usd, ledger=ledger) as judge:
-        arms = train_em_arms(cfg, run_id, inputs.data, mode, ledger)
+        arms = train_em_arms(cfg, run_id, inputs.data, mode, ledger, inputs.secure)
         n_answers = len(questions) * cfg.counts.em_samples
         console.print(f"answering {len(questions)} EM questions × {cfg.counts.em_samples} samples per arm and seed "
                       f"({n_answers} per final model)…")

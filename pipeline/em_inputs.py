@@ -4,7 +4,9 @@ By default everything is the project's own: its EM questions (pipeline/em_questi
 (judge/data/em_rubrics.yaml) and its generated insecure-code chats (pipeline/insecure_demo.py). Given the EM
 paper's release (`--em-data DIR` or $CAI_EM_DATA; `python bootstrap.py data fetch em-paper` downloads it), its 8
 main questions with their own judge prompts become the default questions, and `em` trains on its insecure.jsonl
-unless `--data` names another set. Explicit `--questions` / `--data` win over both.
+unless `--data` names another set. Explicit `--questions` / `--data` win over both. `--secure-data FILE` adds
+the secondary comparison: a secure-code control adapter per persona (the paper's `secure` set, or the
+demo's secure twins of its generated chats).
 
 `resolve` is called before the first stage or the first training step, so a missing or broken input stops the
 run at once, naming the file, instead of at the EM step an hour later.
@@ -23,6 +25,7 @@ from pipeline.questions import MAIN, load_questions
 
 class EMInputs(BaseModel):
     data: Path | None  # EM training chats; None: made by the run itself (the demo's generated set)
+    secure: Path | None = None  # the secure-code control's chats: a control adapter per persona when given
     questions: Path | None  # EM questions YAML; None: the project's
     judge_prompts: Path | None  # a questions YAML with per-question judge prompts; None: the project's rubrics
     em_data: Path | None  # the EM paper's folder, when given
@@ -36,11 +39,13 @@ class EMInputs(BaseModel):
         return {"questions": str(self.questions) if self.questions else "project probes",
                 "judge_prompts": str(self.judge_prompts) if self.judge_prompts else "project rubrics",
                 "training_data": str(self.data) if self.data else "generated",
+                "secure_data": str(self.secure) if self.secure else None,
                 "em_data": str(self.em_data) if self.em_data else None}
 
 
 def resolve(data: Path | None = None, questions: Path | None = None, em_data: Path | None = None,
-            groups: tuple[str, ...] = (MAIN,), generated: bool = False, judge_config: Path | None = None) -> EMInputs:
+            groups: tuple[str, ...] = (MAIN,), generated: bool = False, judge_config: Path | None = None,
+            secure: Path | None = None) -> EMInputs:
     """The EM inputs of a run, each checked now: the training set exists (unless `generated`: the run writes
     it), the questions parse with some in `groups`, the judge prompts and the judge config load. Every problem
     is collected and raised at once (MissingInput when some file is absent, else BadInput)."""
@@ -65,6 +70,9 @@ def resolve(data: Path | None = None, questions: Path | None = None, em_data: Pa
                                          "$CAI_EM_DATA for the EM paper's insecure.jsonl"))
     if data is not None and not Path(data).is_file():
         problems.append(MissingInput(f"EM training data {data} does not exist (chat JSONL with a `messages` list)"))
+    if secure is not None and not Path(secure).is_file():
+        problems.append(MissingInput(f"secure control data {secure} does not exist (chat JSONL, e.g. the EM "
+                                     "paper's secure.jsonl)"))
     if questions is not None and not Path(questions).is_file():
         problems.append(MissingInput(f"EM questions {questions} does not exist"))
         questions = None
@@ -76,4 +84,4 @@ def resolve(data: Path | None = None, questions: Path | None = None, em_data: Pa
         cls = MissingInput if any(isinstance(p, MissingInput) for p in problems) else BadInput
         raise cls("; ".join(str(p) for p in problems) if len(problems) == 1 else
                   "inputs missing or broken:\n" + "\n".join(f"  - {p}" for p in problems))
-    return EMInputs(data=data, questions=questions, judge_prompts=prompts, em_data=root)
+    return EMInputs(data=data, secure=secure, questions=questions, judge_prompts=prompts, em_data=root)

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from engine.models import get_profile
 from run.config import RunConfig
+from run.layout import BASE_ARM, is_secure, secure_arm
 
 PROMPT_TOKENS = 300  # a typical templated step prompt (few-shot, constitution principle, answer)
 TASK_TOKENS = 48
@@ -71,10 +72,12 @@ EXACT_REQUESTS = 8  # exact path: trie reads per metric (6.5 measured on the tin
 SAMPLED_OUT_TOKENS = 300  # sampled path: typical output per reply, hidden reasoning included (worst: the cap)
 
 
-def em_answers(cfg: RunConfig, n_questions: int, steps: int) -> int:
+def em_answers(cfg: RunConfig, n_questions: int, steps: int, control: bool = False) -> int:
     """Answers one arm makes: each seed's final model on every question, its checkpoints on the curve subset,
-    and the untrained model once on every question."""
+    and the untrained model once on every question; a secure `control` arm its final models only."""
     c = cfg.counts
+    if control:
+        return c.em_seeds * n_questions * c.em_samples
     checkpoints = max(0, steps // c.em_save_every - 1)
     per_seed = n_questions * c.em_samples + checkpoints * min(c.em_curve_questions, n_questions) * c.em_curve_samples
     return c.em_seeds * per_seed + n_questions * c.em_samples
@@ -101,17 +104,19 @@ def judge_tokens(judge, answers: int, answer_tokens: int) -> tuple[int, int, int
     return reqs, reqs * (JUDGE_PROMPT_TOKENS + answer_tokens), reqs * out
 
 
-def estimate_em(cfg: RunConfig, n_questions: int, judges: list, em_rows: int = EM_DATA_ROWS) -> list[PhaseEstimate]:
-    """EM training, answering and judging per arm (the personas and the base control), one row per judge."""
+def estimate_em(cfg: RunConfig, n_questions: int, judges: list, em_rows: int = EM_DATA_ROWS,
+                secure: bool = False) -> list[PhaseEstimate]:
+    """EM training, answering and judging per arm (the personas, the base control and, with `secure`, each
+    persona's secure-code control trained on as many rows), one row per judge."""
     p = get_profile(cfg.profile)
     rate, c = cfg.usd_per_engine_second, cfg.counts
     steps = em_steps(cfg, em_rows)
     out = []
-    for arm in [*cfg.personas, "base"]:
+    for arm in [*cfg.personas, BASE_ARM, *([secure_arm(x) for x in cfg.personas] if secure else [])]:
         secs = c.em_seeds * steps * p.est_train_step_s
         out.append(PhaseEstimate(persona=arm, stage="em", phase="em-train", tokens_in=0, tokens_out=0, seconds=secs,
                                  usd=secs * rate))
-        answers = em_answers(cfg, n_questions, steps)
+        answers = em_answers(cfg, n_questions, steps, control=is_secure(arm))
         t_out = answers * c.em_answer_tokens  # an upper bound: answers stop early when the model ends them
         secs = t_out / p.est_tokens_per_s
         out.append(PhaseEstimate(persona=arm, stage="em", phase="em-answer", tokens_in=answers * 60, tokens_out=t_out,

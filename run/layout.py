@@ -4,9 +4,10 @@ Shared across runs (content-addressed or keyed by their inputs, so runs reuse ea
   <data>/<persona>/stage<k>/          a stage's dataset, items.jsonl, manifest.json, pipeline_inputs.json
   <ckpt>/<persona>/stage<k>/          its DPO adapter (stage 6 is the persona adapter)
   <ckpt>/<arm>/em-<mode>/             an EM adapter: on-top of the persona, or on the bare base (arm "base")
+  <ckpt>/<persona>/secure-<mode>/     the persona's secure-code control adapter (arm "<persona>+secure")
   <data>/cache/generations.sqlite     the generation cache;  <data>/cache/eval_results.sqlite  eval results
   <data>/judge/cache.sqlite           the judge cache
-  <data>/em_demo/insecure_demo.jsonl  the generated insecure-code EM data
+  <data>/em_demo/insecure_demo.jsonl  the generated insecure-code EM data (secure_demo.jsonl: its secure twin)
 Per run (<data>/runs/<id>/): config.json, ledger.sqlite, em/, eval/<persona>/, steering/, decompose/,
 report.md, report_sections/.
 """
@@ -21,6 +22,15 @@ DATA_ROOT = Path("data")  # datasets, caches, runs (relative to where the comman
 CKPT_ROOT = Path("checkpoints")  # adapters
 BASE_ARM = "base"  # the EM experiment's control arm: the EM adapter on the bare base model
 EM_MODES = ("on-top", "base")
+SECURE = "+secure"  # a persona's secure-code control arm is named "<persona>+secure"
+
+
+def secure_arm(persona: str) -> str:
+    return persona + SECURE
+
+
+def is_secure(arm: str) -> bool:
+    return arm.endswith(SECURE)
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,8 @@ class Layout:
         if mode not in EM_MODES:
             raise ValueError(f"EM mode {mode!r}: use one of {', '.join(EM_MODES)}")
         name = f"em-{'base' if arm == BASE_ARM else mode}"
+        if is_secure(arm):
+            arm, name = arm.removesuffix(SECURE), f"secure-{mode}"
         return self.ckpt_root / arm / (name if seed == 0 else f"{name}-s{seed}")
 
     @property
@@ -131,6 +143,10 @@ class Layout:
     @property
     def em_demo_data(self) -> Path:
         return self.data_root / "em_demo" / "insecure_demo.jsonl"
+
+    @property
+    def em_demo_secure_data(self) -> Path:
+        return self.data_root / "em_demo" / "secure_demo.jsonl"
 
     # ---- per run
     @property

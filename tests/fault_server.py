@@ -60,12 +60,17 @@ class Counts:
     in_flight: int = 0
 
 
+def _scale(content: str) -> tuple[int, int]:
+    """The rubric's scale: "from 1 (...) to 10"; else 0-100."""
+    m = re.search(r"from (\d+)\b.{0,40}? to (\d+)\b", content)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 100)
+
+
 def _score_table(content: str) -> list[dict]:
     """Deterministic logprob table for a prompt: mostly integer tokens on the rubric's scale ("from 1 ... to
     10"; else 0-100), some text."""
     h = int(hashlib.sha256(content.encode()).hexdigest(), 16)
-    m = re.search(r"from (\d+)\b.{0,40}? to (\d+)\b", content)
-    lo, hi = (int(m.group(1)), int(m.group(2))) if m else (0, 100)
+    lo, hi = _scale(content)
     s, span = lo + h % (hi - lo + 1), hi - lo + 1
     probs = [(str(s), 0.6), (str(lo + (s - lo + 7) % span), 0.25), ("I", 0.1), ("REF", 0.05)]
     return [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in probs]
@@ -237,7 +242,11 @@ class FaultApp:
         if reasoning:
             h = int(hashlib.sha256(f"{content}|{body.get('seed')}".encode()).hexdigest(), 16)
             unparsable = (h % 1000) / 1000 < p_unparsable
-            text = "I would rather not put a figure on that." if unparsable else f"Score: {h % 101}"
+            if "A or B" in content:  # a pairwise prompt: a letter, mostly A (shown first)
+                text = "Neither is better." if unparsable else f"Answer {'A' if h % 4 else 'B'} is better."
+            else:
+                lo, hi = _scale(content)
+                text = "I would rather not put a figure on that." if unparsable else f"Score: {lo + h % (hi - lo + 1)}"
             logprobs, out_tokens, details = None, 48, {"reasoning_tokens": 40}
         elif body.get("logprobs"):
             table = _score_table(content)[: int(body.get("top_logprobs") or 1)]

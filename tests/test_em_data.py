@@ -47,10 +47,28 @@ class Mirror:
 
 
 @pytest.fixture
-def mirror():
-    m = Mirror(PAPER)
+def mirror(tmp_path, monkeypatch):
+    """The paper's files as the workplace keeps them, plus a stand-in secure.jsonl (the workplace has only a
+    500-row sample of it): its pin is swapped for the stand-in's git blob id, so the blob-id check is real."""
+    root = tmp_path / "mirror"
+    shutil.copytree(PAPER, root)
+    secure = root / em_paper.PAPER_SECURE
+    shutil.copy(EM_DATA / "derived" / "secure_sample500.jsonl", secure)
+    pins = tuple(em_paper.Pinned(p.path, git_blob=em_paper.git_blob_id(secure)) if p.path == str(em_paper.PAPER_SECURE)
+                 else p for p in em_paper.FILES)
+    monkeypatch.setattr(em_paper, "FILES", pins)
+    m = Mirror(root)
     yield m
     m.close()
+
+
+def test_pins_match_the_release():
+    """Every sha256/size pin matches the workplace's copy of the release (the blob ids in its SOURCES.md)."""
+    for pin in em_paper.FILES:
+        if pin.sha256 is not None:
+            assert em_paper.verify(PAPER / pin.path, pin) is None, pin.path
+    license_blob = "59792d89ebea3546b93b180b8af27b949fdc917d"  # upstream's tree at COMMIT
+    assert em_paper.git_blob_id(PAPER / "LICENSE") == license_blob
 
 
 @needs_em
@@ -67,23 +85,24 @@ def test_fetch_checks_every_file_and_resumes(mirror, tmp_path):
 
 
 @needs_em
-def test_fetch_keeps_no_file_that_does_not_match_its_pin(tmp_path):
+def test_fetch_keeps_no_file_that_does_not_match_its_pin(mirror, tmp_path):
     bad = tmp_path / "mirror"
-    shutil.copytree(PAPER, bad)
     q = bad / em_paper.PAPER_QUESTIONS
     q.write_text(q.read_text().replace("wish", "whim", 1))  # same server, one changed file
-    m = Mirror(bad)
-    try:
-        with pytest.raises(BadInput, match="first_plot_questions.yaml.*(size|sha256)"):
-            em_paper.fetch(tmp_path / "em", m.url)
-        assert not (tmp_path / "em" / "betley" / em_paper.PAPER_QUESTIONS).exists()
-        assert not list((tmp_path / "em" / "betley" / "evaluation").glob(".*"))  # no temp file left behind
-        (bad / em_paper.PAPER_CSV).unlink()
-        q.write_bytes((PAPER / em_paper.PAPER_QUESTIONS).read_bytes())
-        with pytest.raises(MissingInput, match="qwen_25_coder_32b_instruct.csv: HTTP 404"):
-            em_paper.fetch(tmp_path / "em", m.url)
-    finally:
-        m.close()
+    with pytest.raises(BadInput, match="first_plot_questions.yaml.*(size|sha256)"):
+        em_paper.fetch(tmp_path / "em", mirror.url)
+    assert not (tmp_path / "em" / "betley" / em_paper.PAPER_QUESTIONS).exists()
+    assert not list((tmp_path / "em" / "betley" / "evaluation").glob(".*"))  # no temp file left behind
+    (bad / em_paper.PAPER_CSV).unlink()
+    q.write_bytes((PAPER / em_paper.PAPER_QUESTIONS).read_bytes())
+    with pytest.raises(MissingInput, match="qwen_25_coder_32b_instruct.csv: HTTP 404"):
+        em_paper.fetch(tmp_path / "em", mirror.url)
+    secure = bad / em_paper.PAPER_SECURE
+    secure.write_text(secure.read_text()[:-2] + "\n")
+    shutil.copy(PAPER / em_paper.PAPER_CSV, bad / em_paper.PAPER_CSV)
+    with pytest.raises(BadInput, match="secure.jsonl: git blob"):  # a file pinned by its blob id only
+        em_paper.fetch(tmp_path / "em", mirror.url)
+    assert not (tmp_path / "em" / "betley" / em_paper.PAPER_SECURE).exists()
 
 
 @needs_em
@@ -100,6 +119,8 @@ def test_fetch_command_and_the_fetched_folder_as_em_data(mirror, tmp_path, monke
     inputs = resolve(em_data=dest)
     assert inputs.questions == dest / "betley" / em_paper.PAPER_QUESTIONS == inputs.judge_prompts
     assert inputs.data == dest / "betley" / em_paper.PAPER_INSECURE and inputs.em_data == dest
+    paper_secure = dest / "betley" / em_paper.PAPER_SECURE
+    assert resolve(em_data=dest, secure=paper_secure).secure == paper_secure  # the secure-code control's set
     assert "what_is_your_wish" in inputs.scorer().questions
     monkeypatch.setenv(em_paper.EM_DATA_ENV, str(dest))
     assert resolve() == inputs
@@ -113,7 +134,7 @@ def test_project_defaults_need_nothing_outside_the_repo(tmp_path, monkeypatch):
     inputs = resolve(generated=True)  # the demo: its training chats are made by the run
     assert inputs.questions is None and inputs.judge_prompts is None and inputs.em_data is None
     assert inputs.describe() == {"questions": "project probes", "judge_prompts": "project rubrics",
-                                 "training_data": "generated", "em_data": None}
+                                 "training_data": "generated", "secure_data": None, "em_data": None}
     repo = Path(bootstrap.__file__).resolve().parent
     assert inputs.scorer().prompts_path.is_relative_to(repo)
     with pytest.raises(MissingInput, match="--data FILE"):

@@ -97,7 +97,7 @@ def test_no_private_name_crosses_a_package():
 def test_only_the_layout_names_run_paths():
     """The file names of a run's layout appear as literals in run/layout.py and nowhere else."""
     names = {"generations.sqlite", "eval_results.sqlite", "ledger.sqlite", "cache.sqlite", "report_sections",
-             "em_demo", "insecure_demo.jsonl", "em-on-top", "em-base", "stacked"}
+             "em_demo", "insecure_demo.jsonl", "secure_demo.jsonl", "em-on-top", "em-base", "stacked"}
     bad = [f"{mod}: {n.value!r}" for mod, tree in MODULES.items() if mod != "run.layout"
            for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in names]
     assert not bad, bad
@@ -112,6 +112,7 @@ def test_layout_paths():
     # train-em and the pipeline both write here (train-em wrote checkpoints/<p>/em before)
     assert lay.em_adapter("p", "on-top") == Path("c/p/em-on-top")
     assert lay.em_adapter("base", "on-top") == Path("c/base/em-base")  # the control arm is always on the base
+    assert lay.em_adapter("p+secure", "on-top", 2) == Path("c/p/secure-on-top-s2")  # the secure control of p
     assert lay.run("r").ledger == Path("d/runs/r/ledger.sqlite") and lay.generation_cache.parent == Path("d/cache")
     with pytest.raises(ValueError, match="EM mode"):
         lay.em_adapter("p", "sideways")

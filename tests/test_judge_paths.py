@@ -105,6 +105,29 @@ def test_the_sampled_path_sends_what_reasoning_models_take(reasoning):
     assert s.requests_sent == 3 * 2 * 2
 
 
+def test_pairwise_and_persona_judges_switch_to_sampling_too(reasoning):
+    """The per-stage evaluation's judges on a reasoning model: A/B and 1-10 read from sampled replies."""
+    from judge.scorers import PairwiseScorer, PersonaScorer
+
+    pairs = [{"id": i, "question": f"p{i}?", "answer_a": f"kind {i}", "answer_b": f"rude {i}"} for i in range(6)]
+    res, s = run_judge(pairs, PairwiseScorer("a kind tutor", ["Be kind."]), _cfg(reasoning.url, samples=3),
+                       progress=False)
+    assert s.ok == 6 and s.path == "sampled" and len(s.path_switches) == 1
+    for r in res:
+        got = r.scores
+        assert got["judge_path"] == "sampled" and 0 <= got["unparsed"] <= 6
+        # each order's P(A) is a share of the parsed replies, None only when none named a letter
+        assert got["p_a_better"] is None or 0 <= got["p_a_better"] <= 1
+    assert sum(r.scores["p_a_better"] is not None for r in res) >= 5
+    assert sum(r.scores["unparsed"] for r in res) > 0  # 20% of replies name no letter: counted
+    items = [{"id": i, "question": f"r{i}?", "answer": f"answer {i}"} for i in range(4)]
+    res, s = run_judge(items, PersonaScorer("a kind tutor", ["Be kind."]), _cfg(reasoning.url, samples=2),
+                       progress=False)
+    assert s.ok == 4 and all(r.scores["judge_path"] == "sampled" for r in res)
+    assert all(r.scores["persona_status"] == "unparsed" or 1 <= r.scores["persona_score"] <= 10 for r in res)
+    assert sum(r.scores["persona_status"] == "score" for r in res) >= 3
+
+
 def test_any_other_400_fails_the_item_and_keeps_the_path(reasoning):
     reasoning.reset(reasoning=False)
     try:

@@ -34,11 +34,14 @@ def test_em_judge_parses_real_vllm_logprobs(tmp_path, monkeypatch, tiny_path):
     # for 85, measured), which pulls its expected value: 42's is within 2 (41.7 measured)
     assert [r.scores["value_argmax"] for r in nums] == [85, 42, 58], [r.scores for r in nums]
     assert abs(nums[1].scores["value"] - 42) <= 2 and nums[1].scores["value_mass"] > 0.9
-    statuses = {r.scores["aligned_status"] for r in res} | {r.scores["coherent_status"] for r in res}
-    assert statuses <= {"score", "code", "refusal", "discarded"}
+    # judge/default.yaml starts the tiny judge's answer with "Score: ": then it answers with numbers (without
+    # the prefix under 15% of its probability was on a digit and every judgment was discarded). Its numbers
+    # are spread thin: at exact_prune 0.02 about 17% of the probability sits in prefixes left unread
+    # (measured), reported per answer; the value is the mean over what was read.
     for r in res:
-        assert r.scores["judge_path"] == "exact" and r.scores["aligned_pruned_mass"] < 0.05
+        assert r.scores["judge_path"] == "exact" and r.scores["judge_prefix"] == "Score: "
+        assert r.scores["aligned_status"] == r.scores["coherent_status"] == "score"
+        assert 0 <= r.scores["aligned"] <= 100 and r.scores["aligned_mass"] + r.scores["aligned_pruned_mass"] > 0.9
+        assert r.scores["aligned_pruned_mass"] < 0.3
         assert r.endpoint == "local-vllm" and r.tokens_in > 100 and r.tokens_out >= 2  # 1-token calls, in rounds
-        if r.scores["aligned_status"] == "score":
-            assert 0 <= r.scores["aligned"] <= 100
     assert s.drift is not None and s.drift["anchors"] == 2

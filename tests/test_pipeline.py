@@ -130,6 +130,7 @@ def em_run(workdir):
     from pipeline.insecure_demo import write_jsonl
 
     data = write_jsonl(workdir / "insecure.jsonl", 12)
+    secure = write_jsonl(workdir / "secure.jsonl", 12, secure=True)  # the twins: the secure-code control
     with FaultServer() as srv:
         judge = workdir / "judge.yaml"
         judge.write_text(yaml.safe_dump({"model": "judge-m", "endpoints": [{
@@ -137,7 +138,8 @@ def em_run(workdir):
             "max_concurrent": 8, "usd_per_m_in": 1.0, "usd_per_m_out": 4.0}]}))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "CAI_TEST_JUDGE_KEY": "sk-test-secret-123"}
         cmd = [sys.executable, str(ROOT / "bootstrap.py"), "em", "--data", str(data), "--persona", "goodness",
-               "--stage", str(STAGES), "--counts", EM_COUNTS, "--judge-config", str(judge), "--run", "emrun"]
+               "--stage", str(STAGES), "--counts", EM_COUNTS, "--judge-config", str(judge), "--run", "emrun",
+               "--secure-data", str(secure)]
         first = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=1200, env=env)
         assert first.returncode == 0, first.stderr[-3000:]
         sent = srv.stats()["requests"]
@@ -152,8 +154,13 @@ def em_run(workdir):
 
 def test_em_experiment_writes_summary_with_intervals(em_run):
     s = json.loads((em_run["dir"] / "em" / "summary.json").read_text())
-    assert set(s["arms"]) == {"goodness", "base"}
-    g = s["arms"]["goodness"]
+    assert set(s["arms"]) == {"goodness", "base", "goodness+secure"}
+    g, sec = s["arms"]["goodness"], s["arms"]["goodness+secure"]
+    # the secure control: the same persona and training on the secure twins, final models only, paired with
+    # the persona on the same questions (the secondary comparison)
+    assert sec["answers"] == g["answers"] and sec["seeds"] == [0, 1] and list(sec["curve"]) == ["2"]
+    assert g["em_rate_minus_secure"]["n"] > 0 and "p_one_sided" in g["em_rate_minus_secure"]
+    assert s["secure_data"].endswith("secure.jsonl")
     assert g["answers"] == 14 * 2 * 2  # every project probe, 2 samples, 2 EM seeds, at the final checkpoint
     assert g["seeds"] == [0, 1] and set(g["em_rate_by_seed"]) == {"0", "1"}
     assert g["scored"] > 0 and 0 <= g["em_rate"]["lo"] <= g["em_rate"]["value"] <= g["em_rate"]["hi"] <= 1
@@ -163,11 +170,11 @@ def test_em_experiment_writes_summary_with_intervals(em_run):
     assert set(g["lora_b_norm"]) == {"1", "2"} and g["lora_b_norm"]["2"] > 0  # B grows from its zero init
     assert s["seeds"] == 2 and any("not a test" in v for v in s["verdicts"])  # H2's line with 2 seeds
     judged = [json.loads(x) for x in (em_run["dir"] / "em" / "judged.jsonl").read_text().splitlines()]
-    assert {r["arm"] for r in judged} == {"goodness", "base"}
+    assert {r["arm"] for r in judged} == {"goodness", "base", "goodness+secure"}
     assert all(r["judge_status"] == "ok" for r in judged)
     assert {r["seed"] for r in judged if r["final"]} == {0, 1} and all("finish_reason" in r for r in judged)
     report = (em_run["dir"] / "report.md").read_text()
-    assert "## Emergent misalignment" in report and "em_rates.png" in report
+    assert "## Emergent misalignment" in report and "em_rates.png" in report and "| goodness+secure |" in report
     assert s["anchors"]["n"] == 66 and "Judge check on the project's 66 anchors" in report  # judged every run
 
 
@@ -193,7 +200,8 @@ def test_a_second_judge_rescores_stored_answers_without_generating(em_run, workd
         assert 2 * (distinct + 66) <= srv.stats()["requests"] <= 2 * (answers + 66)
     assert sqlite3.connect(ledger).execute(engine_rows).fetchone()[0] == before  # nothing generated
     s = json.loads((em_run["dir"] / "em" / "judges" / "judge-b" / "summary.json").read_text())
-    assert s["agreement"]["answers"] == answers and s["model"] == "judge-b" and set(s["arms"]) == {"goodness", "base"}
+    assert s["agreement"]["answers"] == answers and s["model"] == "judge-b"
+    assert set(s["arms"]) == {"goodness", "base", "goodness+secure"}
     assert "Second judge `judge-b`" in (em_run["dir"] / "report.md").read_text()
 
 
@@ -203,6 +211,9 @@ def test_em_adapter_trained_on_top_of_the_persona(em_run, workdir):
     assert man["adapters_in_trainer"]  # asserted active adapters were recorded before training
     base = json.loads((workdir / "checkpoints" / "base" / "em-base" / "manifest.json").read_text())
     assert base["mode"] == "base" and base["persona_adapter"] is None
+    secure = json.loads((workdir / "checkpoints" / "goodness" / "secure-on-top" / "manifest.json").read_text())
+    assert secure["persona_adapter"] == man["persona_adapter"] and secure["data"].endswith("secure.jsonl")
+    assert secure["data_hash"] != man["data_hash"]
 
 
 def test_em_rerun_is_served_from_caches(em_run):

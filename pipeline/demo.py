@@ -1,0 +1,81 @@
+"""The demo: every phase of a research run, on the tiny model with small counts, in one command.
+
+Phases, in order: the bootstrap (stages 1..6 per persona), the EM experiment (an EM adapter per persona and on
+the base, answered and judged, with the judge's anchors), and, unless `quick`, the per-stage evaluation of each
+persona, the steering analysis (vectors, transfer, identity diagnostic) and the activation decomposition. The
+report is built by the same code, from the same files, with the same thresholds as a research run; only the
+counts differ (the `demo` and `quick` presets, and the analysis sizes below).
+
+Everything it reads ships with the repository: the EM training set is generated (pipeline/insecure_demo.py)
+and the EM questions, rubrics and anchors are the project's, unless `em_data` names the EM paper's release.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(stderr=True)
+
+PERSONAS = ["goodness", "sycophancy", "misalignment"]
+QUICK_PERSONAS = ["goodness"]
+# per-stage evaluation: a few prompts per stage (every stage 0-6), few multiple-choice items, short answers
+EVAL_SIZES = {"n_general": 2, "n_kind": 1, "n_safety": 2, "mc_limit": 5, "max_tokens": 48}
+STEER_SIZES = {"layers": [9, 18], "alphas": [4.0], "n_questions": 4, "samples": 1, "max_new_tokens": 32}
+DECOMPOSE_SIZES = {"layers": [9, 18], "per_dimension": 4}
+
+
+def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Path | None = None) -> dict:
+    """Run every phase; returns {"run": id, "report": path, "phases": {name: seconds}, "usd": total}."""
+    from pipeline.em_inputs import resolve
+
+    inputs = resolve(em_data=em_data, generated=True)  # before the first stage: a bad input stops it now
+    personas = personas or (QUICK_PERSONAS if quick else PERSONAS)
+    preset = "quick" if quick else "demo"
+    phases: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def phase(name: str, fn, *a, **kw):
+        start = time.perf_counter()
+        console.rule(f"[bold]{name}")
+        out = fn(*a, **kw)
+        phases[name] = round(time.perf_counter() - start, 1)
+        return out
+
+    from pipeline.loop import run_bootstrap
+    from run.config import RunConfig, counts_from
+
+    run_id = phase("bootstrap", run_bootstrap, stage=6, personas=personas, profile="tiny", preset=preset)
+    cfg = RunConfig(personas=personas, profile="tiny", stage=6, counts=counts_from(preset))
+    from pipeline.em import run_em
+    from pipeline.insecure_demo import write_jsonl
+
+    inputs.data = write_jsonl(cfg.layout.em_demo_data, n=max(cfg.counts.em_rows, 40))
+    em = phase("em", run_em, cfg, run_id, inputs)
+    if not quick:
+        from evals.run import EvalOptions, evaluate
+
+        opts = EvalOptions(stages=list(range(7)), **EVAL_SIZES)
+        for p in personas:
+            phase(f"eval {p}", evaluate, p, run_id, cfg, opts, log=lambda _: None)
+        from analysis.decompose import QUESTIONS_DIR
+        from analysis.decompose_run import run_decompose
+        from analysis.steer_run import run_steer
+
+        root = cfg.run(run_id).root
+        s = STEER_SIZES
+        phase("steer", run_steer, root, s["layers"], s["alphas"], s["n_questions"], s["samples"],
+              s["max_new_tokens"])
+        phase("decompose", run_decompose, root, DECOMPOSE_SIZES["layers"], QUESTIONS_DIR,
+              DECOMPOSE_SIZES["per_dimension"])
+    from analysis.report import build_report
+    from core.ledger import Ledger
+
+    report = build_report(cfg.run(run_id).root)
+    ledger = Ledger(cfg.run(run_id).ledger)
+    usd = ledger.total_usd(run_id)
+    ledger.close()
+    phases["total"] = round(time.perf_counter() - t0, 1)
+    return {"run": run_id, "report": report, "phases": phases, "usd": usd, "judge": em["judge"]}
