@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 
+import click
 import typer
 from typer.core import TyperGroup
 
+from core.console import console, log_path, quiet
 from core.errors import CaiError
+
+# commands whose libraries talk: their output goes to a log file (the run's run.log once the run is known),
+# when this file runs as the program (not when a test invokes `app` in its own process)
+STANDALONE = False
+QUIET = {None, "demo", "em", "em-rescore", "eval", "steer", "decompose", "calibrate", "judge", "generate", "train",
+         "train-em", "generate-text", "guard-check"}
 
 
 class ExitCodes(TyperGroup):
@@ -24,8 +33,25 @@ class ExitCodes(TyperGroup):
         try:
             return super().invoke(ctx)
         except CaiError as e:
-            typer.secho(f"error: {e}", fg="red", err=True)
+            console.print(f"error: {e}", style="red", markup=False, highlight=False)
+            _log_hint()
             raise typer.Exit(e.exit_code) from None
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except Exception:
+            if log_path() is None:  # not quiet: Python prints the traceback itself
+                raise
+            # descriptor 2 is the log: the traceback of a bug goes to the console too
+            import traceback
+
+            console.print(traceback.format_exc(), style="red", markup=False, highlight=False)
+            _log_hint()
+            raise typer.Exit(1) from None
+
+
+def _log_hint() -> None:
+    if (path := log_path()) is not None:
+        console.print(f"the libraries' output is in {path}", style="dim", markup=False, highlight=False)
 
 
 app = typer.Typer(
@@ -59,7 +85,17 @@ def main(
                                       help='JSON overrides of the preset\'s counts, e.g. \'{"n_tasks": 4}\''),
     gpu_hour_usd: float | None = typer.Option(None, "--gpu-hour-usd", help="$ per engine-hour (default: profile)"),
     engine: str = typer.Option("auto", "--engine", help="vllm | hf | auto"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", envvar="CAI_VERBOSE",
+                                 help="show the libraries' output (vLLM, transformers, TRL) instead of logging it"),
 ) -> None:
+    if STANDALONE and not verbose and ctx.invoked_subcommand in QUIET and "--help" not in sys.argv:
+        import datetime
+        import os
+
+        from run.layout import Layout
+
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+        quiet(Layout().logs / f"{ctx.invoked_subcommand or 'bootstrap'}-{stamp}-{os.getpid()}.log")
     if ctx.invoked_subcommand is not None:
         return
     if stage is None and only is None:
@@ -72,4 +108,5 @@ def main(
 
 
 if __name__ == "__main__":
+    STANDALONE = True
     app()

@@ -9,16 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 
 from analysis.activations import Activations, capture, load_model
 from analysis.decompose import QUESTIONS_DIR, load_probe_questions, quality_table
 from analysis.run_models import BARE, run_models
 from analysis.steer_run import default_layers
+from core.console import console
 from core.io import atomic_write_json, atomic_write_text
 from run.layout import RunPaths
-
-console = Console(stderr=True)
 
 
 def run_decompose(run_path: Path, layers: Sequence[int] | None = None, questions_dir: Path = QUESTIONS_DIR,

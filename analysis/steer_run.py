@@ -13,16 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 
 from analysis.activations import Activations, capture, load_model
 from analysis.run_models import BARE, judged_rows, run_models
 from analysis.stats import bootstrap_ci, bootstrap_diff
 from analysis.steering import Direction, ablation, cosine_matrix, em_direction, generate, layer_sweep, steering
+from core.console import console
 from core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from run.layout import RunPaths
-
-console = Console(stderr=True)
 
 
 def default_layers(n_layers: int, every: int = 3) -> list[int]:

@@ -134,14 +134,21 @@ Tables = dict[tuple[str, ...], dict[str, float]]  # prefix (token strings) -> ne
 
 class Trie:
     """The numbers lo..hi as token sequences of the judge's tokenizer. `tokenize(text) -> [token text]`; the
-    default writes one token per digit, which is what a tokenizer that splits numbers does."""
+    default writes one token per digit, which is what a tokenizer that splits numbers does.
+
+    A number that begins another candidate ("8" of 80-89, "10" of 100) is read with the token after it, so
+    P("8") counts only the answers that stop there. A number that begins none (85, or 7 on a 1-10 scale) is a
+    leaf: any digit after it would make a number off the scale, so it is taken as complete without reading
+    what follows (one request saved per likely leaf; the mass of such off-scale answers is not measured)."""
 
     def __init__(self, tokenize=list, lo: int = 0, hi: int = 100, prune: float = PRUNE) -> None:
         self.prune = prune
         self.numbers = {n: tuple(tokenize(str(n))) for n in range(lo, hi + 1)}
-        # every prefix, and every whole number: after a number, the next token says whether it stopped there
-        self.prefixes = {seq[:i] for seq in self.numbers.values() for i in range(len(seq) + 1)}
-        self.digit_tokens = {t for seq in self.numbers.values() for t in seq}
+        seqs = set(self.numbers.values())
+        self.leaves = {s for s in seqs if not any(len(o) > len(s) and o[: len(s)] == s for o in seqs)}
+        # the prefixes whose next token is read: every proper prefix, and every number that is not a leaf
+        self.prefixes = {seq[:i] for seq in seqs for i in range(len(seq) + 1)} - self.leaves
+        self.digit_tokens = {t for seq in seqs for t in seq}
 
     def stop(self, after: dict[str, float]) -> float:
         """P(the number ends here): every token that would continue it is a digit token."""
@@ -176,6 +183,8 @@ def read_exact(trie: Trie, tables: Tables, labels: Sequence[str] = LABELS) -> Re
         p, after = prefix_prob(seq, tables), tables.get(seq)
         if p is not None and after is not None:
             probs[n] = p * trie.stop(after)
+        elif p is not None and seq in trie.leaves:
+            probs[n] = p
     mass = sum(probs.values())
     pruned = sum(p for pre in trie.prefixes if pre not in tables and (p := prefix_prob(pre, tables)) is not None)
     base = dict(path="exact", pruned_mass=round(pruned, 6))

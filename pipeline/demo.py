@@ -15,9 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rich.console import Console
-
-console = Console(stderr=True)
+from core.console import console
 
 PERSONAS = ["goodness", "sycophancy", "misalignment"]
 QUICK_PERSONAS = ["goodness"]

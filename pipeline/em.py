@@ -13,10 +13,9 @@ import statistics
 import time
 from pathlib import Path
 
-from rich.console import Console
-
 from analysis import inference
 from analysis.stats import bootstrap_ci
+from core.console import console
 from core.errors import MissingInput
 from core.io import atomic_write_json, atomic_write_jsonl
 from core.ledger import Ledger
@@ -28,7 +27,6 @@ from run.layout import BASE_ARM as BASE
 from run.layout import SECURE, is_secure, secure_arm
 from train.stack import lora_b_norm, served_adapter
 
-console = Console(stderr=True)
 # pre-registered directions of the primary effect (DiD) per persona; other personas get a two-sided look
 HYPOTHESES = {
     "sycophancy": ("H1", "sycophancy persona is more susceptible to EM than the base", "greater"),

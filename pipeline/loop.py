@@ -11,8 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from rich.console import Console
-
+from core.console import console
 from core.errors import BudgetStop, DeadEnd, MissingInput
 from core.io import atomic_dir, atomic_write_json
 from core.ledger import Ledger
@@ -21,7 +20,6 @@ from engine.models import get_profile, model_fingerprint
 from pipeline.estimate import estimate_phase
 from run.config import RunConfig, counts_from, save_config
 
-console = Console(stderr=True)
 INPUTS_FILE = "pipeline_inputs.json"
 
 

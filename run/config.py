@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.console import move_log
 from core.errors import BadInput, MissingInput, field_errors
 from core.io import atomic_write_json
 from engine.models import get_profile
@@ -118,6 +119,8 @@ class RunConfig(BaseModel):
 
 
 def save_config(cfg: RunConfig, run_id: str) -> Path:
+    """Write the run's config; from here on, library output goes to the run's own log (when quiet)."""
+    move_log(cfg.run(run_id).log)
     return atomic_write_json(cfg.run(run_id).config, {"run_id": run_id, **cfg.model_dump()})
 
 

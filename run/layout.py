@@ -8,7 +8,7 @@ Shared across runs (content-addressed or keyed by their inputs, so runs reuse ea
   <data>/cache/generations.sqlite     the generation cache;  <data>/cache/eval_results.sqlite  eval results
   <data>/judge/cache.sqlite           the judge cache
   <data>/em_demo/insecure_demo.jsonl  the generated insecure-code EM data (secure_demo.jsonl: its secure twin)
-Per run (<data>/runs/<id>/): config.json, ledger.sqlite, em/, eval/<persona>/, steering/, decompose/,
+Per run (<data>/runs/<id>/): config.json, ledger.sqlite, run.log, em/, eval/<persona>/, steering/, decompose/,
 report.md, report_sections/.
 """
 
@@ -50,6 +50,11 @@ class RunPaths:
     @property
     def ledger(self) -> Path:
         return self.root / "ledger.sqlite"
+
+    @property
+    def log(self) -> Path:
+        """Everything the libraries wrote (vLLM, transformers, TRL, datasets), kept off the console."""
+        return self.root / "run.log"
 
     @property
     def em(self) -> Path:
@@ -139,6 +144,11 @@ class Layout:
     @property
     def judge_cache(self) -> Path:
         return self.data_root / "judge" / "cache.sqlite"
+
+    @property
+    def logs(self) -> Path:
+        """Library output of a command before its run directory is known (moved there once it is)."""
+        return self.data_root / "logs"
 
     @property
     def em_demo_data(self) -> Path:

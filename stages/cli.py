@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from core.console import console
+
 
 def register(app: typer.Typer) -> None:
     app.command()(generate)
@@ -30,8 +32,6 @@ def generate(
     import json
     from pathlib import Path
 
-    from rich.console import Console
-
     from constitution import load_constitution
     from engine.cache import GenerationCache
     from engine.factory import make_engine
@@ -43,7 +43,7 @@ def generate(
     n_tasks = counts.n_tasks if n_tasks is None else n_tasks
     rounds = counts.rounds if rounds is None else rounds
     max_tokens = counts.max_tokens if max_tokens is None else max_tokens
-    con = Console(stderr=True)
+    con = console
     const = load_constitution(constitution or persona)  # a bad file is ConstitutionError (BadInput, exit 2)
     cache_path = Path(cache) if cache else Layout(data_root=out_dir).generation_cache
     with make_engine(engine, profile) as eng, GenerationCache(cache_path) as c:

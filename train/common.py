@@ -175,6 +175,16 @@ class JsonlLog(TrainerCallback):
             fh.write(json.dumps(rec) + "\n")
 
 
+def quiet_trainer(trainer) -> None:
+    """Drop the Trainer's console printers (a tqdm bar, and every log record printed as a raw dict to stdout):
+    JsonlLog keeps the same records in the adapter's train_log.jsonl, and the phase's console line says when
+    training starts and ends."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+
 def load_tokenizer(model_path: str):
     """The base's tokenizer; one without a pad token (SmolLM2, Qwen base) pads with EOS."""
     from transformers import AutoTokenizer

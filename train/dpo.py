@@ -29,6 +29,7 @@ from train.common import (
     finish_adapter,
     load_base,
     load_tokenizer,
+    quiet_trainer,
     release_memory,
     run_facts,
     select_backend,
@@ -173,6 +174,7 @@ def train_dpo(
         fresh = parent is None and backend != "unsloth"
         trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                              callbacks=[log, *callbacks], peft_config=cfg.peft_config() if fresh else None)
+        quiet_trainer(trainer)
         init_hash = tensors_hash(adapter_tensors(trainer.model, "default"))
         ref_kind = "parent adapter (frozen copy 'ref')" if "ref" in trainer.model.peft_config else "base model"
         result = trainer.train()

@@ -15,6 +15,7 @@ phase-transition analysis); the manifest records the persona adapter's hash.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ from train.common import (
     finish_adapter,
     load_base,
     load_tokenizer,
+    quiet_trainer,
     release_memory,
     run_facts,
     save_adapter,
@@ -199,9 +201,11 @@ def train_em(
         args = SFTConfig(**trainer_args(cfg, tmp, device, backend))
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                              callbacks=[guard, log, *callbacks])
+        quiet_trainer(trainer)
         state_after = assert_adapters(trainer.model, mode, "after SFTTrainer construction")
-        print(f"[train-em] mode={mode} active adapters={state_after['active_adapters']} "
-              f"trainable params={state_after['trainable_params']} ({state_after['trainable_numel']} weights)")
+        logging.getLogger(__name__).info(
+            "mode=%s active adapters=%s trainable params=%s (%s weights)", mode, state_after["active_adapters"],
+            state_after["trainable_params"], state_after["trainable_numel"])
         result = trainer.train()
         finish_adapter(trainer.model, EM, tmp)
         manifest = {
