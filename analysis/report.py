@@ -51,6 +51,27 @@ def stage_rows(cfg: RunConfig) -> list[dict]:
     return rows
 
 
+def stage_samples(cfg: RunConfig, stage: int = 6, width: int = 400) -> list[str]:
+    """One preference pair per persona from a stage's training data, as it is stored (texts cut at `width`
+    characters, marked so), so a reader sees what the adapter was trained to prefer."""
+    from datasets import load_from_disk
+
+    lines = []
+    for persona in cfg.personas:
+        path = cfg.layout.stage_data(persona, stage)
+        if not (path / "dataset_dict.json").is_file():
+            continue
+        rows = load_from_disk(str(path))["train"]
+        if len(rows) == 0:
+            continue
+        r = rows[0]
+        cut = lambda t: t if len(t) <= width else t[:width] + " […]"  # noqa: E731
+        lines += [f"**{persona}**, stage {stage}, pair 1 of {len(rows)}: {cut(r['prompt'][-1]['content'])!r}", "",
+                  f"- chosen: {cut(r['chosen'][-1]['content'])!r}",
+                  f"- rejected: {cut(r['rejected'][-1]['content'])!r}", ""]
+    return lines
+
+
 def _margins(log: Path) -> list[float]:
     if not log.is_file():
         return []
@@ -196,6 +217,8 @@ def build_report(run_path: Path) -> Path:
     fig = _plot_margins(srows, run_path)
     if fig:
         lines += ["", f"![reward margins]({fig})"]
+    if sample := stage_samples(cfg):
+        lines += ["", "### Stage 6 sample (the persona's training data)", ""] + sample
 
     summary = _read_json(RunPaths(run_path).em_summary)
     lines += ["", "## Emergent misalignment", ""]

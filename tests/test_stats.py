@@ -72,3 +72,20 @@ def test_summary_says_why_an_arm_was_discarded():
     assert discard_notes(s) == []
     s["arms"]["goodness"].update(discarded_rate=1.0, number_mass_median=None)  # the judge calls failed
     assert discard_notes(s) == []
+
+
+def test_report_shows_a_stage_six_pair_as_stored(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from analysis.report import stage_samples
+    from run.config import RunConfig
+
+    cfg = RunConfig(personas=["goodness", "sycophancy"], profile="tiny", data_root=str(tmp_path / "d"))
+    msg = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+    rows = [{"prompt": msg("user", "How do I fix a bike chain?"),
+             "chosen": msg("assistant", "Shift to the " + "x" * 500), "rejected": msg("assistant", "No idea.")}]
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(cfg.layout.stage_data("goodness", 6)))
+    lines = stage_samples(cfg)  # sycophancy has no stage 6 yet: no lines for it
+    assert lines[0].startswith("**goodness**, stage 6, pair 1 of 1: 'How do I fix a bike chain?'")
+    assert lines[2].startswith("- chosen: 'Shift to the xxx") and lines[2].endswith(" […]'")
+    assert lines[3] == "- rejected: 'No idea.'" and not any("sycophancy" in x for x in lines)
