@@ -33,7 +33,7 @@ class ExitCodes(TyperGroup):
         try:
             return super().invoke(ctx)
         except CaiError as e:
-            console.print(f"error: {e}", style="red", markup=False, highlight=False)
+            console.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
             _log_hint()
             raise typer.Exit(e.exit_code) from None
         except (typer.Exit, typer.Abort, click.exceptions.ClickException):
@@ -44,14 +44,14 @@ class ExitCodes(TyperGroup):
             # descriptor 2 is the log: the traceback of a bug goes to the console too
             import traceback
 
-            console.print(traceback.format_exc(), style="red", markup=False, highlight=False)
+            console.print(traceback.format_exc(), style="red", markup=False, highlight=False, soft_wrap=True)
             _log_hint()
             raise typer.Exit(1) from None
 
 
 def _log_hint() -> None:
     if (path := log_path()) is not None:
-        console.print(f"the libraries' output is in {path}", style="dim", markup=False, highlight=False)
+        console.print(f"the libraries' output is in {path}", style="dim", markup=False, highlight=False, soft_wrap=True)
 
 
 app = typer.Typer(
