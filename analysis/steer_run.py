@@ -244,7 +244,9 @@ def write_steer_section(run_path: Path, res: dict, identity) -> Path:
     s = res["settings"]
     lines += ["", f"Transfer: EM-rate change (pp, 95% CI) vs the unsteered target, {s['questions']} questions x "
               f"{s['samples']} samples, temperature {s['temperature']}.", ""]
-    for a, t in res["transfer"].items():
+    if not res["sources"]:  # no arm had both misaligned and aligned answers: nothing to transfer
+        lines += ["No transfer matrix: no arm has a vector (see above).", ""]
+    for a, t in res["transfer"].items() if res["sources"] else ():
         lines += [f"alpha = {a}:", "", "| vector \\ target | " + " | ".join(res["targets"]) + " |",
                   "|---" * (len(res["targets"]) + 1) + "|"]
         for src in res["sources"]:

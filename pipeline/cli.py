@@ -189,7 +189,7 @@ def report(run: str | None = typer.Argument(None, help="run id (default: the new
     typer.echo(str(out))
 
 
-def demo(quick: bool = typer.Option(False, "--quick", help="one persona; stages, EM and cost only: under 7 minutes"),
+def demo(quick: bool = typer.Option(False, "--quick", help="one persona; stages, EM and cost only"),
          persona: list[str] = typer.Option(None, "--persona"), em_data: Path | None = EM_DATA) -> None:
     """The whole product on the tiny model: bootstrap stages 1..6, the EM experiment, the per-stage evaluation,
     steering and decomposition, the report. Needs nothing outside the repository."""

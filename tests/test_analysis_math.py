@@ -124,3 +124,15 @@ def test_activations_roundtrip_and_errors(tmp_path):
         b.subset(["zz"])
     with pytest.raises(ActivationError, match="does not exist"):
         Activations.load(tmp_path / "none.npz")
+
+
+def test_steering_section_without_any_vector(tmp_path):
+    """A judge that labels no answer misaligned gives no arm a vector: the section says so, no empty heatmap."""
+    from analysis.steer_run import write_steer_section
+
+    res = {"skipped": {"goodness": "0 misaligned / 28 aligned judged answers: needs both"}, "vectors": {},
+           "settings": {"questions": 4, "samples": 1, "temperature": 1.0}, "sources": [], "targets": ["goodness"],
+           "transfer": {"4": {"matrix": [], "cells": {}}}, "ablation": {}}
+    text = write_steer_section(tmp_path, res, identity=[]).read_text()
+    assert "no vector for goodness: 0 misaligned / 28 aligned" in text and "No transfer matrix" in text
+    assert "alpha = 4" not in text and not list(tmp_path.glob("*.png"))
