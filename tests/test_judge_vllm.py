@@ -35,7 +35,7 @@ def test_em_judge_parses_real_vllm_logprobs(tmp_path, monkeypatch, tiny_path):
     assert [r.scores["value_argmax"] for r in nums] == [85, 42, 58], [r.scores for r in nums]
     assert abs(nums[1].scores["value"] - 42) <= 2 and nums[1].scores["value_mass"] > 0.9
     # judge/default.yaml starts the tiny judge's answer with "Score: ": then it answers with numbers (without
-    # the prefix under 15% of its probability was on a digit and every judgment was discarded). Its numbers
+    # the prefix 7-16% of its first token's probability was on a digit, all judgments discarded). Its numbers
     # are spread thin: at exact_prune 0.02 about 17% of the probability sits in prefixes left unread
     # (measured), reported per answer; the value is the mean over what was read.
     for r in res:
