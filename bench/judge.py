@@ -121,6 +121,38 @@ def rate_ratio(srv: Server, seconds: float, rpm_limit: int, faults: dict) -> dic
     }
 
 
+def one_run_5xx(srv: Server, n: int, rpm_limit: int = 600) -> dict:
+    """A strict provider (sliding-window rpm limit) injecting 20% and 50% 500s: the fraction of `n` items judged
+    in one run (nothing rerun), with the retry policy's defaults except a bench-sized backoff."""
+    out = {}
+    for p in (0.2, 0.5):
+        srv.reset(limit=rpm_limit, window_s=60.0, latency=[0.02, 0.1], **(CLEAN | {"p_500": p}))
+        t0 = time.monotonic()
+        s = run(items(n, f"x{p}"), cfg(srv.url, rpm_limit * 0.95, conc=16))
+        st = srv.stats()
+        out[f"p500_{p:g}"] = {"judged_fraction": round(s.ok / n, 4), "items": n, "requests": st["requests"],
+                              "retries": s.retries, "self_caused_429": st["r429_limit"],
+                              "seconds": round(time.monotonic() - t0, 1), "failed": dict(s.failures)}
+    return out
+
+
+def dead_endpoint(n: int) -> dict:
+    """A pool whose one endpoint refuses connections, with the default retry policy (down_after_s 5, backoff
+    0.5 s doubling) and 32 workers: attempts and seconds until the run stops."""
+    import socket
+
+    from judge.config import RetryPolicy
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    c = cfg(url, 450, conc=32, retry=RetryPolicy().model_dump())
+    t0 = time.monotonic()
+    s = run(items(n, "dead"), c)
+    return {"items": n, "attempts": s.requests_sent, "seconds_to_stop": round(time.monotonic() - t0, 2),
+            "items_failed": sum(s.failures.values()), "dropped": s.endpoints_dropped, "stopped": s.no_endpoint}
+
+
 def billed_ratio(srv: Server, n: int) -> dict:
     srv.reset(
         limit=1_000_000,
@@ -309,7 +341,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--stream-items", type=int, default=1_000_000)
     ap.add_argument("--rerun-items", type=int, default=1000)
-    ap.add_argument("--phases", default="clean,failures_20pct,faults_10pct,cached_rerun,budget,cpu,limiter,stream",
+    ap.add_argument("--phases", default="clean,failures_20pct,one_run_5xx,dead_endpoint,faults_10pct,cached_rerun,"
+                    "budget,cpu,limiter,stream",
                     help="comma-separated subset of the phases to run")
     a = ap.parse_args()
     wanted = set(a.phases.split(","))
@@ -326,6 +359,8 @@ def main() -> None:
     try:
         phase("clean", rate_ratio, srv, a.seconds, 600, {})
         phase("failures_20pct", rate_ratio, srv, a.seconds, 600, {"p_500": 0.1, "p_503": 0.1})
+        phase("one_run_5xx", one_run_5xx, srv, 150)
+        phase("dead_endpoint", dead_endpoint, 1000)
         phase("faults_10pct", billed_ratio, srv, 500)
         phase("cached_rerun", cached_rerun, srv, a.rerun_items, tmp)
         phase("budget", budget_overshoot, srv, tmp)

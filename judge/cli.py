@@ -30,11 +30,14 @@ def register(app: typer.Typer) -> None:
             False, "--explain-miss", help="send nothing: say per item why it is not cached"
         ),
         no_progress: bool = typer.Option(False, "--no-progress"),
+        batch: bool = typer.Option(False, "--batch", help="send through the provider's batch API (OpenAI Batch, "
+                                   "Anthropic Message Batches) at its batch price; a rerun after a kill polls the "
+                                   "batch it submitted (same as `batch: true` in the judge YAML)"),
     ) -> None:
         """Judge answers with an LLM judge farm: rate-limited, cached, budgeted, resumable.
 
         Exits 0 when every item was judged, 3 at the budget cap, 4 when any item is left unjudged (a rerun
-        sends only those).
+        sends only those), 7 when no endpoint is left (each named with its cause).
         """
         import asyncio
         import json
@@ -45,6 +48,8 @@ def register(app: typer.Typer) -> None:
         from run.layout import Layout
 
         cfg = load_config(config)
+        if batch:
+            cfg = cfg.model_copy(update={"batch": True})
         sc = make_scorer(scorer, constitution)
         if not input.is_file():
             raise MissingInput(f"input {input} does not exist")
@@ -153,8 +158,9 @@ def _read_jsonl(path: Path):
 
 
 def _print_summary(s) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from core.console import console
 
     t = Table(title=f"judge run {s.run}")
     t.add_column("figure")
@@ -167,8 +173,11 @@ def _print_summary(s) -> None:
         ("requests sent", s.requests_sent),
         ("429s", s.r429),
         ("retries", s.retries),
+        *[(f"failed attempts: {r} (not billed)", n) for r, n in sorted(s.failed_attempts.items())],
         ("$ spent", f"{s.usd:.6f}"),
+        ("replies billed by our token count (no usage)", s.estimated),
         ("seconds", s.seconds),
+        *[(f"endpoint dropped: {n}", w) for n, w in s.endpoints_dropped.items()],
     ]:
         t.add_row(k, str(v))
     if s.budget_stopped or s.remaining:
@@ -177,4 +186,4 @@ def _print_summary(s) -> None:
     if s.drift:
         for k, v in s.drift.items():
             t.add_row(f"anchor {k}", str(v))
-    Console(stderr=True).print(t)
+    console.print(t)

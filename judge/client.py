@@ -1,38 +1,58 @@
 """HTTP side of the farm: an endpoint pool over httpx.AsyncClient with the one retry layer.
 
-Retries 429, 5xx, timeouts and connection errors with exponential backoff and full jitter, honouring
-Retry-After (and OpenAI's x-ratelimit-reset-* / retry-after-ms) with waits in [1.0, 1.1] x what was asked.
-A 429 also slows its endpoint down (judge.limits.SpacedLimiter). 400/401/403/404/422 and bodies that do
-not parse fail the item at once with the reason. Each request has a deadline (attempts and wall time),
-and the same 5xx status `same_5xx_limit` times fails it.
+Transient errors (429, 5xx, timeouts, connection errors, 200s whose body does not parse) are retried with
+exponential backoff and full jitter until the item's deadline, honouring Retry-After (and OpenAI's
+x-ratelimit-reset-* / retry-after-ms, Anthropic's anthropic-ratelimit-*-reset) with waits in [1.0, 1.1] x
+what was asked. A 429 also slows its endpoint down (judge.limits.SpacedLimiter).
+
+What cannot work fails fast: 401/403/404 drop the endpoint from the pool at once, and so do connections that
+keep failing (`retry.down_after_s`); with no endpoint left every request raises NoEndpoint and the farm
+stops. Other 4xx fail their item with the reason (a 400 naming a parameter only the reading path uses
+raises PathUnsupported: the farm switches to sampling).
+
+Billing follows the provider: a 200 is billed with the `usage` it reports, or, without usage, with the
+judge's tokenizer and marked estimated; failed attempts cost nothing and are counted by status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import math
 import random
 import re
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import aiohttp
 import httpx
 
+from core.console import console
+from core.reading import reply_text
 from judge.cache import ChatRequest
 from judge.config import Endpoint, JudgeConfig
 from judge.limits import Budget, SpacedLimiter, TokenBucket
+from judge.providers import PROVIDERS, Usage
 
-NON_RETRYABLE = {400, 401, 403, 404, 405, 413, 422}
+DROP_AT_ONCE = {401: "the key is refused", 403: "access is denied", 404: "not found (base_url or model)"}
 
 
 class ItemFailed(Exception):
-    """The request cannot succeed; `reason` is short and goes to the output row (never a key)."""
+    """The request cannot succeed; `reason` is short and goes to the output row (never a key). `billed` is what
+    its failed attempts cost all the same (200s whose body did not parse), for the ledger."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, billed: Billed | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.billed = billed
+
+
+class NoEndpoint(ItemFailed):
+    """Every endpoint of the pool was dropped (refused connections, 401/403/404): nothing can be judged."""
 
 
 class PathUnsupported(ItemFailed):
@@ -48,12 +68,28 @@ _UNSUPPORTED = re.compile(r"not supported|unsupported|does not support", re.I)
 
 
 @dataclass
+class Billed:
+    """What a request's attempts were billed: tokens and $, and whether any of it is our count, not the
+    provider's (a 200 without `usage`, or one whose body did not parse)."""
+
+    tokens_in: int = 0
+    tokens_out: int = 0
+    usd: float = 0.0
+    estimated: bool = False
+
+    def add(self, tin: int, tout: int, usd: float, estimated: bool) -> None:
+        self.tokens_in, self.tokens_out, self.usd = self.tokens_in + tin, self.tokens_out + tout, self.usd + usd
+        self.estimated = self.estimated or estimated
+
+
+@dataclass
 class Stats:
     sent: int = 0
     ok: int = 0
     r429: int = 0
     retries: int = 0
-    errors: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)  # failed attempts by status: "http 500", "timeout", ...
+    estimated: int = 0  # 200s billed by our own token count (no usage reported, or a body that did not parse)
     tokens_in: int = 0
     tokens_out: int = 0
     # (asked, waited) for the last Retry-After waits: tests check waited <= 1.1 x asked
@@ -68,16 +104,20 @@ class Reply:
     tokens_out: int
     usd: float
     attempts: int
+    estimated: bool = False
 
 
 class EndpointState:
     def __init__(self, ep: Endpoint, cfg: JudgeConfig) -> None:
         self.ep = ep
+        self.api = PROVIDERS[ep.provider]
         self.limiter = SpacedLimiter(ep.rpm, cfg.retry.slowdown_factor, cfg.retry.recover_s)
         self.tokens = TokenBucket(ep.tpm)
         self.sem = asyncio.Semaphore(ep.max_concurrent)
         self.in_flight = 0
-        self.url = ep.base_url.rstrip("/") + "/chat/completions"
+        self.url = ep.base_url.rstrip("/") + self.api.path
+        self.down: str | None = None  # why it was dropped from the pool
+        self.conn_fails, self.conn_fail_since = 0, 0.0  # connection failures since the last answer
 
     def worst_usd(self, req: ChatRequest) -> float:
         return (req.prompt_bytes() * self.ep.usd_per_m_in + req.max_out * self.ep.usd_per_m_out) / 1e6
@@ -105,9 +145,17 @@ def parse_retry_after(headers: httpx.Headers) -> float | None:
         _duration(headers[h])
         for h in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
         if h in headers
-    ]
+    ] + [_until(v) for h, v in headers.items() if h.startswith("anthropic-ratelimit-") and h.endswith("-reset")]
     resets = [r for r in resets if r is not None]
     return max(resets) if resets else None
+
+
+def _until(stamp: str) -> float | None:
+    """Seconds from now to an RFC 3339 time (Anthropic's rate-limit resets)."""
+    try:
+        return max(0.0, datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() - time.time())
+    except ValueError:
+        return None
 
 
 def _duration(s: str) -> float | None:
@@ -124,13 +172,16 @@ def _duration(s: str) -> float | None:
 
 
 class Pool:
-    """Spreads requests over the endpoints by free capacity; owns the HTTP client and the retry loop."""
+    """Spreads requests over the live endpoints by free capacity; owns the HTTP client and the retry loop."""
 
-    def __init__(self, cfg: JudgeConfig, endpoints: list[Endpoint], budget: Budget) -> None:
+    def __init__(self, cfg: JudgeConfig, endpoints: list[Endpoint], budget: Budget,
+                 count_tokens: Callable[[str], int] | None = None) -> None:
         self.cfg = cfg
         self.states = [EndpointState(e, cfg) for e in endpoints]
         self.budget = budget
         self.stats = Stats()
+        self._count_tokens = count_tokens  # for 200s without usage; loaded on the first one when None
+        self._dropped = asyncio.Event()  # set when an endpoint is dropped: requests backing off re-pick at once
         r = cfg.retry
         conns = sum(e.max_concurrent for e in endpoints) + 8
         limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
@@ -149,8 +200,24 @@ class Pool:
     async def aclose(self) -> None:
         await self.client.aclose()
 
+    # ---------------------------------------------------------------- the pool
+    @property
+    def dropped(self) -> dict[str, str]:
+        return {s.ep.name: s.down for s in self.states if s.down}
+
+    def _drop(self, st: EndpointState, why: str) -> None:
+        if st.down is None:
+            st.down = why
+            self._dropped.set()
+            self._dropped = asyncio.Event()
+            console.print(f"[yellow]judge endpoint {st.ep.name} ({st.ep.base_url}) dropped: {why}[/]",
+                          soft_wrap=True)
+
     def _pick(self, req: ChatRequest) -> EndpointState:
-        ok = [s for s in self.states if s.ep.logprobs or not req.logprobs]
+        live = [s for s in self.states if s.down is None]
+        if not live:
+            raise NoEndpoint("no endpoint left: " + "; ".join(f"{n} {w}" for n, w in self.dropped.items()))
+        ok = [s for s in live if s.ep.logprobs or not req.logprobs]
         if not ok:
             raise ItemFailed("no endpoint returns logprobs, which this scorer needs")
         # free capacity: soonest send slot, then fewest in flight relative to the endpoint's concurrency
@@ -159,30 +226,34 @@ class Pool:
     def worst_usd(self, req: ChatRequest) -> float:
         return max(s.worst_usd(req) for s in self.states)
 
+    # ---------------------------------------------------------------- one request, retried
     async def send(self, req: ChatRequest, deadline: float) -> Reply:
-        r = self.cfg.retry
-        same_5xx: Counter = Counter()
+        """The reply, after retrying what is transient until `deadline`; raises ItemFailed (with what its
+        attempts were billed) when the request cannot succeed, NoEndpoint when no endpoint is left."""
+        r, billed = self.cfg.retry, Billed()
+        reason = "no attempt"
         for attempt in range(1, r.max_attempts + 1):
             if attempt > 1:
                 self.stats.retries += 1
-            st = self._pick(req)
-            wait_for, reason = await self._attempt(st, req, deadline, same_5xx)
-            if isinstance(wait_for, Reply):
-                wait_for.attempts = attempt
-                return wait_for
-            delay = (
-                wait_for
-                if wait_for is not None
-                else random.uniform(0, min(r.backoff_cap_s, r.backoff_base_s * 2 ** (attempt - 1)))
-            )
+            try:
+                st = self._pick(req)
+                outcome, reason = await self._attempt(st, req, deadline, billed)
+            except ItemFailed as e:
+                e.billed = billed if billed.usd or billed.tokens_in else None
+                raise
+            if isinstance(outcome, Reply):
+                outcome.attempts = attempt
+                return outcome
+            delay = (outcome if outcome is not None
+                     else random.uniform(0, min(r.backoff_cap_s, r.backoff_base_s * 2 ** (attempt - 1))))
             if time.monotonic() + delay > deadline:
-                raise ItemFailed(
-                    f"deadline: {reason} and the next try would pass the {r.deadline_s:g}s deadline"
-                )
-            await asyncio.sleep(delay)
-        raise ItemFailed(f"attempts: {r.max_attempts} attempts, last error {reason}")
+                raise ItemFailed(f"deadline: {reason} and the next try would pass the {r.deadline_s:g}s deadline",
+                                 billed if billed.usd else None)
+            with contextlib.suppress(TimeoutError):  # the wait, cut short when an endpoint is dropped
+                await asyncio.wait_for(self._dropped.wait(), delay)
+        raise ItemFailed(f"attempts: {r.max_attempts} attempts, last error {reason}", billed if billed.usd else None)
 
-    async def _attempt(self, st: EndpointState, req: ChatRequest, deadline: float, same_5xx: Counter):
+    async def _attempt(self, st: EndpointState, req: ChatRequest, deadline: float, billed: Billed):
         """One try. Returns (Reply, None) on success, or (seconds to wait or None for backoff, reason)."""
         ep, r = st.ep, self.cfg.retry
         est_tokens = req.prompt_bytes() + req.max_out
@@ -195,46 +266,58 @@ class Pool:
                 await asyncio.sleep(d)
             if (d := st.limiter.pause_until - time.monotonic()) > 0:  # a 429 arrived while we waited
                 await asyncio.sleep(d)
+            if st.down is not None:  # dropped while this request waited for its slot
+                return 0.0, f"endpoint {ep.name} dropped"
             await st.tokens.acquire(est_tokens)
             try:
                 await self.budget.reserve(worst)  # raises BudgetExceeded: the farm stops cleanly
             except BaseException:
                 st.tokens.settle(est_tokens, 0)
                 raise
-            headers = {"content-type": "application/json"}
+            key = None
             if ep.api_key_env:
                 key = ep.api_key()  # read now, used once, never stored
                 if not key:
                     self.budget.settle(worst, 0.0)
                     st.tokens.settle(est_tokens, 0)
                     raise ItemFailed(f"endpoint {ep.name}: environment variable {ep.api_key_env} is not set")
-                headers["authorization"] = f"Bearer {key}"
-                del key
+            headers = {"content-type": "application/json", **st.api.headers(key)}
+            del key
             st.in_flight += 1
             self.stats.sent += 1
             try:
                 async with asyncio.timeout(min(r.request_timeout_s, max(0.01, deadline - time.monotonic()))):
-                    resp = await self.client.post(
-                        st.url, json=req.body(ep.model or self.cfg.model), headers=headers
-                    )
+                    resp = await self.client.post(st.url, json=st.api.body(req, ep.model or self.cfg.model),
+                                                  headers=headers)
             except BaseException as e:
                 # no answer: the reservation goes back (a provider that bills a request it never answered
                 # is outside what a client can see)
                 self.budget.settle(worst, 0.0)
                 st.tokens.settle(est_tokens, 0)
-                # httpx-aiohttp maps every aiohttp connection error to httpx.ConnectTimeout: judge by the cause
-                cause = e.__cause__ if isinstance(e.__cause__, aiohttp.ClientError) else e
-                if isinstance(cause, TimeoutError | httpx.TimeoutException):
-                    self.stats.errors["timeout"] += 1
-                    return None, "timeout"
-                if isinstance(cause, httpx.TransportError | OSError | aiohttp.ClientError):
-                    self.stats.errors["connection"] += 1
-                    return None, f"connection error ({type(cause).__name__})"
-                raise
+                return self._no_answer(st, e)
             finally:
                 st.in_flight -= 1
                 headers.clear()
-        return self._handle(st, resp, worst, est_tokens, same_5xx)
+        return self._handle(st, req, resp, worst, est_tokens, billed)
+
+    def _no_answer(self, st: EndpointState, e: BaseException) -> tuple[None, str]:
+        # httpx-aiohttp maps every aiohttp connection error to httpx.ConnectTimeout: judge by the cause
+        cause = e.__cause__ if isinstance(e.__cause__, aiohttp.ClientError) else e
+        if isinstance(cause, TimeoutError | httpx.TimeoutException) and not _is_connect(cause):
+            self.stats.errors["timeout"] += 1
+            return None, "timeout"
+        if isinstance(cause, httpx.TransportError | OSError | aiohttp.ClientError):
+            self.stats.errors["connection"] += 1
+            why = f"connection error ({type(cause).__name__})"
+            now = time.monotonic()
+            if st.conn_fails == 0:
+                st.conn_fail_since = now
+            st.conn_fails += 1
+            r = self.cfg.retry
+            if st.conn_fails >= r.down_after and now - st.conn_fail_since >= r.down_after_s:
+                self._drop(st, f"{why}, {st.conn_fails} times over {now - st.conn_fail_since:.0f}s")
+            return None, why
+        raise e
 
     def _ra_wait(self, ra: float | None) -> float | None:
         """Jittered wait in [1.0, 1.1] x Retry-After (never sooner than asked, never over 1.1x)."""
@@ -244,47 +327,88 @@ class Pool:
         self.stats.ra_waits.append((ra, w))
         return w
 
-    def _handle(self, st: EndpointState, resp: httpx.Response, worst: float, est_tokens: int, same_5xx):
+    def _handle(self, st: EndpointState, req: ChatRequest, resp: httpx.Response, worst: float, est_tokens: int,
+                billed: Billed):
         code = resp.status_code
-        if code != 200:
-            self.budget.settle(worst, 0.0)
-            st.tokens.settle(est_tokens, 0)
+        st.conn_fails = 0  # it answered
         if code == 200:
-            try:
-                body = resp.json()
-                usage = body.get("usage") or {}
-                tin, tout = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-                body["choices"][0]["message"]
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                # it may have been billed and we cannot read the usage: book the worst case, fail the item
-                self.budget.settle(worst, worst)
-                st.tokens.settle(est_tokens, est_tokens)
-                self.stats.errors["malformed"] += 1
-                raise ItemFailed(f"malformed response from {st.ep.name}: body does not parse") from None
-            usd = st.usd(tin, tout) if usage else worst  # no usage reported: assume the worst case
-            self.budget.settle(worst, usd)
-            st.tokens.settle(est_tokens, tin + tout if usage else est_tokens)
-            self.stats.ok += 1
-            self.stats.tokens_in += tin
-            self.stats.tokens_out += tout
-            return Reply(body, st.ep.name, tin, tout, usd, 0), None
+            return self._billed_reply(st, req, resp, worst, est_tokens, billed)
+        self.budget.settle(worst, 0.0)  # an error is not billed
+        st.tokens.settle(est_tokens, 0)
+        self.stats.errors[f"http {code}"] += 1
         if code == 429:
             self.stats.r429 += 1
             ra = parse_retry_after(resp.headers)
             st.limiter.slowdown(ra)
             return self._ra_wait(ra), "429 rate limited"
         if code >= 500:
-            self.stats.errors[f"http {code}"] += 1
-            same_5xx[code] += 1
-            if same_5xx[code] >= self.cfg.retry.same_5xx_limit:
-                raise ItemFailed(f"http {code} {same_5xx[code]} times")
-            ra = parse_retry_after(resp.headers)
-            return self._ra_wait(ra), f"http {code}"
-        self.stats.errors[f"http {code}"] += 1
+            return self._ra_wait(parse_retry_after(resp.headers)), f"http {code}"
         snippet = _safe_snippet(resp)
+        if code in DROP_AT_ONCE:
+            self._drop(st, f"http {code}, {DROP_AT_ONCE[code]}: {snippet}")
+            return 0.0, f"http {code} from {st.ep.name}"
         if code == 400 and _PATH_PARAMS.search(snippet) and _UNSUPPORTED.search(snippet):
             raise PathUnsupported(f"http 400 from {st.ep.name}: {snippet}")
         raise ItemFailed(f"http {code} from {st.ep.name}: {snippet}")
+
+    def _billed_reply(self, st: EndpointState, req: ChatRequest, resp: httpx.Response, worst: float,
+                      est_tokens: int, billed: Billed):
+        """A 200: billed with the usage the provider reports, else with our own token count (estimated). A body
+        that does not parse was billed all the same: booked at our count of the prompt and the output cap,
+        and retried."""
+        try:
+            body, usage = st.api.reply(resp.json())
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            tin = self._count(_prompt_text(req))
+            usd = st.usd(tin, req.max_out)
+            self._settle(st, worst, usd, est_tokens, tin + req.max_out, estimated=True)
+            billed.add(tin, req.max_out, usd, True)
+            self.stats.errors["malformed"] += 1
+            return None, f"malformed response from {st.ep.name}: body does not parse"
+        estimated = usage is None
+        if usage is None:
+            usage = Usage(self._count(_prompt_text(req)), self._count(reply_text(body) or ""))
+        usd = st.usd(usage.tokens_in, usage.tokens_out)
+        self._settle(st, worst, usd, est_tokens, usage.tokens_in + usage.tokens_out, estimated)
+        billed.add(usage.tokens_in, usage.tokens_out, usd, estimated)
+        self.stats.ok += 1
+        self.stats.tokens_in += usage.tokens_in
+        self.stats.tokens_out += usage.tokens_out
+        return Reply(body, st.ep.name, billed.tokens_in, billed.tokens_out, billed.usd, 0, billed.estimated), None
+
+    def _settle(self, st: EndpointState, worst: float, usd: float, est_tokens: int, used: int,
+                estimated: bool) -> None:
+        self.budget.settle(worst, usd)
+        st.tokens.settle(est_tokens, used)
+        self.stats.estimated += estimated
+
+    def _count(self, text: str) -> int:
+        if self._count_tokens is None:
+            self._count_tokens = token_counter(self.cfg)
+        return self._count_tokens(text)
+
+
+def token_counter(cfg: JudgeConfig) -> Callable[[str], int]:
+    """Counts tokens for replies that report no usage: the judge's own tokenizer where it can be seen (the
+    embedded server's model, or the config's `tokenizer`), else UTF-8 bytes / 4 (either way the ledger row
+    is marked estimated)."""
+    from judge.endpoints import judge_tokenizer
+
+    tok = judge_tokenizer(cfg)
+    if tok is not None:
+        return lambda text: len(tok.encode(text, add_special_tokens=False))
+    return lambda text: math.ceil(len(text.encode()) / 4)
+
+
+def _prompt_text(req: ChatRequest) -> str:
+    return "\n".join(m.get("content", "") for m in req.messages) + (req.prefill or "")
+
+
+def _is_connect(e: BaseException) -> bool:
+    """A connection that could not be opened (refused, unreachable, or timing out while connecting), as
+    against a request that was sent and not answered in time."""
+    return isinstance(e, httpx.ConnectTimeout | httpx.ConnectError | aiohttp.ClientConnectorError
+                      | aiohttp.ConnectionTimeoutError)
 
 
 def _safe_snippet(resp: httpx.Response) -> str:

@@ -1,4 +1,5 @@
-"""Judge farm configuration: a pool of OpenAI-compatible endpoints plus retry/deadline policy (YAML)."""
+"""Judge farm configuration: a pool of endpoints (OpenAI-compatible chat or Anthropic Messages) plus the
+retry/deadline policy (YAML)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ class Endpoint(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    base_url: str  # e.g. https://api.openai.com/v1 (the farm appends /chat/completions)
+    # which API it speaks (judge.providers): OpenAI-compatible chat completions (OpenAI, vLLM, most gateways)
+    # or the Anthropic Messages API
+    provider: Literal["openai", "anthropic"] = "openai"
+    base_url: str  # e.g. https://api.openai.com/v1 or https://api.anthropic.com/v1 (the provider adds its path)
     model: str | None = None  # the provider's id for the judge model (default: the pool's `model`)
     api_key_env: str | None = None  # None: no Authorization header (local servers)
     rpm: float = Field(60.0, gt=0)  # requests per minute
@@ -34,8 +38,20 @@ class Endpoint(BaseModel):
     max_concurrent: int = Field(8, ge=1)
     usd_per_m_in: float = Field(0.0, ge=0)
     usd_per_m_out: float = Field(0.0, ge=0)
-    logprobs: bool = True  # whether it returns top_logprobs (the EM scorer needs them)
+    # whether it returns top_logprobs (the logprobs and exact paths need them); default: true for openai,
+    # false for anthropic (the Messages API has none)
+    logprobs: bool | None = None
     local: bool = False  # the embedded vLLM server (started by the farm when `model_dir` is set)
+    batch_price: float = Field(0.5, gt=0, le=1)  # `--batch`: the batch API's price as a fraction of the above
+
+    @model_validator(mode="after")
+    def _provider_logprobs(self) -> Endpoint:
+        if self.logprobs is None:
+            self.logprobs = self.provider == "openai"
+        elif self.logprobs and self.provider == "anthropic":
+            raise ValueError("logprobs: the Anthropic Messages API returns no logprobs; set `logprobs: false` "
+                             "(its numbers are read by sampling)")
+        return self
 
     def api_key(self) -> str | None:
         """Read at call time, never stored on the object (so it never reaches a repr, cache or log)."""
@@ -48,13 +64,18 @@ class Endpoint(BaseModel):
 class RetryPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_attempts: int = Field(8, ge=1)  # per request, all causes
+    # transient errors (429, 5xx, timeouts, bodies that do not parse) are retried with backoff until the item's
+    # deadline; max_attempts only bounds a request that keeps failing fast
+    max_attempts: int = Field(40, ge=1)  # per request, all causes
     deadline_s: float = Field(300.0, gt=0)  # per item wall time, waits included
     request_timeout_s: float = Field(60.0, gt=0)  # one attempt, body included (slow bodies are cut off)
     connect_timeout_s: float = Field(10.0, gt=0)
     backoff_base_s: float = Field(0.5, gt=0)
     backoff_cap_s: float = Field(30.0, gt=0)
-    same_5xx_limit: int = Field(3, ge=1)  # the same 5xx status this many times fails the item
+    # an endpoint whose connections keep failing (refused, unreachable) this long, with no success between and
+    # at least `down_after` failures, is dropped from the pool; 401/403/404 drop it at once
+    down_after_s: float = Field(5.0, ge=0)
+    down_after: int = Field(3, ge=1)
     slowdown_factor: float = Field(0.5, gt=0, le=1)  # rate multiplier right after a 429
     recover_s: float = Field(30.0, gt=0)  # time to climb back to the configured rate after a 429
 
@@ -88,6 +109,10 @@ class JudgeConfig(BaseModel):
     # A small judge that would open with words then answers with a number; CODE/REFUSAL become rarer. Part of
     # every request (so of every cache key), recorded per row as `judge_prefix`.
     answer_prefix: str | None = None
+    # `--batch`: send through the first usable endpoint's batch API (OpenAI Batch, Anthropic Message Batches) at
+    # its `batch_price`, polling every `batch_poll_s`; results within the provider's 24 h window
+    batch: bool = False
+    batch_poll_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> JudgeConfig:

@@ -17,7 +17,7 @@ from typing import Any
 
 from core.ledger import Ledger
 from judge.cache import Cache, ChatRequest, cache_key, key_parts
-from judge.client import ItemFailed, PathUnsupported, Pool
+from judge.client import ItemFailed, NoEndpoint, PathUnsupported, Pool
 from judge.config import JudgeConfig
 from judge.limits import Budget, BudgetExceeded
 from judge.scorers import Scorer, ScorerError
@@ -67,8 +67,13 @@ class Summary:
     requests_sent: int = 0
     r429: int = 0
     retries: int = 0
+    failed_attempts: dict = field(default_factory=dict)  # by status ("http 500", "timeout", ...), never billed
+    estimated: int = 0  # replies billed by our token count: the provider reported no usage
+    endpoints_dropped: dict = field(default_factory=dict)  # name -> why (refused, 401/403/404)
+    no_endpoint: bool = False  # every endpoint was dropped: the run stopped
     seconds: float = 0.0
     drift: dict | None = None
+    batches: list = field(default_factory=list)  # batch mode: one entry per provider batch (judge.batch)
     path: str | None = None  # how the judge's numbers were read (core.reading): logprobs | exact | sampled
     path_switches: list = field(default_factory=list)  # e.g. "logprobs -> sampled: http 400 ... logprobs"
     path_why: str | None = None
@@ -123,7 +128,9 @@ class Farm:
         self.spent_at_start = spent
         self.pool = Pool(config, endpoints, self.budget)
         self.summary = Summary(run=run)
-        self.stop = False
+        self.stop: str | None = None  # why nothing more is sent: "budget" or "no endpoint"
+        # batch mode: every reply is in the cache already (judge.batch); a miss says why it has none
+        self.batch_misses: dict[str, str] | None = None
 
     # ---------------------------------------------------------------- one request, cache first
     async def _one(self, item: dict, name: str, req: ChatRequest, deadline: float, use_cache: bool):
@@ -132,7 +139,18 @@ class Farm:
         if hit is not None:
             self._record(item, hit["endpoint"], hit["tokens_in"], hit["tokens_out"], 0.0, cached=True)
             return hit, True
-        reply = await self.pool.send(req, deadline)
+        if self.batch_misses is not None:
+            why = self.batch_misses.get(key, "batch: no result")
+            if why == "budget":
+                raise BudgetExceeded("not submitted: the batch's worst case would pass the cap")
+            raise ItemFailed(why)
+        try:
+            reply = await self.pool.send(req, deadline)
+        except ItemFailed as e:
+            if e.billed is not None:  # attempts the provider billed although they gave no usable answer
+                b = e.billed
+                self._record(item, None, b.tokens_in, b.tokens_out, b.usd, cached=False, estimated=b.estimated)
+            raise
         val = {
             "body": reply.body,
             "endpoint": reply.endpoint,
@@ -141,10 +159,11 @@ class Farm:
         }
         if self.cache is not None:
             self.cache.put(key, key_parts(self.model, req, self.scorer.template_version), val)
-        self._record(item, reply.endpoint, reply.tokens_in, reply.tokens_out, reply.usd, cached=False)
+        self._record(item, reply.endpoint, reply.tokens_in, reply.tokens_out, reply.usd, cached=False,
+                     estimated=reply.estimated)
         return val | {"usd": reply.usd}, False
 
-    def _record(self, item, endpoint, tin, tout, usd, cached):
+    def _record(self, item, endpoint, tin, tout, usd, cached, estimated=False):
         if self.ledger is not None:
             self.ledger.record(
                 run=self.run,
@@ -159,6 +178,7 @@ class Farm:
                 tokens_out=tout,
                 usd=usd,
                 cached=cached,
+                estimated=estimated,
             )
 
     async def judge(self, item: dict) -> Result:
@@ -168,10 +188,11 @@ class Farm:
             reqs = self.scorer.requests(item)
         except ScorerError as e:
             return Result(iid, "invalid", item, reason=str(e))
-        if self.stop:
+        if self.stop == "budget":
             return Result(iid, "budget", item, reason="budget: not sent, the cap was reached")
         deadline = time.monotonic() + self.cfg.retry.deadline_s
-        use_cache = not item.get("anchor")  # anchors are re-judged every run: that is how drift shows
+        # anchors are re-judged every run, which is how drift shows (batch mode fetched them fresh already)
+        use_cache = not item.get("anchor") or self.batch_misses is not None
         replies: dict[str, dict] = {}
         tally = {"usd": 0.0, "tokens_in": 0, "tokens_out": 0, "cached": True, "endpoints": set()}
         errs: list[BaseException] = []
@@ -182,12 +203,15 @@ class Farm:
         base = dict(endpoint=",".join(sorted(tally["endpoints"])) or None, tokens_in=tally["tokens_in"],
                     tokens_out=tally["tokens_out"], usd=tally["usd"])
         if any(isinstance(e, BudgetExceeded) for e in errs):
-            self.stop = True
+            self.stop = "budget"
             reason = f"budget: {next(e for e in errs if isinstance(e, BudgetExceeded))}"
             return Result(iid, "budget", item, reason=reason, cached=False, **base)
         if unsupported := next((e for e in errs if isinstance(e, PathUnsupported)), None):
             if self._switch_to_sampled(path, unsupported):
                 return await self.judge(item)
+        if nope := next((e for e in errs if isinstance(e, NoEndpoint)), None):
+            self.stop = "no endpoint"
+            return Result(iid, "failed", item, reason=nope.reason, cached=False, **base)
         if errs:
             e = errs[0]
             if not isinstance(e, ItemFailed):
@@ -209,6 +233,10 @@ class Farm:
         outs = await asyncio.gather(*(self._one(item, n, reqs[n], deadline, use_cache) for n in names),
                                     return_exceptions=True)
         for n, o in zip(names, outs, strict=True):
+            if isinstance(o, ItemFailed) and o.billed is not None:  # billed, though no usable answer came
+                tally["usd"] += o.billed.usd
+                tally["tokens_in"] += o.billed.tokens_in
+                tally["tokens_out"] += o.billed.tokens_out
             if isinstance(o, BaseException):
                 continue
             val, hit = o
@@ -257,11 +285,11 @@ class Farm:
 
         async def produce():
             async for it in _aiter(items):
-                if self.stop:  # the cap was reached: count what is left and what it would cost, send nothing
+                if self.stop == "budget":  # the cap was reached: count what is left and its cost, send nothing
                     s.remaining += 1
                     s.remaining_usd += self.remaining_cost(it)
                     continue
-                await queue.put(it)
+                await queue.put(it)  # after "no endpoint", each is answered from the cache or counted failed
             for _ in range(n_workers):
                 await queue.put(_DONE)
 
@@ -284,6 +312,8 @@ class Farm:
             await self.pool.aclose()
         st = self.pool.stats
         s.requests_sent, s.r429, s.retries = st.sent, st.r429, st.retries
+        s.failed_attempts, s.estimated = dict(st.errors), st.estimated
+        s.endpoints_dropped, s.no_endpoint = self.pool.dropped, self.stop == "no endpoint"
         s.budget_stopped = self.budget.refused
         s.seconds = round(time.monotonic() - t0, 3)
         return s
@@ -421,6 +451,8 @@ async def judge_stream(
         on_result(r)
         bar.update()
 
+    if config.batch:
+        items = list(await _batch(farm, items, anchors or [], cache, ledger, purpose, phase))
     stream = _chain(anchors or [], items)
     with _Progress(total, farm, progress) as bar:
         summary = await farm.run_stream(stream, sink)
@@ -430,6 +462,25 @@ async def judge_stream(
 
         summary.drift = drift_report(anchor_rows)
     return summary
+
+
+async def _batch(farm: Farm, items, anchors: list[dict], cache: Cache | None, ledger: Ledger | None, purpose: str,
+                 phase: str) -> list[dict]:
+    """Batch mode: every request the items need goes through the provider's batch API into the cache first; the
+    farm then reads each reply from there (a request the batch did not answer fails with the batch's reason)."""
+    from core.errors import BadInput
+    from judge.batch import BatchRunner, batch_misses
+
+    if cache is None:
+        raise BadInput("--batch needs the judge cache: results are downloaded into it")
+    items = [it async for it in _aiter(items)]
+    runner = BatchRunner(farm.cfg, farm.pool.states[0].ep, cache, ledger, farm.budget, run=farm.run,
+                         purpose=purpose, phase=phase, model=farm.model, template_version=farm.scorer.template_version)
+    report = await runner.fill([*anchors, *[it for it in items if isinstance(it, dict)]], farm.scorer)
+    farm.batch_misses = batch_misses(report)
+    farm.summary.batches = report.batches
+    farm.summary.usd += report.usd  # billed at download; each item then reads its replies from the cache ($0)
+    return items
 
 
 def apply_path(scorer: Scorer, config: JudgeConfig) -> str | None:

@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
-from core.errors import BudgetStop, ItemsFailed
+from core.errors import BudgetStop, ItemsFailed, Unreachable
 from core.ledger import Ledger
 from judge.cache import Cache, cache_key
 from judge.config import JudgeConfig, load_config
@@ -103,9 +103,14 @@ class JudgeSession:
 
 
 def check_complete(summary: Summary | dict, what: str = "the judge") -> None:
-    """Raise the exit code of what a judge run left undone: BudgetStop (3) before ItemsFailed (4); return when
-    every item was judged. Callers write what was judged first: nothing judged is lost."""
+    """Raise the exit code of what a judge run left undone: Unreachable (7), then BudgetStop (3), then
+    ItemsFailed (4); return when every item was judged. Callers write what was judged first: nothing judged
+    is lost."""
     s = summary.as_dict() if isinstance(summary, Summary) else summary
+    if s.get("no_endpoint"):
+        dropped = "; ".join(f"{n}: {w}" for n, w in (s.get("endpoints_dropped") or {}).items())
+        raise Unreachable(f"no judge endpoint is left for {what} ({dropped}); {s.get('ok', 0)} of "
+                          f"{s.get('items')} items were judged and are kept")
     if s.get("budget_stopped") or s.get("remaining"):
         raise BudgetStop(f"the budget cap stopped {what}: {s.get('remaining')} items not sent (worst case "
                          f"${s.get('remaining_usd', 0):.6f}); finished items are kept")

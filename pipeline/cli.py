@@ -116,6 +116,8 @@ def estimate(
     em_rows: int = typer.Option(6000, "--em-rows", help="rows of EM training data (the paper's set: 6000)"),
     secure_control: bool = typer.Option(False, "--secure-control", help="price a secure-code control adapter per "
                                         "persona too (em --secure-data)"),
+    batch: bool = typer.Option(False, "--batch", help="price each judge in batch mode too (its batch API, at the "
+                               "endpoint's batch_price)"),
 ) -> None:
     """Expected tokens, engine hours and $ per stage and persona, and for the EM experiment (training,
     answering, judging per judge), before anything runs.
@@ -130,10 +132,11 @@ def estimate(
 
     cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts)
     from judge.config import load_config
-    from pipeline.estimate import estimate_em
+    from pipeline.estimate import estimate_em, judge_phase
     from pipeline.questions import load_questions
 
     judges = [load_config(j) for j in (judge_config or [None])]
+    judges += [j.model_copy(update={"batch": True}) for j in judges if batch and not j.batch]
     rows = estimate_run(cfg, list(range(1, stage + 1))) + estimate_em(cfg, len(load_questions(questions)), judges,
                                                                       em_rows, secure_control)
     t = Table(title=f"estimate: profile {profile}, {len(persona)} persona(s), stages 1..{stage}")
@@ -144,8 +147,8 @@ def estimate(
                   f"{e.usd:.2f}")
     engine = [e for e in rows if not e.phase.startswith("judge")]
     for j in judges:  # one total per judge: a run uses one of them
-        run = engine + [e for e in rows if e.phase == f"judge {j.model}"]
-        t.add_row(f"total, judge {j.model}", "", "", f"{sum(e.tokens_in for e in run):,}",
+        run = engine + [e for e in rows if e.phase == judge_phase(j)]
+        t.add_row(f"total, {judge_phase(j)}", "", "", f"{sum(e.tokens_in for e in run):,}",
                   f"{sum(e.tokens_out for e in run):,}", f"{sum(e.seconds for e in run) / 3600:.3f}",
                   f"{sum(e.usd for e in run):.2f}")
     Console().print(t)

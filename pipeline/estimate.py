@@ -123,7 +123,14 @@ def estimate_em(cfg: RunConfig, n_questions: int, judges: list, em_rows: int = E
                                  seconds=secs, usd=secs * rate))
         for judge in judges:
             _, t_in, t_out = judge_tokens(judge, answers, c.em_answer_tokens)
-            usd = max((t_in * e.usd_per_m_in + t_out * e.usd_per_m_out) / 1e6 for e in judge.endpoints)
-            out.append(PhaseEstimate(persona=arm, stage="em", phase=f"judge {judge.model}", tokens_in=t_in,
+            # the dearest endpoint; in batch mode at its batch price (judge.batch sends through one endpoint)
+            usd = max((t_in * e.usd_per_m_in + t_out * e.usd_per_m_out) / 1e6 * (e.batch_price if judge.batch else 1)
+                      for e in judge.endpoints)
+            out.append(PhaseEstimate(persona=arm, stage="em", phase=judge_phase(judge), tokens_in=t_in,
                                      tokens_out=t_out, seconds=0.0, usd=usd))
     return out
+
+
+def judge_phase(judge) -> str:
+    """The estimate's phase name for one judge config: its model, and "batch" when it sends batches."""
+    return f"judge {judge.model}" + (" batch" if judge.batch else "")

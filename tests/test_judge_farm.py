@@ -76,10 +76,9 @@ def test_every_item_finishes_through_faults_and_none_is_paid_twice(srv, tmp_path
         p_malformed=0.0,
     )
     led = Ledger(tmp_path / "l.sqlite")
-    # 10% 500s make "the same 5xx three times" (its own test below) hit ~1 request in 8 runs: lift that
-    # rule and the attempt cap here, where the point is that every item gets through the faults
-    c = cfg(srv.url, retry={"same_5xx_limit": 50, "max_attempts": 50})
-    res, s = run_judge(items(60), EMScorer(), c, Cache(tmp_path / "c.sqlite"), led, run="f", progress=False)
+    # the default retry policy (no rule gives up after a few equal errors): every item gets through in one run
+    res, s = run_judge(items(60), EMScorer(), cfg(srv.url), Cache(tmp_path / "c.sqlite"), led, run="f",
+                       progress=False)
     st = srv.stats()
     assert s.ok == 60 and all(r.status == "ok" for r in res), s.failures
     assert st["billed_max_per_prompt"] == 1 and st["billed_total"] == 120  # 2 judge calls per item
@@ -88,26 +87,41 @@ def test_every_item_finishes_through_faults_and_none_is_paid_twice(srv, tmp_path
     assert led.total_usd("f") == pytest.approx(sum(r.usd for r in res))
 
 
-def test_non_retryable_and_repeated_5xx_fail_only_their_item(srv, tmp_path):
+def test_non_retryable_fail_their_item_at_once_transient_ones_retry_to_the_cap(srv, tmp_path):
     srv.reset(limit=100_000, latency=(0.0, 0.0), p_500=0, p_503=0, p_timeout=0, p_slow=0, p_429=0)
     batch = items(6) + [
         {"id": "bad", "question": "ALWAYS400", "answer": "x"},
         {"id": "down", "question": "ALWAYS500", "answer": "x"},
         {"id": "noanswer", "question": "q"},
     ]
-    res, s = run_judge(batch, EMScorer(), cfg(srv.url), None, None, progress=False)
+    res, s = run_judge(batch, EMScorer(), cfg(srv.url, retry={"max_attempts": 5}), None, None, progress=False)
     by = {r.id: r for r in res}
     assert by["bad"].status == "failed" and by["bad"].reason.startswith("http 400")
-    assert by["down"].status == "failed" and by["down"].reason == "http 500 3 times"
+    assert by["down"].status == "failed" and by["down"].reason == "attempts: 5 attempts, last error http 500"
     assert by["noanswer"].status == "invalid" and "field 'answer'" in by["noanswer"].reason
     assert s.ok == 6
-    # exactly three tries per ALWAYS500 request (aligned + coherent), one per ALWAYS400 request
-    assert srv.stats()["status"][500] == 6 and srv.stats()["status"][400] == 2
+    # a 500 is retried (five tries per request: aligned + coherent), a 400 is not (one try per request)
+    assert srv.stats()["status"][500] == 10 and srv.stats()["status"][400] == 2
+    assert s.failed_attempts == {"http 500": 10, "http 400": 2} and not s.endpoints_dropped
+
+    # a 200 whose body does not parse is retried too, and booked: the provider billed it. Without usage to
+    # read, the ledger counts the prompt with the judge's tokenizer plus the output cap, marked estimated
+    from judge.farm import Farm
 
     srv.reset(p_malformed=1.0)
-    res, s = run_judge(items(3, "m"), EMScorer(), cfg(srv.url), None, None, progress=False)
-    assert all(r.status == "failed" and r.reason.startswith("malformed") for r in res)
-    assert srv.stats()["requests"] == 6  # a body that does not parse is not retried
+    led = Ledger(tmp_path / "l.sqlite")
+    c = cfg(srv.url, retry={"max_attempts": 3})
+    farm = Farm(EMScorer(), c, None, led, 10.0, "m", "t", c.model, c.endpoints)
+    res: list = []
+    s = asyncio.run(farm.run_stream(iter(items(3, "m")), res.append))
+    assert all(r.status == "failed" and r.reason.startswith("attempts: 3 attempts, last error malformed")
+               for r in res)
+    # every reservation was released or settled: nothing stays reserved, and the budget booked what the ledger did
+    assert farm.budget.reserved == pytest.approx(0, abs=1e-12) and farm.budget.spent == pytest.approx(s.usd)
+    assert srv.stats()["requests"] == 18 and s.failed_attempts == {"malformed": 18}
+    rows = led.db.execute("SELECT estimated, usd, tokens_out FROM ledger WHERE run='m'").fetchall()
+    assert len(rows) == 6 and all(e == 1 and usd > 0 and out == 3 for e, usd, out in rows)  # 3 x max_tokens 1
+    assert led.total_usd("m") == pytest.approx(sum(r.usd for r in res)) == pytest.approx(s.usd)
 
 
 def test_no_self_caused_429_below_the_server_limit_and_slowdown_above(srv, tmp_path):
@@ -157,7 +171,9 @@ def test_retry_after_waits_stay_within_1_1x(srv):
 
 def test_budget_cap_holds_with_concurrency(srv, tmp_path):
     srv.reset(limit=100_000, latency=(0.01, 0.05), p_429=0, p_500=0, p_503=0, p_timeout=0, p_slow=0)
-    c = cfg(srv.url, ep={"max_concurrent": 64, "usd_per_m_in": 200.0, "usd_per_m_out": 800.0}, concurrency=64)
+    # a timeout the server answered after all would be billed there and not here: no timeouts in this test
+    c = cfg(srv.url, ep={"max_concurrent": 64, "usd_per_m_in": 200.0, "usd_per_m_out": 800.0}, concurrency=64,
+            retry={"request_timeout_s": 10})
     led = Ledger(tmp_path / "l.sqlite")
     cap = 1.0
     res, s = run_judge(
@@ -166,7 +182,7 @@ def test_budget_cap_holds_with_concurrency(srv, tmp_path):
     spent = led.total_usd("b")
     assert spent <= cap and s.usd <= cap
     assert s.budget_stopped and s.remaining > 0 and s.remaining_usd > 0
-    assert s.ok + s.remaining + sum(s.failures.values()) == 200
+    assert s.ok + s.remaining + sum(s.failures.values()) == 200 and "timeout" not in s.failed_attempts
     # what the server delivered is what the ledger billed
     assert (
         srv.stats()["billed_total"]
@@ -238,7 +254,7 @@ def _write_cli_config(tmp_path: Path, url: str) -> Path:
                 "usd_per_m_out": 4.0,
             }
         ],
-        "retry": {"request_timeout_s": 2, "backoff_base_s": 0.02},
+        "retry": {"request_timeout_s": 2, "backoff_base_s": 0.02, "backoff_cap_s": 0.1, "max_attempts": 4},
     }
     p = tmp_path / "judge.yaml"
     p.write_text(yaml.safe_dump(c))
@@ -369,3 +385,56 @@ def test_cli_exits_4_when_items_are_left_unjudged(srv, tmp_path):
     assert "3 of 3 items were not judged" in r.stderr and "Traceback" not in r.stderr
     rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [x["judge_status"] for x in rows] == ["failed"] * 3  # each item's outcome is written, not lost
+
+
+def _closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+def test_dead_endpoint_is_dropped_fast_and_the_run_stops_with_code_7(tmp_path):
+    """A pool whose only endpoint refuses connections: dropped after `down_after_s` with a bounded number of
+    attempts, every item reported (none silently lost), and the command exits 7 naming the endpoint."""
+    from core.errors import Unreachable
+    from judge.session import check_complete
+
+    c = cfg(_closed_port_url(), concurrency=4, retry={"down_after_s": 0.5, "deadline_s": 60})
+    t0 = time.monotonic()
+    res, s = run_judge(items(50, "d"), EMScorer(), c, None, None, progress=False)
+    took = time.monotonic() - t0
+    assert s.no_endpoint and "connection error" in s.endpoints_dropped["fault"]
+    assert len(res) == 50 and all(r.status == "failed" and r.reason.startswith("no endpoint left") for r in res)
+    # 4 workers x 2 requests, each retried with backoff (0.02-0.2 s) until the 0.5 s mark: tens, not thousands
+    assert s.requests_sent == s.failed_attempts["connection"] <= 100 and took < 5, (s.requests_sent, took)
+    with pytest.raises(Unreachable, match="no judge endpoint is left .*fault: connection error"):
+        check_complete(s)
+
+
+def test_refused_key_and_wrong_url_drop_their_endpoint_at_once_the_others_carry_on(srv, tmp_path, monkeypatch,
+                                                                                 capsys):
+    srv.reset(limit=100_000, latency=(0, 0), p_429=0, p_500=0, p_503=0, p_timeout=0, p_slow=0, api_key=SECRET)
+    monkeypatch.setenv("GOOD_KEY", SECRET)
+    monkeypatch.setenv("BAD_KEY", "sk-wrong-0123456789")
+    good = {"name": "good", "base_url": srv.url, "api_key_env": "GOOD_KEY", "rpm": 6000, "max_concurrent": 4}
+    bad = good | {"name": "bad", "api_key_env": "BAD_KEY"}
+    lost = good | {"name": "lost", "base_url": srv.url.replace("/v1", "/nowhere/v1")}
+    c = JudgeConfig(model="judge-m", endpoints=[bad, lost, good], concurrency=8,
+                    retry={"backoff_base_s": 0.02, "backoff_cap_s": 0.1})
+    res, s = run_judge(items(40, "k"), EMScorer(), c, None, None, progress=False)
+    assert s.ok == 40 and not s.no_endpoint
+    assert s.endpoints_dropped.keys() == {"bad", "lost"}
+    assert s.endpoints_dropped["bad"].startswith("http 401") and s.endpoints_dropped["lost"].startswith("http 404")
+    # each dropped endpoint saw at most the requests already in flight to it (its max_concurrent)
+    assert srv.stats()["status"][401] <= 4 and s.failed_attempts["http 404"] <= 4
+    out = capsys.readouterr()
+    assert "judge endpoint bad" in out.out + out.err and SECRET not in out.out + out.err
+
+    # only the refused key: the run stops after the requests in flight, and says why
+    c = JudgeConfig(model="judge-m", endpoints=[bad], concurrency=4, retry={"backoff_base_s": 0.02})
+    res, s = run_judge(items(30, "kb"), EMScorer(), c, None, None, progress=False)
+    assert s.no_endpoint and s.ok == 0 and len(res) == 30
+    assert s.requests_sent <= 4 and all(r.reason.startswith("no endpoint left: bad http 401") for r in res)
+    srv.reset(api_key=None)
