@@ -213,6 +213,12 @@ class Pool:
             console.print(f"[yellow]judge endpoint {st.ep.name} ({st.ep.base_url}) dropped: {why}[/]",
                           soft_wrap=True)
 
+    async def _wait(self, seconds: float) -> None:
+        """Sleep, cut short when an endpoint is dropped (the waiting request then picks again at once)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):  # no extra task per waiter, unlike wait_for
+                await self._dropped.wait()
+
     def _pick(self, req: ChatRequest) -> EndpointState:
         live = [s for s in self.states if s.down is None]
         if not live:
@@ -246,11 +252,12 @@ class Pool:
                 return outcome
             delay = (outcome if outcome is not None
                      else random.uniform(0, min(r.backoff_cap_s, r.backoff_base_s * 2 ** (attempt - 1))))
+            if st.down is not None:  # no need to wait for it: pick another endpoint (or learn none is left) now
+                delay = 0.0
             if time.monotonic() + delay > deadline:
                 raise ItemFailed(f"deadline: {reason} and the next try would pass the {r.deadline_s:g}s deadline",
                                  billed if billed.usd else None)
-            with contextlib.suppress(TimeoutError):  # the wait, cut short when an endpoint is dropped
-                await asyncio.wait_for(self._dropped.wait(), delay)
+            await self._wait(delay)
         raise ItemFailed(f"attempts: {r.max_attempts} attempts, last error {reason}", billed if billed.usd else None)
 
     async def _attempt(self, st: EndpointState, req: ChatRequest, deadline: float, billed: Billed):
@@ -259,13 +266,15 @@ class Pool:
         est_tokens = req.prompt_bytes() + req.max_out
         worst = st.worst_usd(req)
         async with st.sem:
+            if st.down is not None:  # dropped while this request waited for a free connection
+                return 0.0, f"endpoint {ep.name} dropped"
             at = st.limiter.reserve()
             if at > deadline:
                 raise ItemFailed("deadline: no send slot before the item's deadline")
             if (d := at - time.monotonic()) > 0:
-                await asyncio.sleep(d)
-            if (d := st.limiter.pause_until - time.monotonic()) > 0:  # a 429 arrived while we waited
-                await asyncio.sleep(d)
+                await self._wait(d)
+            if (d := st.limiter.pause_until - time.monotonic()) > 0 and st.down is None:  # a 429 came meanwhile
+                await self._wait(d)
             if st.down is not None:  # dropped while this request waited for its slot
                 return 0.0, f"endpoint {ep.name} dropped"
             await st.tokens.acquire(est_tokens)

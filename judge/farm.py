@@ -297,6 +297,8 @@ class Farm:
             while (it := await queue.get()) is not _DONE:
                 if not isinstance(it, dict):
                     r = Result(None, "invalid", {"value": repr(it)[:80]}, reason="item is not a JSON object")
+                elif self.stop == "no endpoint":  # each is written as not judged; a rerun sends only these
+                    r = Result(it.get("id"), "failed", it, reason="no endpoint left: not sent")
                 else:
                     r = await self.judge(it)
                 self._tally(r)
