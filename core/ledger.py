@@ -28,6 +28,7 @@ COLUMNS = (
     "usd",
     "estimated",
     "cached",
+    "note",
 )
 
 
@@ -40,8 +41,10 @@ class Ledger:
             " phase TEXT, stage INTEGER, persona TEXT, purpose TEXT, kind TEXT NOT NULL, endpoint TEXT,"
             " model TEXT, item TEXT, tokens_in INTEGER DEFAULT 0, tokens_out INTEGER DEFAULT 0,"
             " seconds REAL DEFAULT 0, usd REAL DEFAULT 0, estimated INTEGER DEFAULT 0,"
-            " cached INTEGER DEFAULT 0)"
+            " cached INTEGER DEFAULT 0, note TEXT)"
         )
+        if "note" not in {r[1] for r in self.db.execute("PRAGMA table_info(ledger)")}:  # a ledger made before
+            self.db.execute("ALTER TABLE ledger ADD COLUMN note TEXT")
         self.db.execute("CREATE INDEX IF NOT EXISTS ledger_run ON ledger(run)")
 
     def record(
@@ -62,8 +65,10 @@ class Ledger:
         usd: float = 0.0,
         estimated: bool = False,
         cached: bool = False,
+        note: str | None = None,
     ) -> None:
-        """One row, committed at once. A cached row is never billed: its $ is forced to 0."""
+        """One row, committed at once. A cached row is never billed: its $ is forced to 0. `note` flags what a
+        reader of the bill must know (a timeout booked at its reservation, usage reported past it)."""
         self.db.execute(
             f"INSERT INTO ledger ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})",
             (
@@ -83,6 +88,7 @@ class Ledger:
                 0.0 if cached else usd,
                 int(estimated),
                 int(cached),
+                note,
             ),
         )
 

@@ -76,10 +76,17 @@ class Billed:
     tokens_out: int = 0
     usd: float = 0.0
     estimated: bool = False
+    notes: list[str] = field(default_factory=list)  # for the ledger's `note`: timeouts booked, overruns
 
-    def add(self, tin: int, tout: int, usd: float, estimated: bool) -> None:
+    def add(self, tin: int, tout: int, usd: float, estimated: bool, note: str | None = None) -> None:
         self.tokens_in, self.tokens_out, self.usd = self.tokens_in + tin, self.tokens_out + tout, self.usd + usd
         self.estimated = self.estimated or estimated
+        if note:
+            self.notes.append(note)
+
+    @property
+    def note(self) -> str | None:
+        return "; ".join(self.notes)[:300] if self.notes else None
 
 
 @dataclass
@@ -96,6 +103,9 @@ class Stats:
     ra_waits: deque = field(default_factory=lambda: deque(maxlen=1000))
 
 
+TIMEOUT_NOTE = "timeout: booked at its reservation (the provider may have billed it)"
+
+
 @dataclass
 class Reply:
     body: dict
@@ -105,6 +115,7 @@ class Reply:
     usd: float
     attempts: int
     estimated: bool = False
+    note: str | None = None
 
 
 class EndpointState:
@@ -299,22 +310,25 @@ class Pool:
                     resp = await self.client.post(st.url, json=st.api.body(req, ep.model or self.cfg.model),
                                                   headers=headers)
             except BaseException as e:
-                # no answer: the reservation goes back (a provider that bills a request it never answered
-                # is outside what a client can see)
-                self.budget.settle(worst, 0.0)
-                st.tokens.settle(est_tokens, 0)
-                return self._no_answer(st, e)
+                return self._no_answer(st, e, req, worst, est_tokens, billed)
             finally:
                 st.in_flight -= 1
                 headers.clear()
         return self._handle(st, req, resp, worst, est_tokens, billed)
 
-    def _no_answer(self, st: EndpointState, e: BaseException) -> tuple[None, str]:
+    def _no_answer(self, st: EndpointState, e: BaseException, req: ChatRequest, worst: float, est_tokens: int,
+                   billed: Billed) -> tuple[None, str]:
+        """No reply. A request that was sent and timed out may have been billed (the provider did the work):
+        booked at its reservation, marked estimated. One that never connected costs nothing."""
         # httpx-aiohttp maps every aiohttp connection error to httpx.ConnectTimeout: judge by the cause
         cause = e.__cause__ if isinstance(e.__cause__, aiohttp.ClientError) else e
         if isinstance(cause, TimeoutError | httpx.TimeoutException) and not _is_connect(cause):
+            self._settle(st, worst, worst, est_tokens, est_tokens, estimated=True)
+            billed.add(req.prompt_bytes(), req.max_out, worst, True, TIMEOUT_NOTE)
             self.stats.errors["timeout"] += 1
             return None, "timeout"
+        self.budget.settle(worst, 0.0)
+        st.tokens.settle(est_tokens, 0)
         if isinstance(cause, httpx.TransportError | OSError | aiohttp.ClientError):
             self.stats.errors["connection"] += 1
             why = f"connection error ({type(cause).__name__})"
@@ -378,12 +392,15 @@ class Pool:
         if usage is None:
             usage = Usage(self._count(_prompt_text(req)), self._count(reply_text(body) or ""))
         usd = st.usd(usage.tokens_in, usage.tokens_out)
+        # booked as reported even past the reservation; the budget then sends nothing more under a cap
+        over = f"overrun: ${usd - worst:.6f} reported past the ${worst:.6f} reserved" if usd > worst + 1e-12 else None
         self._settle(st, worst, usd, est_tokens, usage.tokens_in + usage.tokens_out, estimated)
-        billed.add(usage.tokens_in, usage.tokens_out, usd, estimated)
+        billed.add(usage.tokens_in, usage.tokens_out, usd, estimated, over)
         self.stats.ok += 1
         self.stats.tokens_in += usage.tokens_in
         self.stats.tokens_out += usage.tokens_out
-        return Reply(body, st.ep.name, billed.tokens_in, billed.tokens_out, billed.usd, 0, billed.estimated), None
+        return Reply(body, st.ep.name, billed.tokens_in, billed.tokens_out, billed.usd, 0, billed.estimated,
+                     billed.note), None
 
     def _settle(self, st: EndpointState, worst: float, usd: float, est_tokens: int, used: int,
                 estimated: bool) -> None:

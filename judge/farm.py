@@ -71,6 +71,7 @@ class Summary:
     estimated: int = 0  # replies billed by our token count: the provider reported no usage
     endpoints_dropped: dict = field(default_factory=dict)  # name -> why (refused, 401/403/404)
     no_endpoint: bool = False  # every endpoint was dropped: the run stopped
+    overrun_usd: float = 0.0  # $ the provider reported past the reserved worst cases (flagged in the ledger)
     seconds: float = 0.0
     drift: dict | None = None
     batches: list = field(default_factory=list)  # batch mode: one entry per provider batch (judge.batch)
@@ -149,7 +150,8 @@ class Farm:
         except ItemFailed as e:
             if e.billed is not None:  # attempts the provider billed although they gave no usable answer
                 b = e.billed
-                self._record(item, None, b.tokens_in, b.tokens_out, b.usd, cached=False, estimated=b.estimated)
+                self._record(item, None, b.tokens_in, b.tokens_out, b.usd, cached=False, estimated=b.estimated,
+                             note=b.note)
             raise
         val = {
             "body": reply.body,
@@ -160,10 +162,10 @@ class Farm:
         if self.cache is not None:
             self.cache.put(key, key_parts(self.model, req, self.scorer.template_version), val)
         self._record(item, reply.endpoint, reply.tokens_in, reply.tokens_out, reply.usd, cached=False,
-                     estimated=reply.estimated)
+                     estimated=reply.estimated, note=reply.note)
         return val | {"usd": reply.usd}, False
 
-    def _record(self, item, endpoint, tin, tout, usd, cached, estimated=False):
+    def _record(self, item, endpoint, tin, tout, usd, cached, estimated=False, note=None):
         if self.ledger is not None:
             self.ledger.record(
                 run=self.run,
@@ -179,6 +181,7 @@ class Farm:
                 usd=usd,
                 cached=cached,
                 estimated=estimated,
+                note=note,
             )
 
     async def judge(self, item: dict) -> Result:
@@ -317,6 +320,7 @@ class Farm:
         s.failed_attempts, s.estimated = dict(st.errors), st.estimated
         s.endpoints_dropped, s.no_endpoint = self.pool.dropped, self.stop == "no endpoint"
         s.budget_stopped = self.budget.refused
+        s.overrun_usd = round(self.budget.overrun, 8)
         s.seconds = round(time.monotonic() - t0, 3)
         return s
 

@@ -100,6 +100,7 @@ class Budget:
         self.spent = spent_usd
         self.reserved = 0.0
         self.refused = False
+        self.overrun = 0.0  # $ booked past the reservations (usage reported above the worst case)
         self._changed = asyncio.Event()
 
     def fits(self, worst_usd: float) -> bool:
@@ -107,6 +108,9 @@ class Budget:
 
     async def reserve(self, worst_usd: float) -> None:
         """Wait while in-flight reservations might free room; raise BudgetExceeded when none can."""
+        if self.refused and self.overrun:  # the worst case no longer bounds what a request costs: send no more
+            raise BudgetExceeded(f"the provider billed ${self.overrun:.6f} past the reserved worst case; with a cap "
+                                 "no more requests are sent")
         while not self.fits(worst_usd):
             if self.reserved <= 1e-12 or self.refused:
                 self.refused = True
@@ -118,8 +122,12 @@ class Budget:
         self.reserved += worst_usd
 
     def settle(self, reserved_usd: float, actual_usd: float) -> None:
-        """Release a reservation and book what was really spent, in one step."""
+        """Release a reservation and book what was really spent, in one step: as reported, even past the
+        reservation; that overrun is counted and, under a cap, stops further reservations."""
         self.reserved = max(0.0, self.reserved - reserved_usd)
         self.spent += actual_usd
+        if actual_usd > reserved_usd + 1e-12:
+            self.overrun += actual_usd - reserved_usd
+            self.refused = self.refused or self.cap is not None
         self._changed.set()
         self._changed = asyncio.Event()

@@ -112,8 +112,10 @@ def check_complete(summary: Summary | dict, what: str = "the judge") -> None:
         raise Unreachable(f"no judge endpoint is left for {what} ({dropped}); {s.get('ok', 0)} of "
                           f"{s.get('items')} items were judged and are kept")
     if s.get("budget_stopped") or s.get("remaining"):
+        over = (f"; the provider billed ${s['overrun_usd']:.6f} past the reserved worst cases (flagged in the "
+                "ledger), so no more was sent") if s.get("overrun_usd") else ""
         raise BudgetStop(f"the budget cap stopped {what}: {s.get('remaining')} items not sent (worst case "
-                         f"${s.get('remaining_usd', 0):.6f}); finished items are kept")
+                         f"${s.get('remaining_usd', 0):.6f}){over}; finished items are kept")
     failures = s.get("failures") or {}
     if failed := sum(failures.values()):
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(failures.items()))

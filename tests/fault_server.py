@@ -55,6 +55,8 @@ class Faults:
     reasoning: bool = False
     p_unparsable: float = 0.0  # reasoning (and Anthropic) replies with no number in them
     no_usage: bool = False  # chat replies without `usage`, as some OpenAI-compatible servers send them
+    over_report: float = 1.0  # multiplies the usage chat replies report (a provider billing past any estimate)
+    bill_timeouts: bool = False  # a request left hanging is billed all the same (the work was done)
     # batches end on this many GETs of them; these fractions of their requests (seeded) come back errored
     # (api_error / 500) or expired instead of succeeding
     batch_polls: int = 2
@@ -404,6 +406,8 @@ class FaultApp:
         if kind in (500, 503):
             return self._fail(ant, kind, "upstream error")
         if kind == "timeout":
+            if f.bill_timeouts:  # billed when the work is done, whether or not the client is still there
+                self._bill(content)
             await asyncio.sleep(f.hang_s)
             return self._fail(ant, 504, "gateway timeout")
         payload = self._message(body) if ant else self._chat_payload(body, content)
@@ -433,6 +437,10 @@ class FaultApp:
                    else self._completion(body, content))
         if f.no_usage:
             payload = json.dumps({k: v for k, v in json.loads(payload).items() if k != "usage"})
+        elif f.over_report != 1.0:
+            d = json.loads(payload)
+            d["usage"] = {k: int(v * f.over_report) if isinstance(v, int) else v for k, v in d["usage"].items()}
+            payload = json.dumps(d)
         return payload
 
     def _message(self, body: dict) -> str:

@@ -439,3 +439,45 @@ def test_refused_key_and_wrong_url_drop_their_endpoint_at_once_the_others_carry_
     assert s.requests_sent <= 4 and all(r.reason.startswith("no endpoint left") for r in res)
     assert any(r.reason.startswith("no endpoint left: bad http 401") for r in res)
     srv.reset(api_key=None)
+
+
+def test_usage_reported_past_the_reservation_is_booked_flagged_and_stops_a_capped_run(srv, tmp_path):
+    """A provider that bills more than the reserved worst case: booked as reported, flagged in the ledger; under
+    a cap the farm sends nothing more (only requests already in flight finish) and exits 3, saying why."""
+    from core.errors import BudgetStop
+    from judge.session import check_complete
+
+    srv.reset(limit=100_000, latency=(0.01, 0.02), p_429=0, p_500=0, p_503=0, p_timeout=0, p_slow=0,
+              over_report=50.0)
+    led = Ledger(tmp_path / "l.sqlite")
+    c = cfg(srv.url, concurrency=4, ep={"max_concurrent": 4})
+    res, s = run_judge(items(100, "o"), EMScorer(), c, None, led, budget_usd=100.0, run="o", progress=False)
+    flagged = led.db.execute("SELECT COUNT(*), SUM(usd) FROM ledger WHERE run='o' AND note LIKE 'overrun:%'").fetchone()
+    assert flagged[0] >= 1 and s.overrun_usd > 0 and s.budget_stopped
+    assert s.requests_sent <= 2 * 4  # the first overrun, then only what was already in flight
+    assert led.total_usd("o") == pytest.approx(s.usd) and s.remaining > 0
+    with pytest.raises(BudgetStop, match="billed .* past the reserved worst cases"):
+        check_complete(s)
+
+    # without a cap the overrun is booked and flagged, and the run goes on
+    res, s = run_judge(items(10, "o2"), EMScorer(), c, None, led, run="o2", progress=False)
+    assert s.ok == 10 and s.overrun_usd > 0 and not s.budget_stopped
+    srv.reset(over_report=1.0)
+
+
+def test_a_timed_out_request_is_booked_at_its_reservation(srv, tmp_path):
+    """The provider bills a request it did not answer in time: the ledger books each timeout at its reserved
+    worst case, marked, so it never shows less than the provider billed."""
+    srv.reset(limit=100_000, latency=(0, 0), p_429=0, p_500=0, p_503=0, p_slow=0, p_timeout=0.3, hang_s=1.0,
+              bill_timeouts=True)
+    led = Ledger(tmp_path / "l.sqlite")
+    c = cfg(srv.url, retry={"request_timeout_s": 0.3})
+    res, s = run_judge(items(20, "t"), EMScorer(), c, None, led, run="t", progress=False)
+    st = srv.stats()
+    assert s.ok == 20 and s.failed_attempts["timeout"] > 0
+    rows = led.db.execute("SELECT note, estimated FROM ledger WHERE run='t' AND cached=0").fetchall()
+    timed_out = sum(n.count("timeout: booked") for n, _ in rows if n)
+    assert timed_out == s.failed_attempts["timeout"]
+    assert all(e == 1 for n, e in rows if n)  # booked by our count, not the provider's: marked estimated
+    assert timed_out + 40 == st["billed_total"]  # each billed request is in the ledger: 40 answers + timeouts
+    srv.reset(bill_timeouts=False, p_timeout=0.0)

@@ -61,7 +61,7 @@ def test_anthropic_messages_sampled_under_faults_billed_as_reported(srv, tmp_pat
     srv.reset(**QUIET | dict(p_500=0.1, p_503=0.1, p_429=0.05, retry_after_s=0.05, api_key=SECRET))
     monkeypatch.setenv("ANTHROPIC_TEST_KEY", SECRET)
     c = config(srv.url, "anthropic", ep={"api_key_env": "ANTHROPIC_TEST_KEY"}, samples=2,
-               max_completion_tokens=64)
+               max_completion_tokens=64, retry={"request_timeout_s": 10})  # no timeouts: they are booked apart
     assert c.endpoints[0].logprobs is False
     led, cache = Ledger(tmp_path / "l.sqlite"), Cache(tmp_path / "c.sqlite")
     res, s = run_judge(items(12, "a"), EMScorer(), c, cache, led, run="a", progress=False)
