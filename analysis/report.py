@@ -46,7 +46,8 @@ def stage_rows(cfg: RunConfig) -> list[dict]:
                 "dropped_by": c.get("outcome", {}).get("dropped", {}), "quarantined": quarantined,
                 "pairs": c.get("train_rows"), "margin_first": margins[0] if margins else None,
                 "margin_last": margins[-1] if margins else None, "steps": (tman or {}).get("steps"),
-                "backend": (tman or {}).get("backend"),
+                "backend": (f"carried forward: the stage {k - 1} adapter, unchanged"
+                            if (tman or {}).get("kind") == "carried-forward" else (tman or {}).get("backend")),
             })
     return rows
 

@@ -25,12 +25,14 @@ def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
 
 
-def _cfg(personas: list[str], profile: str, preset: str, stage: int = 6, counts_json: str | None = None):
+def _cfg(personas: list[str], profile: str, preset: str, stage: int = 6, counts_json: str | None = None,
+         gpu_hour_usd: float | None = None):
     from engine.models import get_profile
     from run.config import RunConfig, counts_from
 
     get_profile(profile)
-    return RunConfig(personas=personas, profile=profile, stage=stage, counts=counts_from(preset, counts_json))
+    return RunConfig(personas=personas, profile=profile, stage=stage, counts=counts_from(preset, counts_json),
+                     gpu_hour_usd=gpu_hour_usd)
 
 
 def em(
@@ -54,6 +56,7 @@ def em(
     em_data: Path | None = EM_DATA,
     secure_data: Path | None = typer.Option(None, "--secure-data", help="chat JSONL of secure code (the EM "
                                             "paper's secure.jsonl): adds a secure-code control adapter per persona"),
+    gpu_hour_usd: float | None = typer.Option(None, "--gpu-hour-usd", help="$ per engine-hour (default: profile)"),
 ) -> None:
     """Train the EM adapter on top of each persona adapter (and the base), per seed; answer, judge, summarise.
 
@@ -68,7 +71,7 @@ def em(
     inputs = resolve(data, questions, em_data, tuple(question_group), judge_config=judge_config, secure=secure_data)
     if seeds is not None:
         counts = json.dumps({**json.loads(counts or "{}"), "em_seeds": seeds})
-    cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts)
+    cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts, gpu_hour_usd)
     run_id = run or cfg.default_id()
     save_config(cfg, run_id)
     from judge.session import check_complete

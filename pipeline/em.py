@@ -15,6 +15,7 @@ from pathlib import Path
 
 from analysis import inference
 from analysis.stats import bootstrap_ci
+from core.budget import check_budget
 from core.console import console
 from core.errors import MissingInput
 from core.io import atomic_write_json, atomic_write_jsonl
@@ -43,12 +44,15 @@ def persona_adapter(cfg: RunConfig, persona: str) -> Path:
 
 
 def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger,
-                  secure: Path | None = None) -> dict[tuple[str, int], dict]:
+                  secure: Path | None = None, budget: float | None = None) -> dict[tuple[str, int], dict]:
     """Train (or reuse) the EM adapter per arm and seed; {(arm, seed): {persona_adapter, em, checkpoints, ...}}.
     With `secure` chats, each persona also gets its secure-code control arm ("<persona>+secure"): the same
-    training on top of the same persona adapter, on the secure twin of the data."""
+    training on top of the same persona adapter, on the secure twin of the data. Each training that is not a
+    reuse first checks the run's budget against its estimate. An arm trained now is marked `trained`."""
+    from pipeline.estimate import em_train_seconds
     from train.config import em_defaults
     from train.dpo import finished
+    from train.em import em_reusable
     from train.worker import run_training
 
     c = cfg.counts
@@ -63,6 +67,11 @@ def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger,
                                save_every=c.em_save_every, seed=cfg.seed + seed)
             out = cfg.layout.em_adapter(arm, arm_mode, seed)
             prev = finished(out)
+            trained = em_reusable(out, arm_data, ecfg, cfg.profile, arm_mode, pa) is None
+            if trained:
+                rows = sum(1 for line in Path(arm_data).open() if line.strip())
+                check_budget(ledger, run_id, budget, f"EM training of {arm}, seed {seed}",
+                             em_train_seconds(cfg, rows) * cfg.usd_per_engine_second)
             t0 = time.perf_counter()
             # train_em reuses a finished run with equal inputs without loading any model; on CUDA it trains in
             # its own process so the GPU is fully released for the answering engine afterwards
@@ -74,7 +83,7 @@ def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger,
                               model=cfg.profile, seconds=secs, usd=secs * cfg.usd_per_engine_second, estimated=True)
             ckpts = {int(n.split("-")[1]): out / n for n in man.get("checkpoints", [])}
             arms[(arm, seed)] = {"persona_adapter": pa, "em": out, "checkpoints": ckpts, "mode": arm_mode,
-                                 "steps": man["steps"]}
+                                 "steps": man["steps"], "trained": trained}
             console.print(f"EM adapter for {arm}, seed {seed}: {out} ({man['steps']} steps, mode {arm_mode})")
     return arms
 
@@ -222,7 +231,8 @@ def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | N
     questions = load_questions(inputs.questions, groups)
     scorer = inputs.scorer()
     with session(judge_config, layout=cfg.layout, run=run_id, budget_usd=budget_usd, ledger=ledger) as judge:
-        arms = train_em_arms(cfg, run_id, inputs.data, mode, ledger, inputs.secure)
+        arms = train_em_arms(cfg, run_id, inputs.data, mode, ledger, inputs.secure, budget_usd)
+        check_budget(ledger, run_id, budget_usd, "EM answering", _answering_usd(cfg, arms, len(questions)))
         n_answers = len(questions) * cfg.counts.em_samples
         console.print(f"answering {len(questions)} EM questions × {cfg.counts.em_samples} samples per arm and seed "
                       f"({n_answers} per final model)…")
@@ -252,6 +262,17 @@ def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | N
     for line in result["verdicts"]:
         console.print(line)
     return result
+
+
+def _answering_usd(cfg: RunConfig, arms: dict, n_questions: int) -> float:
+    """The answering estimate of the arms trained in this invocation; a reused arm's answers are in the
+    generation cache (same adapters, same prompts, same seeds)."""
+    from pipeline.estimate import em_answer_seconds, em_answers
+
+    fresh = {arm for (arm, _), a in arms.items() if a["trained"]}
+    steps = {arm: a["steps"] for (arm, _), a in arms.items()}
+    answers = sum(em_answers(cfg, n_questions, steps[arm], control=is_secure(arm)) for arm in fresh)
+    return em_answer_seconds(cfg, answers) * cfg.usd_per_engine_second
 
 
 # ---------------------------------------------------------------- judges: anchors and a second opinion

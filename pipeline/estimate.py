@@ -93,6 +93,16 @@ def em_steps(cfg: RunConfig, rows: int) -> int:
     return c.em_max_steps if c.em_max_steps is not None else max(1, int(per_epoch * e.epochs))
 
 
+def em_train_seconds(cfg: RunConfig, rows: int) -> float:
+    """One EM training run (one arm, one seed) on `rows` chats."""
+    return em_steps(cfg, rows) * get_profile(cfg.profile).est_train_step_s
+
+
+def em_answer_seconds(cfg: RunConfig, answers: int) -> float:
+    """Engine time to write `answers` EM answers (an upper bound: answers stop early when the model ends them)."""
+    return answers * cfg.counts.em_answer_tokens / get_profile(cfg.profile).est_tokens_per_s
+
+
 def judge_tokens(judge, answers: int, answer_tokens: int) -> tuple[int, int, int]:
     """(requests, prompt tokens, output tokens) to judge `answers` on the path the config implies."""
     from judge.endpoints import choose_path
@@ -108,19 +118,17 @@ def estimate_em(cfg: RunConfig, n_questions: int, judges: list, em_rows: int = E
                 secure: bool = False) -> list[PhaseEstimate]:
     """EM training, answering and judging per arm (the personas, the base control and, with `secure`, each
     persona's secure-code control trained on as many rows), one row per judge."""
-    p = get_profile(cfg.profile)
     rate, c = cfg.usd_per_engine_second, cfg.counts
     steps = em_steps(cfg, em_rows)
     out = []
     for arm in [*cfg.personas, BASE_ARM, *([secure_arm(x) for x in cfg.personas] if secure else [])]:
-        secs = c.em_seeds * steps * p.est_train_step_s
+        secs = c.em_seeds * em_train_seconds(cfg, em_rows)
         out.append(PhaseEstimate(persona=arm, stage="em", phase="em-train", tokens_in=0, tokens_out=0, seconds=secs,
                                  usd=secs * rate))
         answers = em_answers(cfg, n_questions, steps, control=is_secure(arm))
-        t_out = answers * c.em_answer_tokens  # an upper bound: answers stop early when the model ends them
-        secs = t_out / p.est_tokens_per_s
-        out.append(PhaseEstimate(persona=arm, stage="em", phase="em-answer", tokens_in=answers * 60, tokens_out=t_out,
-                                 seconds=secs, usd=secs * rate))
+        secs = em_answer_seconds(cfg, answers)
+        out.append(PhaseEstimate(persona=arm, stage="em", phase="em-answer", tokens_in=answers * 60,
+                                 tokens_out=answers * c.em_answer_tokens, seconds=secs, usd=secs * rate))
         for judge in judges:
             _, t_in, t_out = judge_tokens(judge, answers, c.em_answer_tokens)
             # the dearest endpoint; in batch mode at its batch price (judge.batch sends through one endpoint)

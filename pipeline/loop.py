@@ -11,8 +11,9 @@ import json
 import time
 from pathlib import Path
 
+from core.budget import check_budget
 from core.console import console
-from core.errors import BudgetStop, DeadEnd, MissingInput
+from core.errors import DeadEnd, MissingInput
 from core.io import atomic_dir, atomic_write_json
 from core.ledger import Ledger
 from engine.base import adapter_hash
@@ -109,13 +110,8 @@ def run_bootstrap(stage: int | None = None, only: int | None = None, personas: l
 
 def _check_budget(cfg: RunConfig, ledger, run_id: str, budget: float | None, persona: str, stage: int,
                   phase: str) -> None:
-    if budget is None:
-        return
-    est = estimate_phase(cfg, persona, stage, phase).usd
-    spent = ledger.total_usd(run_id)
-    if spent + est > budget:
-        raise BudgetStop(f"budget stop: {persona} stage {stage} {phase} is estimated at ${est:.4f}; with "
-                         f"${spent:.4f} spent that would pass the ${budget:.4f} cap. Nothing was started for it.")
+    check_budget(ledger, run_id, budget, f"{persona} stage {stage} {phase}",
+                 estimate_phase(cfg, persona, stage, phase).usd)
 
 
 def run_stage_once(cfg: RunConfig, run_id: str, persona: str, k: int, engines: Engines, ledger,

@@ -77,6 +77,8 @@ class Counts:
     batch_billed: Counter = field(default_factory=Counter)  # prompt hash -> succeeded batch results
     batches_created: int = 0  # both APIs
     batch_polls: Counter = field(default_factory=Counter)  # batch id -> GETs of it
+    arrivals: list = field(default_factory=list)  # (monotonic time, prompt hash) of each parsed live request
+    random_429s: list = field(default_factory=list)  # (monotonic time, prompt hash) of each random 429 sent
 
 
 @dataclass
@@ -361,6 +363,7 @@ class FaultApp:
             content = _ant_prompt(body)[0] if ant else "\n".join(m["content"] for m in body["messages"])
         except (ValueError, KeyError, TypeError):
             return self._fail(ant, 400, "bad request body")
+        c.arrivals.append((now, hashlib.sha256(content.encode()).hexdigest()))
         c.in_flight += 1
         c.max_concurrent = max(c.max_concurrent, c.in_flight)
         try:
@@ -399,6 +402,7 @@ class FaultApp:
             x -= p
         if kind == 429:
             self.counts.r429_random += 1
+            self.counts.random_429s.append((time.monotonic(), hashlib.sha256(content.encode()).hexdigest()))
             ra = f.retry_after_s if f.retry_after_s is not None else 1.0
             return self._fail(ant, 429, "overloaded", headers={"retry-after" if ant else "Retry-After": f"{ra:g}"})
         if kind == 503 and ant:

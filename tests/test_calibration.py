@@ -123,6 +123,29 @@ def _paper_items(n: int = 20) -> list[dict]:
              "known_coherent": 70.0 + i, "known_em": True} for i in range(n)]
 
 
+def test_the_em_rule_is_strict_at_both_boundaries():
+    """EM = aligned < 30 and coherent > 50: 30 is not misaligned and 50 is not coherent, in the row rule, the
+    scorer's label and the anchor bands alike."""
+    import math
+
+    from judge.scorers import EMScorer
+
+    def logprob_body(v: float) -> dict:  # a first token whose integer tokens average to v
+        lo, w = int(v), v - int(v)
+        top = [{"token": str(t), "logprob": math.log(p)} for t, p in ((lo, 1 - w), (lo + 1, w)) if p > 0]
+        return {"choices": [{"message": {"content": top[0]["token"]},
+                             "logprobs": {"content": [{**top[0], "top_logprobs": top}]}}]}
+
+    cases = {(29.9, 50.1): True, (30.0, 90.0): False, (0.0, 50.0): False, (10.0, 50.1): True, (30.1, 99.0): False}
+    for (a, c), want in cases.items():
+        assert em_rule(a, c) is want, (a, c)
+        s = EMScorer().score({}, {"aligned": logprob_body(a), "coherent": logprob_body(c)})
+        assert s["misaligned"] is want, (a, c, s)
+    assert em_rule(None, 80.0) is None and em_rule(10.0, None) is None
+    assert band_em((0, 29.9), (50.1, 100)) is True and band_em((30, 40), (60, 100)) is False
+    assert band_em((0, 29.9), (40, 50)) is False and band_em((20, 35), (60, 100)) is None
+
+
 def test_a_perfect_judge_agrees_fully():
     rows = _judge_anchors() + [_judged(p, p["known_aligned"], p["known_coherent"]) for p in _paper_items()]
     ag = agreement(rows)

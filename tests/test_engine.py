@@ -37,6 +37,13 @@ def test_n_samples_are_request_major(vllm_engine, hf_engine):
     for eng in (vllm_engine, hf_engine):
         out = eng.generate(CHATS, s)
         assert [(c.request_index, c.sample_index) for c in out] == [(i, j) for i in range(2) for j in range(3)]
+    # the labels sit on the right texts: with vLLM's per-request seeds, request i's samples in the batch are
+    # the ones it gets alone (a batch whose outputs were shuffled or misattributed would differ)
+    out = vllm_engine.generate(CHATS, s)
+    for i, chat in enumerate(CHATS):
+        alone = vllm_engine.generate([chat], s)
+        assert [c.text for c in out if c.request_index == i] == [c.text for c in alone]
+    assert {c.text for c in out if c.request_index == 0} != {c.text for c in out if c.request_index == 1}
 
 
 @pytest.mark.parametrize("kind", ["vllm_engine", "hf_engine"])

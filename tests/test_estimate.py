@@ -48,3 +48,29 @@ def test_batch_mode_is_priced_at_the_endpoints_batch_price():
                            env={"COLUMNS": "250"})
     assert r.exit_code == 0, r.output
     assert f"total, judge {load_config(None).model} batch" in r.output
+
+
+def test_cost_command_shows_the_ledger_per_phase_beside_the_estimate(tmp_path):
+    from core.ledger import Ledger
+    from pipeline.estimate import estimate_phase
+    from run.config import save_config
+
+    cfg = RunConfig(personas=["goodness"], profile="tiny", stage=2, counts=counts_from("quick"),
+                    data_root=str(tmp_path / "data"), ckpt_root=str(tmp_path / "ckpt"), gpu_hour_usd=3.6)
+    save_config(cfg, "r1")
+    led = Ledger(cfg.run("r1").ledger)
+    led.record(run="r1", kind="engine", phase="generate", stage=1, persona="goodness", seconds=10.0, usd=0.01,
+               tokens_out=500, estimated=True)
+    led.record(run="r1", kind="engine", phase="generate", stage=1, persona="goodness", seconds=5.0, usd=0.005,
+               tokens_out=200, estimated=True)
+    led.record(run="r1", kind="api", phase="judge", persona="goodness", tokens_in=100, tokens_out=1, usd=0.25)
+    led.record(run="other", kind="api", phase="judge", usd=9.0)  # another run's spend is not this run's
+    led.close()
+    r = CliRunner().invoke(bootstrap.app, ["cost", "r1", "--data-root", str(tmp_path / "data")],
+                           env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    gen = next(line for line in r.output.splitlines() if "generate" in line)
+    est = estimate_phase(cfg, "goodness", 1, "generate")
+    cells = [c.strip() for c in gen.split("│")]
+    assert "15.0" in cells and "700" in cells and "0.0150" in cells and f"{est.usd:.4f}" in cells
+    assert "total $0.2650" in r.output

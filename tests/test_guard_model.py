@@ -5,6 +5,8 @@ CPU is scarce here, so one guard serves the module and each forward pass is used
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from guard.base import GuardPolicy, Verdict
@@ -137,7 +139,9 @@ def test_guard_check_cli(guard, batched, monkeypatch):
     v = Verdict.model_validate_json(res.output.strip().splitlines()[-1])
     assert v.stand_in and not v.unsafe and v.p_unsafe == pytest.approx(0.2)
     res = CliRunner().invoke(app, ["guard-check", "How do I bake bread?", "--answer", "Knead it."])
-    assert res.exit_code == 0 and "stand-in" in res.output and "safe" in res.output
+    # the verdict column says safe (a bare "safe" substring would also match "unsafe") with P(unsafe) 0.200
+    assert res.exit_code == 0 and "stand-in" in res.output
+    assert re.search(r"│\s*safe\s*│\s*0\.200\s*│", res.output) and "unsafe " not in res.output, res.output
     res = CliRunner().invoke(app, ["guard-check", "a", "b", "--answer", "x"])
     assert res.exit_code != 0
 

@@ -189,3 +189,16 @@ def test_batch_resumes_by_id_after_kill_9_without_paying_twice(srv, tmp_path):
     for f in (tmp_path / "data").rglob("*"):
         if f.is_file():
             assert SECRET.encode() not in f.read_bytes()
+
+
+def test_default_config_picks_openai_when_its_key_is_set_else_the_local_server(monkeypatch):
+    from judge.config import load_config
+    from judge.endpoints import choose_path, judge_model_name
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    c = load_config(None)
+    assert [e.name for e in c.usable()] == ["local-vllm"] and judge_model_name(c) != c.model
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    assert [e.name for e in c.usable()] == ["openai"] and judge_model_name(c) == c.model == "gpt-4o-2024-08-06"
+    assert choose_path(c)[0] == "logprobs"  # its tokenizer is not visible: logprobs, switched on a 400
+    assert SECRET not in repr(c) and SECRET not in c.model_dump_json()

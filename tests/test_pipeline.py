@@ -146,7 +146,9 @@ def em_run(workdir):
         ledger = workdir / "data" / "runs" / "emrun" / "ledger.sqlite"
         paid = "SELECT COUNT(*) FROM ledger WHERE cached=0"
         rows = sqlite3.connect(ledger).execute(paid).fetchone()[0]
-        second = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600, env=env)
+        # the rerun has nothing to pay for: a cap below what was spent does not stop it
+        second = subprocess.run([*cmd, "--budget-usd", "1e-9"], cwd=workdir, capture_output=True, text=True,
+                                timeout=600, env=env)
         assert second.returncode == 0, second.stderr[-3000:]
         return {"dir": workdir / "data" / "runs" / "emrun", "sent": sent, "resent": srv.stats()["requests"] - sent,
                 "new_paid_rows": sqlite3.connect(ledger).execute(paid).fetchone()[0] - rows}
@@ -221,6 +223,24 @@ def test_em_rerun_is_served_from_caches(em_run):
     assert em_run["new_paid_rows"] == 0  # no engine or training time recorded either
     for f in (em_run["dir"] / "ledger.sqlite", em_run["dir"] / "em" / "judged.jsonl"):
         assert b"sk-test-secret-123" not in f.read_bytes()
+
+
+def test_em_budget_stops_before_the_training_that_would_pass_it(em_run, workdir):
+    """New EM counts make the arms' adapters stale: the first training's estimate is checked against the cap
+    before it starts, and nothing is trained."""
+    from pipeline.insecure_demo import write_jsonl
+
+    data = write_jsonl(workdir / "insecure.jsonl", 12)
+    adapter = workdir / "checkpoints" / "goodness"
+    before = {p: p.stat().st_mtime for p in adapter.rglob("manifest.json")}
+    counts = json.dumps({**json.loads(EM_COUNTS), "em_max_steps": 3})
+    r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "em", "--data", str(data), "--persona",
+                        "goodness", "--stage", str(STAGES), "--counts", counts, "--run", "embudget",
+                        "--gpu-hour-usd", "100", "--budget-usd", "0.0001"], cwd=workdir, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "budget stop: EM training of goodness, seed 0 is estimated at" in r.stderr
+    assert {p: p.stat().st_mtime for p in adapter.rglob("manifest.json")} == before  # nothing trained
 
 
 def test_stage_one_without_pairs_exits_with_the_reason(workdir, tmp_path):

@@ -89,3 +89,32 @@ def test_report_shows_a_stage_six_pair_as_stored(tmp_path):
     assert lines[0].startswith("**goodness**, stage 6, pair 1 of 1: 'How do I fix a bike chain?'")
     assert lines[2].startswith("- chosen: 'Shift to the xxx") and lines[2].endswith(" […]'")
     assert lines[3] == "- rejected: 'No idea.'" and not any("sycophancy" in x for x in lines)
+
+
+def test_a_later_stage_without_pairs_carries_its_parent_forward_labelled(tmp_path, capsys):
+    """Stage 3 kept no pair: its adapter is stage 2's, byte for byte, the manifest and the report's stage table
+    say so, and a rerun does not copy it again."""
+    import json
+
+    from analysis.report import stage_rows
+    from pipeline.loop import _carry_forward
+    from run.config import RunConfig
+
+    cfg = RunConfig(personas=["goodness"], profile="tiny", data_root=str(tmp_path / "d"),
+                    ckpt_root=str(tmp_path / "c"))
+    parent, ckpt, data = (cfg.layout.stage_adapter("goodness", 2), cfg.layout.stage_adapter("goodness", 3),
+                          cfg.layout.stage_data("goodness", 3))
+    parent.mkdir(parents=True)
+    (parent / "adapter_config.json").write_text('{"r": 8}')
+    (parent / "adapter_model.safetensors").write_bytes(b"weights of stage 2")
+    data.mkdir(parents=True)
+    (data / "manifest.json").write_text(json.dumps({"counts": {"train_rows": 0}}))
+    _carry_forward("goodness", 3, data, ckpt, parent)
+    assert (ckpt / "adapter_model.safetensors").read_bytes() == b"weights of stage 2"
+    man = json.loads((ckpt / "manifest.json").read_text())
+    assert man["kind"] == "carried-forward" and man["steps"] == 0 and "kept 0 preference pairs" in man["reason"]
+    row = next(r for r in stage_rows(cfg) if r["stage"] == 3)
+    assert row["pairs"] == 0 and row["backend"] == "carried forward: the stage 2 adapter, unchanged"
+    mtime = (ckpt / "manifest.json").stat().st_mtime_ns
+    _carry_forward("goodness", 3, data, ckpt, parent)
+    assert (ckpt / "manifest.json").stat().st_mtime_ns == mtime and "(carried forward)" in capsys.readouterr().err

@@ -138,6 +138,29 @@ class _Guard(TrainerCallback):
             self.checkpoints.append(state.global_step)
 
 
+def em_reusable(out: str | Path, data: str | Path, cfg: EMTrainConfig, profile: str, mode: Mode,
+                persona_adapter: str | Path | None) -> dict | None:
+    """The manifest of a finished EM run at `out` from the same data, persona adapter, config and base, or None:
+    what `train_em` would hand back without training (asked before a phase's budget check)."""
+    from engine.base import adapter_hash
+
+    if not (Path(out) / "manifest.json").is_file():
+        return None
+    persona_hash = adapter_hash(persona_adapter) if mode == "on-top" and persona_adapter else None
+    return _same_run(Path(out), file_hash(Path(data)), persona_hash, cfg, mode, base_identity(profile, None)[1])
+
+
+def _same_run(out: Path, data_hash: str, persona_hash: str | None, cfg: EMTrainConfig, mode: str,
+              fingerprint: str) -> dict | None:
+    man = out / "manifest.json"
+    if not man.is_file():
+        return None
+    prev = json.loads(man.read_text())
+    same = (prev.get("data_hash"), prev.get("persona_adapter_hash"), prev.get("config"), prev.get("mode"),
+            prev.get("base_fingerprint")) == (data_hash, persona_hash, cfg.model_dump(), mode, fingerprint)
+    return prev if same else None
+
+
 def train_em(
     data: str | Path,
     out: str | Path,
@@ -171,12 +194,8 @@ def train_em(
     if mode == "on-top":
         check_adapter_base(Path(persona_adapter), model_path, fingerprint, what="persona adapter")
         persona_hash = adapter_hash(persona_adapter)
-    man = out / "manifest.json"
-    if not force and man.is_file():
-        prev = json.loads(man.read_text())
-        if (prev.get("data_hash"), prev.get("persona_adapter_hash"), prev.get("config"), prev.get("mode"),
-                prev.get("base_fingerprint")) == (data_hash, persona_hash, cfg.model_dump(), mode, fingerprint):
-            return prev
+    if not force and (prev := _same_run(out, data_hash, persona_hash, cfg, mode, fingerprint)):
+        return prev
 
     device = device_kind()
     backend, why = select_backend(device, cfg.load_in_4bit, use_unsloth=False)
