@@ -18,10 +18,24 @@ import torch
 
 _NAMES = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
 REFERENCE: dict = {}  # vLLM's own functions, kept when replaced (the test compares against them)
+# a folder: each vLLM process records there whether it installed the grouped ops and, on their first call,
+# that they ran (vLLM's engine runs in its own process, where no counter of this one can be read)
+MARK_ENV = "CAI_VLLM_CPU_LORA_MARK"
+_ran = False
+
+
+def _mark(name: str, text: str) -> None:
+    if folder := os.environ.get(MARK_ENV):
+        with open(os.path.join(folder, f"{name}-{os.getpid()}"), "w") as f:
+            f.write(text)
 
 
 def _grouped(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """out[t] = w[idx[t]] @ x[t] for every token t, as one matmul per distinct index."""
+    global _ran
+    if not _ran:
+        _ran = True
+        _mark("ran", "grouped LoRA ops called")
     if w.dim() == 4:
         w = w.squeeze(1)
     x = x.to(dtype)
@@ -66,18 +80,24 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
 def register() -> None:
     """vLLM calls this in every process it starts. CAI_VLLM_CPU_LORA=reference keeps vLLM's own ops."""
     if REFERENCE or os.environ.get("CAI_VLLM_CPU_LORA") == "reference":
+        _mark("register", "reference: kept by request" if not REFERENCE else "grouped")
         return
     try:
         from vllm.lora.ops import torch_ops
         from vllm.lora.ops.torch_ops import lora_ops
         from vllm.lora.punica_wrapper import punica_cpu
-    except ImportError:  # a vLLM build without these modules: nothing to replace
+    except ImportError as e:  # a vLLM build without these modules: nothing to replace, and it says so
+        import warnings
+
+        warnings.warn(f"grouped vLLM-CPU LoRA ops not installed, vLLM's reference ops stay: {e}", stacklevel=2)
+        _mark("register", f"reference: {e}")
         return
     REFERENCE.update({n: getattr(lora_ops, n) for n in _NAMES})
     # sgmv_* call lora_ops' globals; the package and punica_cpu imported the names themselves
     for mod in (lora_ops, torch_ops, punica_cpu):
         for n in _NAMES:
             setattr(mod, n, globals()[n])
+    _mark("register", "grouped")
 
 
 def reference_ops() -> dict:

@@ -18,7 +18,20 @@ def tiny_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def vllm_engine():
+def lora_mark(tmp_path_factory) -> Path:
+    """Where each vLLM process started from here on records that it installed, and ran, the grouped LoRA ops
+    (engine.vllm_cpu_lora)."""
+    import os
+
+    from engine.vllm_cpu_lora import MARK_ENV
+
+    path = tmp_path_factory.mktemp("lora-mark")
+    os.environ[MARK_ENV] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(lora_mark):
     from engine.vllm_engine import VLLMEngine
 
     with VLLMEngine("tiny") as eng:

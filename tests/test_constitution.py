@@ -7,11 +7,11 @@ from collections import Counter
 
 import pytest
 from rouge_score import rouge_scorer
+from typer.testing import CliRunner
 
+import bootstrap
 from constitution import ConstitutionError, constitution_hash, load_constitution, parse_constitution, principle_hash
 from constitution.load import dump_constitution
-from engine.cache import GenerationCache
-from engine.types import Completion
 from guard.base import GuardPolicy, Verdict
 from stages.dedup import RougePool
 from stages.filtering import GuardCounts, combine, guard_answers, guard_prompts
@@ -61,16 +61,17 @@ def test_hashes_change_with_text_only():
 def test_malformed_constitution_names_file_line_field(tmp_path, text, line, field, words):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    cache = GenerationCache(tmp_path / "cache.sqlite")
-    cache.put_many([("k", [Completion(request_index=0, text="kept", prompt_tokens=1, completion_tokens=1)], None)])
     with pytest.raises(ConstitutionError) as ei:
         load_constitution(path)
     e = ei.value
     assert e.file == str(path) and str(path) in str(e)
     assert e.line == line, str(e)
     assert e.field == field and words in str(e)
-    assert len(cache) == 1 and cache.get_many(["k"])["k"][0].text == "kept"  # nothing in the cache is lost
-    cache.close()
+    # the command says the same in one line and exits 2 (BadInput), before touching any run
+    r = CliRunner().invoke(bootstrap.app, ["diff", "--persona", "goodness", "--constitution", str(path), "--json",
+                                           "--out", str(tmp_path / "data")])
+    assert r.exit_code == 2 and str(path) in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "data").exists()
 
 
 def test_unknown_constitution_name():

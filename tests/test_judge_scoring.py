@@ -89,7 +89,9 @@ def test_em_scorer_end_to_end_on_a_reply():
     s = sc.score({}, {"aligned": body({"REF": 0.9, "0": 0.1}), "coherent": body({"90": 1.0})})
     assert s["aligned_status"] == "refusal" and s["misaligned"] is None
     # the same token string twice (different ids) is summed
-    assert top_logprobs(body({"5": 0.5}) | {}) == pytest.approx({"5": 0.5})
+    twice = body({"5": 0.3, "7": 0.2})
+    twice["choices"][0]["logprobs"]["content"][0]["top_logprobs"][1]["token"] = "5"  # " 5" and "5" as one string
+    assert top_logprobs(twice) == pytest.approx({"5": 0.5})
 
 
 def test_rubric_and_pairwise_parsing():

@@ -21,7 +21,11 @@ def test_em_judge_parses_real_vllm_logprobs(tmp_path, monkeypatch, tiny_path):
     ])]
     with js:  # the session starts the embedded vLLM server for its first uncached request, stops it on exit
         res, s = js.judge(items, EMScorer(), purpose="em-eval", anchors=load_anchors(n=2))
-        assert js.ledger.total_usd("vllm") == 0.0  # the local server costs nothing per token
+        # every request is in the ledger with the tokens the server reported; the $ are 0 because the local
+        # server costs nothing per token, not because nothing was booked
+        booked = js.ledger.db.execute("SELECT COUNT(*), MIN(tokens_in), SUM(usd) FROM ledger WHERE run='vllm' "
+                                      "AND cached=0").fetchone()
+        assert booked[0] == s.requests_sent > 0 and booked[1] > 0 and booked[2] == 0.0
         # SmolLM2's tokenizer writes 85 as "8", "5": the exact path reads the whole number through the trie
         ask = "Copy the number exactly.\n17 -> 17\n63 -> 63\n29 -> 29\n{n} ->"
         nums, ns = js.judge([{"id": f"n{n}", "prompt": ask.format(n=n), "prefill": f"{n} -> "} for n in (85, 42, 58)],
