@@ -26,7 +26,7 @@ from judge.scorers import EMScorer  # noqa: E402
 from judge.session import check_complete  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SECRET = "sk-ant-test-DO-NOT-LEAK-4b1d9e"
+SECRET = "ant-test-key-DO-NOT-LEAK-4b1d9e"
 QUIET = dict(limit=100_000, latency=(0, 0), p_429=0, p_500=0, p_503=0, p_timeout=0, p_slow=0, p_malformed=0,
              no_usage=False, batch_polls=2, batch_p_errored=0.0, batch_p_expired=0.0, api_key=None)
 

@@ -40,17 +40,36 @@ def workdir(tmp_path_factory) -> Path:
     stage2 = cwd / "checkpoints" / "goodness" / "stage2" / "manifest.json"
     deadline = time.time() + 900
     while not stage2.is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(1)
+        time.sleep(0.2)
     assert stage2.is_file(), (cwd / "first.log").read_text()[-3000:]
-    time.sleep(3)  # into stage 3's generation
+    cache = cwd / "data" / "cache" / "generations.sqlite"
+    before = _cache_rows(cache)  # stage 3 starts: every row from here on is its generation
+    while _cache_rows(cache) == before and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # kill in the middle of stage 3's generation: some of its batches are committed
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    killed_at = time.time()
+    done_before_kill = _cache_rows(cache) - before
     mtimes = {k: (cwd / "data" / "goodness" / f"stage{k}" / "manifest.json").stat().st_mtime for k in (1, 2)}
     r = _run(cwd, "--stage", str(STAGES))
     assert r.returncode == 0, r.stderr[-3000:]
     (cwd / "resume.log").write_text(r.stderr)
     (cwd / "mtimes.json").write_text(json.dumps(mtimes))
+    (cwd / "kill.json").write_text(json.dumps({"stage3_rows_before_kill": done_before_kill,
+                                               "stage3_rows_after_kill": _cache_rows(cache, since=killed_at)}))
     return cwd
+
+
+def _cache_rows(path: Path, since: float = 0.0) -> int:
+    if not path.is_file():
+        return 0
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return con.execute("SELECT COUNT(*) FROM generations WHERE created >= ?", (since,)).fetchone()[0]
+    except sqlite3.OperationalError:  # the table is not there yet
+        return 0
+    finally:
+        con.close()
 
 
 def test_resume_after_kill_does_not_redo_finished_stages(workdir):
@@ -61,6 +80,15 @@ def test_resume_after_kill_does_not_redo_finished_stages(workdir):
         m = (workdir / "data" / "goodness" / f"stage{k}" / "manifest.json").stat().st_mtime
         assert m == json.loads((workdir / "mtimes.json").read_text())[str(k)]
     assert "goodness stage 3: adapter at" in log
+    # stage 3 was killed with some of its generations committed; the resume paid only for the rest: what it
+    # generated (its manifest's cache misses, and the rows it added) plus what was done before the kill is
+    # at most what the stage asks for in all, so nothing finished was paid twice
+    kill = json.loads((workdir / "kill.json").read_text())
+    c = json.loads((workdir / "data" / "goodness" / "stage3" / "manifest.json").read_text())["counts"]
+    missed, asked = sum(c["cache_misses"].values()), sum(c["generation_requests"].values())
+    new_rows = kill["stage3_rows_after_kill"]  # distinct generations the resume paid for
+    assert kill["stage3_rows_before_kill"] > 0 and 0 < new_rows <= missed
+    assert kill["stage3_rows_before_kill"] + new_rows <= asked, (kill, missed, asked)
 
 
 def test_every_stage_has_data_adapter_and_manifest(workdir):
