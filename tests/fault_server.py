@@ -429,9 +429,11 @@ class FaultApp:
                 await asyncio.sleep(f.slow_s / 5)
         else:
             await resp.write(data)
-        await resp.write_eof()
+        # delivered in full: the provider bills it. Counted before the closing chunk, which is what lets the client
+        # finish: counted after it, a test could read the stats before this handler resumes.
         self._status(200)
-        self._bill(content)  # delivered in full: the provider bills it
+        self._bill(content)
+        await resp.write_eof()
         return resp
 
     def _chat_payload(self, body: dict, content: str) -> str:
