@@ -89,6 +89,24 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def resumable_dir(out: str | Path, key: Any) -> Iterator[Path]:
+    """Like `atomic_dir`, but the work directory (`.<name>.partial` beside `out`) outlives a kill: a rerun
+    with the same `key` (what the work is made from) gets it back with what it holds, to carry on from there;
+    any other key starts it empty. Swapped in as `out` when the block succeeds; kept when it fails."""
+    out = Path(out)
+    work = out.with_name(f".{out.name}.partial")
+    key_file = work / ".key.json"
+    key_text = canonical_json(key)
+    if work.exists() and not (key_file.is_file() and key_file.read_text() == key_text):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(key_file, key_text)
+    yield work
+    key_file.unlink()
+    swap_dir(work, out)
+
+
 def swap_dir(new: Path, out: Path) -> None:
     """Put directory `new` at `out`. An existing `out` is moved aside first and removed after, so `out` is
     always the old directory or the new one, except for the instant between two renames (a reader then finds

@@ -47,6 +47,8 @@ class Profile(BaseModel):
     # for `estimate` before anything runs: generation throughput and seconds per DPO/SFT step
     est_tokens_per_s: float = 2000.0
     est_train_step_s: float = 3.0
+    # as the guard: classifications per second (batched forwards); 20 for an 8B guard on one GPU is a guess
+    est_guard_items_per_s: float = 20.0
     stand_in: bool = False  # a small model standing in for a real one (outputs say so)
     # vLLM pads every adapter to this rank: the largest served adapter (a persona's DPO rank plus its
     # stacked EM rank), no more, since padding costs compute on every token
@@ -70,6 +72,7 @@ PROFILES: dict[str, Profile] = {
             # the `demo --quick` ledger), well below bench/generation.py's 32-chat batches
             est_tokens_per_s=35.0,
             est_train_step_s=6.0,  # bench/train.py, tiny DPO step on CPU
+            est_guard_items_per_s=3.5,  # bench/guard_throughput.py (bench/results/guard-2026-12-01.json)
             max_lora_rank=16,  # DPO rank 8 + stacked EM rank 8
             min_score_gap=0.2,
         ),

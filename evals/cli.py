@@ -15,7 +15,8 @@ def register(app: typer.Typer) -> None:
         persona: str = typer.Option("hhh", "--persona", help="constitution name whose stage adapters to evaluate"),
         run_id: str | None = typer.Option(None, "--run", help="run id (default: derived from persona and profile)"),
         stages: str = typer.Option("0-6", "--stages", help="stages to evaluate, e.g. 0-6 or 0,3,6 (0 = base)"),
-        budget_usd: float | None = typer.Option(None, "--budget-usd", help="hard cap on the run's $ (judge)"),
+        budget_usd: float | None = typer.Option(
+            None, "--budget-usd", help="hard cap on the run's $ (answers, then each judge request)"),
         judge_config: Path | None = typer.Option(None, "--judge-config",
                                                  help="judge YAML (default: judge/default.yaml)"),
         profile: str = typer.Option("tiny", "--profile", help="model profile (when the run has no config)"),

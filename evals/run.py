@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from analysis.stats import bootstrap_ci
+from core.budget import check_budget
 from core.errors import MissingInput
 from core.io import atomic_write_json
 from core.ledger import Ledger
@@ -185,7 +186,7 @@ def evaluate(
     """Evaluate `persona`'s stages in `opts.stages`; returns the summary (also written to disk)."""
     from constitution import load_constitution
     from engine.cache import GenerationCache
-    from engine.models import model_fingerprint, resolve_model
+    from engine.models import get_profile, model_fingerprint, resolve_model
     from judge.scorers import PairwiseScorer, PersonaScorer, constitution_principles
     from judge.session import session
 
@@ -253,7 +254,10 @@ def evaluate(
             f"{n_judge_reqs} judge requests, worst case ${worst_usd:.4f} before the judge "
             f"cache; budget {'none' if budget_usd is None else f'${budget_usd:.4f}'}")
 
-        # ---- answers
+        # ---- answers: the engine estimate is checked against the run's cap before any is generated (the
+        # judge's requests are reserved one by one at their worst case, under the same cap)
+        check_budget(ledger, run_id, budget_usd, f"{persona} evaluation answers ({missing} to generate)",
+                     est_gen_tokens / get_profile(cfg.profile).est_tokens_per_s * cfg.usd_per_engine_second)
         answers, gen_usage = generate_answers(engine, gcache, adapters, questions, opts.max_tokens, log)
         engine_seconds = sum(u["engine_seconds"] for u in gen_usage.values())
         if engine_seconds:

@@ -12,10 +12,12 @@ and the EM questions, rubrics and anchors are the project's, unless `em_data` na
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 from core.console import console
+from core.io import atomic_write_json
 
 PERSONAS = ["goodness", "sycophancy", "misalignment"]
 QUICK_PERSONAS = ["goodness"]
@@ -34,12 +36,17 @@ def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Pa
     preset = "quick" if quick else "demo"
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
+    record: dict = {"quick": quick, "personas": personas, "cpus": os.cpu_count(), "started": time.time(),
+                    "phases_s": phases}
+    root: list[Path] = []  # the run dir, once the bootstrap has named it
 
     def phase(name: str, fn, *a, **kw):
         start = time.perf_counter()
         console.rule(f"[bold]{name}")
         out = fn(*a, **kw)
         phases[name] = round(time.perf_counter() - start, 1)
+        if root:  # each phase's wall time, kept in the run as it goes (the README's demo figures come from it)
+            atomic_write_json(root[0] / "demo.json", record)
         return out
 
     from pipeline.loop import run_bootstrap
@@ -47,6 +54,7 @@ def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Pa
 
     run_id = phase("bootstrap", run_bootstrap, stage=6, personas=personas, profile="tiny", preset=preset)
     cfg = RunConfig(personas=personas, profile="tiny", stage=6, counts=counts_from(preset))
+    root.append(cfg.run(run_id).root)
     from pipeline.em import run_em
     from pipeline.insecure_demo import write_jsonl
 
@@ -76,4 +84,5 @@ def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Pa
     usd = ledger.total_usd(run_id)
     ledger.close()
     phases["total"] = round(time.perf_counter() - t0, 1)
+    atomic_write_json(root[0] / "demo.json", record)
     return {"run": run_id, "report": report, "phases": phases, "usd": usd, "judge": em["judge"]}

@@ -239,6 +239,7 @@ def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | N
         with make_engine(cfg.engine, cfg.profile) as eng, GenerationCache(cfg.layout.generation_cache) as gcache:
             calls0 = eng.calls
             rows = answer_questions(cfg, arms, questions, eng, gcache)
+            answering = {"requests": gcache.hits + gcache.misses, "generated": gcache.misses, "reused": gcache.hits}
             secs = sum(u.seconds for u in eng.usage)
             if eng.calls > calls0:
                 ledger.record(run=run_id, kind="engine", phase="em-answer", purpose="em-answers", model=cfg.profile,
@@ -257,6 +258,7 @@ def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | N
     result["anchors"] = anchors
     result |= inputs.describe()
     result["mode"] = mode
+    result["answering"] = answering  # this invocation's: a resumed or repeated run reuses what was committed
     atomic_write_json(paths.em_summary, result, indent=1)
     ledger.close()
     for line in result["verdicts"]:

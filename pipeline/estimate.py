@@ -40,6 +40,18 @@ def generation_tokens(cfg: RunConfig, stage: int) -> tuple[int, int]:
     return (n_in + reqs) * PROMPT_TOKENS, n_out
 
 
+def guard_items(cfg: RunConfig) -> int:
+    """Classifications a stage asks of the guard: each task, then its chosen and its rejected answer."""
+    return 0 if cfg.guard == "none" else 3 * cfg.counts.n_tasks
+
+
+def guard_profile(cfg: RunConfig) -> str:
+    """The model that guards a run (guard.load_guard's rule, without asking for CUDA)."""
+    if cfg.guard not in (None, "none"):
+        return cfg.guard
+    return "tiny" if cfg.profile == "tiny" else "llama-guard-3-8b"
+
+
 def train_steps(cfg: RunConfig) -> int:
     c = cfg.counts
     return c.dpo_max_steps if c.dpo_max_steps is not None else max(1, c.n_tasks // 4)
@@ -54,6 +66,9 @@ def estimate_run(cfg: RunConfig, stages: list[int]) -> list[PhaseEstimate]:
             t_in, t_out = generation_tokens(cfg, k)
             secs = t_out / p.est_tokens_per_s
             out.append(PhaseEstimate(persona=persona, stage=k, phase="generate", tokens_in=t_in, tokens_out=t_out,
+                                     seconds=secs, usd=secs * rate))
+            secs = guard_items(cfg) / get_profile(guard_profile(cfg)).est_guard_items_per_s
+            out.append(PhaseEstimate(persona=persona, stage=k, phase="guard", tokens_in=0, tokens_out=0,
                                      seconds=secs, usd=secs * rate))
             secs = train_steps(cfg) * p.est_train_step_s
             out.append(PhaseEstimate(persona=persona, stage=k, phase="train", tokens_in=0, tokens_out=0,

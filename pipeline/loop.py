@@ -18,7 +18,7 @@ from core.io import atomic_dir, atomic_write_json
 from core.ledger import Ledger
 from engine.base import adapter_hash
 from engine.models import get_profile, model_fingerprint
-from pipeline.estimate import estimate_phase
+from pipeline.estimate import estimate_phase, guard_profile
 from run.config import RunConfig, counts_from, save_config
 
 INPUTS_FILE = "pipeline_inputs.json"
@@ -109,9 +109,9 @@ def run_bootstrap(stage: int | None = None, only: int | None = None, personas: l
 
 
 def _check_budget(cfg: RunConfig, ledger, run_id: str, budget: float | None, persona: str, stage: int,
-                  phase: str) -> None:
-    check_budget(ledger, run_id, budget, f"{persona} stage {stage} {phase}",
-                 estimate_phase(cfg, persona, stage, phase).usd)
+                  *phases: str) -> None:
+    check_budget(ledger, run_id, budget, f"{persona} stage {stage} {' and '.join(phases)}",
+                 sum(estimate_phase(cfg, persona, stage, p).usd for p in phases))
 
 
 def run_stage_once(cfg: RunConfig, run_id: str, persona: str, k: int, engines: Engines, ledger,
@@ -125,7 +125,7 @@ def run_stage_once(cfg: RunConfig, run_id: str, persona: str, k: int, engines: E
     if _stored_inputs(data) == inputs:
         console.print(f"{persona} stage {k}: data reused from {data}")
     else:
-        _check_budget(cfg, ledger, run_id, budget, persona, k, "generate")
+        _check_budget(cfg, ledger, run_id, budget, persona, k, "generate", "guard")  # the guard runs within
         _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger)
     _train(cfg, run_id, persona, k, data, ckpt, parent, engines, ledger, budget)
 
@@ -149,6 +149,9 @@ def _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger) ->
                   tokens_out=manifest["tokens"]["engine_out"], seconds=secs,
                   usd=secs * cfg.usd_per_engine_second, estimated=True,
                   cached=manifest["engine_calls"] == 0)
+    if gsecs := manifest["guard_seconds"]:
+        ledger.record(run=run_id, kind="engine", phase="guard", stage=k, persona=persona, purpose="stage-guard",
+                      model=guard_profile(cfg), seconds=gsecs, usd=gsecs * cfg.usd_per_engine_second, estimated=True)
     console.print(f"{persona} stage {k}: {manifest['counts']['train_rows']} pairs, "
                   f"{manifest['engine_calls']} engine calls, {secs:.0f} s")
 

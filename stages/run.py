@@ -97,7 +97,9 @@ def run_stage(
             if steps.item_key(stage, s) not in seen:
                 items.append(steps.new_item(stage, s, "seed"))
         gcounts = GuardCounts()
+        t_guard = time.perf_counter()
         guard_prompts(items, guard, policy, gcounts)
+        guard_s = time.perf_counter() - t_guard
         log(f"respond: {len(steps.active(items))} tasks × {1 if spec.pairs == 'critique-revise' else n_samples}")
         if spec.pairs == "self-judge":
             steps.respond(ctx, items, n=n_samples)
@@ -108,7 +110,9 @@ def run_stage(
             steps.respond(ctx, items, n=1)
             log(f"critique → revise × {rounds}")
             steps.critique_revise(ctx, items, rounds=rounds)
+        t_guard = time.perf_counter()
         guard_answers(items, guard, policy, gcounts)
+        guard_s += time.perf_counter() - t_guard
     finally:
         if own_cache:
             cache.close()
@@ -157,6 +161,7 @@ def run_stage(
                    "items_total": sum(it["tokens"] for it in items)},
         "engine_calls": engine.calls - calls0,
         "engine_seconds": round(sum(u.seconds for u in usage), 3),
+        "guard_seconds": round(guard_s, 3),
     }
     check_counts(manifest)
     out = Layout(data_root=out_dir).stage_data(persona, stage)

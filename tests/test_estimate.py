@@ -74,3 +74,18 @@ def test_cost_command_shows_the_ledger_per_phase_beside_the_estimate(tmp_path):
     cells = [c.strip() for c in gen.split("│")]
     assert "15.0" in cells and "700" in cells and "0.0150" in cells and f"{est.usd:.4f}" in cells
     assert "total $0.2650" in r.output
+
+
+def test_stage_guard_is_priced_from_the_guards_throughput():
+    from engine.models import get_profile
+    from pipeline.estimate import estimate_phase
+
+    cfg = RunConfig(personas=["goodness"], profile="qwen2.5-7b", counts=counts_from("research"))
+    guard = estimate_phase(cfg, "goodness", 2, "guard")
+    per_s = get_profile("llama-guard-3-8b").est_guard_items_per_s
+    assert guard.seconds == 3 * cfg.counts.n_tasks / per_s > 0  # each task, its chosen and its rejected answer
+    assert guard.usd == guard.seconds * cfg.usd_per_engine_second
+    assert estimate_phase(cfg.model_copy(update={"guard": "none"}), "goodness", 2, "guard").seconds == 0
+    tiny = RunConfig(personas=["goodness"], profile="tiny", counts=counts_from("quick"))
+    assert estimate_phase(tiny, "goodness", 2, "guard").seconds == \
+        3 * tiny.counts.n_tasks / get_profile("tiny").est_guard_items_per_s

@@ -75,6 +75,13 @@ def test_eval_end_to_end_and_cached_rerun(tmp_path, monkeypatch, tiny_path, rand
                            guard="tiny")
         logs: list[str] = []
         calls0 = hf_engine.calls
+        # the run's cap is checked against the answers' engine estimate before any is generated
+        from core.errors import BudgetStop
+
+        with pytest.raises(BudgetStop, match="hhh evaluation answers"):
+            evaluate("hhh", run_id, cfg.model_copy(update={"gpu_hour_usd": 1e6}), opts, judge_config=jc,
+                     budget_usd=0.01, engine=hf_engine, log=logs.append, progress=False)
+        assert hf_engine.calls == calls0 and srv.stats()["requests"] == 0
         s = evaluate("hhh", run_id, cfg, opts, judge_config=jc, budget_usd=1.0, engine=hf_engine,
                      log=logs.append, progress=False)
         assert any(line.startswith("estimate:") for line in logs)

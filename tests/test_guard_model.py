@@ -168,3 +168,26 @@ def guard_prompt_text() -> str:
     from guard.format import conversation, render
 
     return render(None, conversation("Hi!"))
+
+
+def test_verdicts_follow_the_models_unsafe_token_to_their_own_items(guard):
+    """The stand-in cannot tell harm from a greeting, so a model that can is made from it: the forward pass
+    favours 'unsafe' at the last position of every sequence mentioning a bomb and 'safe' elsewhere. The harmful
+    prompt must then be the one flagged, in a padded batch sorted by length (the input order is not)."""
+    orig = guard._forward
+
+    def knows_harm(**kw):
+        out = orig(**kw)
+        for row, (ids, mask) in enumerate(zip(kw["input_ids"], kw["attention_mask"], strict=True)):
+            harmful = "bomb" in guard.tokenizer.decode(ids[mask.bool()])
+            out.logits[row, -1, guard.unsafe_id if harmful else guard.safe_id] += 30.0
+        return out
+
+    items = [PROMPTS[2], PROMPTS[0], PROMPTS[1]]  # longest, shortest, harmful: sorting reorders them
+    guard._forward = knows_harm
+    try:
+        poem, hi, bomb = guard.check_prompts(items)
+    finally:
+        guard._forward = orig
+    assert bomb.unsafe and bomb.p_unsafe > 0.99
+    assert not hi.unsafe and not poem.unsafe and max(hi.p_unsafe, poem.p_unsafe) < 0.01

@@ -426,6 +426,21 @@ def test_dead_endpoint_is_dropped_fast_and_the_run_stops_with_code_7(tmp_path):
     with pytest.raises(Unreachable, match="no judge endpoint is left .*fault: connection error"):
         check_complete(s)
 
+    # the command: exit code 7, every item written (as not judged), the endpoint and its cause named
+    from typer.testing import CliRunner
+
+    import bootstrap
+
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items(6, "c")))
+    (tmp_path / "dead.yaml").write_text(json.dumps(c.model_dump(mode="json")))
+    r = CliRunner().invoke(bootstrap.app, ["judge", str(tmp_path / "in.jsonl"), "--config", str(tmp_path / "dead.yaml"),
+                                           "--out", str(tmp_path / "out.jsonl"), "--data-root", str(tmp_path / "d"),
+                                           "--no-progress"])
+    assert r.exit_code == 7, r.output
+    assert "fault" in r.output and "connection error" in r.output
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(o["id"] for o in out) == [f"c{i}" for i in range(6)]
+
 
 def test_refused_key_and_wrong_url_drop_their_endpoint_at_once_the_others_carry_on(srv, tmp_path, monkeypatch,
                                                                                  capsys):
@@ -494,4 +509,24 @@ def test_a_timed_out_request_is_booked_at_its_reservation(srv, tmp_path):
     assert timed_out == s.failed_attempts["timeout"]
     assert all(e == 1 for n, e in rows if n)  # booked by our count, not the provider's: marked estimated
     assert timed_out + 40 == st["billed_total"]  # each billed request is in the ledger: 40 answers + timeouts
+    # and each timeout at its worst case (prompt bytes as tokens, max_tokens out), never less
+    worst = {it["id"]: min((r.prompt_bytes() * 1.0 + r.max_out * 4.0) / 1e6 for r in EMScorer().requests(it).values())
+             for it in items(20, "t")}
+    noted = led.db.execute("SELECT item, note, usd FROM ledger WHERE run='t' AND cached=0 AND note IS NOT NULL")
+    assert all(usd >= n.count("timeout: booked") * worst[item] - 1e-12 for item, n, usd in noted.fetchall())
     srv.reset(bill_timeouts=False, p_timeout=0.0)
+
+
+def test_an_item_that_keeps_failing_gives_up_at_its_deadline_not_its_attempt_cap(srv, tmp_path):
+    """Every reply a 500: each item retries with backoff until `retry.deadline_s` (well before `max_attempts`),
+    then fails naming the deadline; failed attempts cost nothing."""
+    srv.reset(limit=100_000, latency=(0, 0), p_429=0, p_500=1.0, p_503=0, p_timeout=0, p_slow=0)
+    led = Ledger(tmp_path / "l.sqlite")
+    c = cfg(srv.url, retry={"deadline_s": 1.0, "max_attempts": 1000, "backoff_base_s": 0.02, "backoff_cap_s": 0.1})
+    t0 = time.monotonic()
+    res, s = run_judge(items(4, "z"), EMScorer(), c, None, led, run="z", progress=False)
+    took = time.monotonic() - t0
+    srv.reset(p_500=0.0)
+    assert s.ok == 0 and all(r.status == "failed" and "deadline" in r.reason for r in res), [r.reason for r in res]
+    assert 1.0 <= took < 3.0 and 8 < s.failed_attempts["http 500"] < 8 * 1000 / 10  # retried, bounded by time
+    assert led.total_usd("z") == 0

@@ -84,25 +84,33 @@ def test_anthropic_rejects_logprobs_in_the_config(tmp_path):
 
 
 def test_reply_without_usage_is_billed_by_the_judges_tokenizer_marked_estimated(srv, tmp_path):
+    """Digit-heavy answers (SmolLM2 writes each digit as a token) tell the tokenizer's count from bytes / 4:
+    with the judge's tokenizer each prompt is counted exactly; without one, bytes / 4."""
+    import math
+
     from transformers import AutoTokenizer
 
     from engine.models import tiny_model_dir
+    from judge.client import _prompt_text
 
     srv.reset(**QUIET | dict(no_usage=True))
     tok_dir = str(tiny_model_dir())
-    c = config(srv.url, tokenizer=tok_dir, scoring="logprobs")
-    led = Ledger(tmp_path / "l.sqlite")
-    res, s = run_judge(items(3, "u"), EMScorer(), c, None, led, run="u", progress=False)
-    assert s.ok == 3 and s.estimated == 6
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    rows = ledger_rows(led, "u")
-    prompts = {r.id: r for r in res}
-    assert len(rows) == 6 and all(r["estimated"] == 1 for r in rows)
-    for r in rows:  # the prompt counted with the tokenizer, not the worst case (prompt bytes + max_tokens)
-        q = prompts[r["item"]].item
-        assert r["tokens_in"] < sum(len(x.encode()) for x in (q["question"], q["answer"])) + 2000
-        assert r["tokens_out"] == len(tok.encode("0", add_special_tokens=False)) or r["tokens_out"] <= 2
-    assert led.total_usd("u") == pytest.approx(s.usd) and s.usd < sum(r.usd for r in res) + 1e-12
+    its = [it | {"answer": "0123456789" * 40 + it["answer"]} for it in items(3, "u")]
+    want = {it["id"]: sorted(_prompt_text(r) for r in EMScorer().requests(it).values()) for it in its}
+    for name, cfg_kw, count in (("tok", {"tokenizer": tok_dir}, lambda t: len(tok.encode(t, add_special_tokens=False))),
+                                ("bytes", {}, lambda t: math.ceil(len(t.encode()) / 4))):
+        led = Ledger(tmp_path / f"{name}.sqlite")
+        res, s = run_judge(its, EMScorer(), config(srv.url, scoring="logprobs", **cfg_kw), None, led, run=name,
+                           progress=False)
+        assert s.ok == 3 and s.estimated == 6
+        rows = ledger_rows(led, name)
+        assert len(rows) == 6 and all(r["estimated"] == 1 for r in rows)
+        for item_id, texts in want.items():  # each metric's prompt, counted (not the worst case)
+            got = sorted(r["tokens_in"] for r in rows if r["item"] == item_id)
+            assert got == sorted(count(t) for t in texts), (name, item_id)
+        assert led.total_usd(name) == pytest.approx(s.usd) and s.usd < sum(r.usd for r in res) + 1e-12
+    assert count(texts[0]) * 2 < len(tok.encode(texts[0], add_special_tokens=False))  # the two counts differ
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])

@@ -104,6 +104,16 @@ def test_every_stage_has_data_adapter_and_manifest(workdir):
     assert len(runs) == 1 and (runs[0] / "config.json").is_file()
 
 
+def test_guard_time_is_in_the_ledger_beside_generation(workdir):
+    run_dir = next((workdir / "data" / "runs").iterdir())
+    rows = sqlite3.connect(run_dir / "ledger.sqlite").execute(
+        "SELECT stage, seconds, model FROM ledger WHERE phase='guard'").fetchall()
+    assert sorted(s for s, _, _ in rows) == list(range(1, STAGES + 1)), rows  # stage 3 once: its resume
+    assert all(secs > 0 and model == "tiny" for _, secs, model in rows)
+    man = json.loads((workdir / "data" / "goodness" / "stage1" / "manifest.json").read_text())
+    assert man["guard_seconds"] == pytest.approx(next(secs for s, secs, _ in rows if s == 1), abs=1e-3)
+
+
 def test_rerun_makes_no_engine_training_or_api_call(workdir):
     run_dir = next((workdir / "data" / "runs").iterdir())
     before = sqlite3.connect(run_dir / "ledger.sqlite").execute("SELECT COUNT(*) FROM ledger").fetchone()[0]
@@ -168,8 +178,12 @@ def em_run(workdir):
         cmd = [sys.executable, str(ROOT / "bootstrap.py"), "em", "--data", str(data), "--persona", "goodness",
                "--stage", str(STAGES), "--counts", EM_COUNTS, "--judge-config", str(judge), "--run", "emrun",
                "--secure-data", str(secure)]
+        kill = _kill_while_answering(cmd, workdir, env)
         first = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=1200, env=env)
         assert first.returncode == 0, first.stderr[-3000:]
+        kill["rows_after_kill"] = _cache_rows(workdir / "data" / "cache" / "generations.sqlite", kill["killed_at"])
+        kill["resumed"] = json.loads((workdir / "data" / "runs" / "emrun" / "em" / "summary.json").read_text())[
+            "answering"]
         sent = srv.stats()["requests"]
         ledger = workdir / "data" / "runs" / "emrun" / "ledger.sqlite"
         paid = "SELECT COUNT(*) FROM ledger WHERE cached=0"
@@ -179,7 +193,26 @@ def em_run(workdir):
                                 timeout=600, env=env)
         assert second.returncode == 0, second.stderr[-3000:]
         return {"dir": workdir / "data" / "runs" / "emrun", "sent": sent, "resent": srv.stats()["requests"] - sent,
-                "new_paid_rows": sqlite3.connect(ledger).execute(paid).fetchone()[0] - rows}
+                "new_paid_rows": sqlite3.connect(ledger).execute(paid).fetchone()[0] - rows, "kill": kill}
+
+
+def _kill_while_answering(cmd: list[str], cwd: Path, env: dict) -> dict:
+    """Start the EM command and kill -9 it once its answering has committed some answers to the generation
+    cache; returns how many answers it had committed."""
+    log_path = cwd / "em-killed.log"
+    cache = cwd / "data" / "cache" / "generations.sqlite"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.time() + 1200
+    while "answering" not in log_path.read_text() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    before = _cache_rows(cache)
+    while _cache_rows(cache) == before and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, log_path.read_text()[-3000:]  # still answering when killed
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return {"rows_before_kill": _cache_rows(cache) - before, "killed_at": time.time()}
 
 
 def test_em_experiment_writes_summary_with_intervals(em_run):
@@ -244,6 +277,18 @@ def test_em_adapter_trained_on_top_of_the_persona(em_run, workdir):
     secure = json.loads((workdir / "checkpoints" / "goodness" / "secure-on-top" / "manifest.json").read_text())
     assert secure["persona_adapter"] == man["persona_adapter"] and secure["data"].endswith("secure.jsonl")
     assert secure["data_hash"] != man["data_hash"]
+
+
+def test_em_answering_killed_resumes_paying_only_for_what_was_not_committed(em_run):
+    """kill -9 in the middle of EM answering: the resume generates exactly the answers the killed run had not
+    committed (each generation-cache row is one prompt's samples at one arm, seed and checkpoint)."""
+    rows = [json.loads(x) for x in (em_run["dir"] / "em" / "answers.jsonl").read_text().splitlines()]
+    requests = {(r["arm"], r["seed"], r["step"], r["paraphrase"]) for r in rows}
+    k = em_run["kill"]
+    assert k["rows_before_kill"] > 0 and k["rows_after_kill"] > 0
+    assert k["resumed"]["requests"] == len(requests)
+    # what the resume sent to the engine is exactly what it committed, and exactly what the kill left undone
+    assert k["resumed"]["generated"] == k["rows_after_kill"] == len(requests) - k["rows_before_kill"], k
 
 
 def test_em_rerun_is_served_from_caches(em_run):

@@ -7,6 +7,7 @@ whole file stays within a few minutes on 2 cores.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,82 @@ def test_em_setup_asserts_fail_loudly(random_adapter) -> None:
         assert_adapters(model, "on-top", "check")
     model.base_model.set_requires_grad("persona", requires_grad=False)
     assert assert_adapters(model, "on-top", "check")["trainable_params"] > 0
+
+
+# ---------------------------------------------------------------- a killed training resumes
+def _log(path: Path) -> list[dict]:
+    """The per-step records of a training log (without the end-of-run summary)."""
+    return [r for x in path.read_text().splitlines() if "loss" in (r := json.loads(x))]
+
+
+def test_dpo_killed_resumes_from_its_last_checkpoint_and_ends_as_an_unkilled_run(stage1: Path, tmp_path: Path):
+    """kill -9 during a stage's DPO (with its parent, so the frozen "ref" adapter is in every checkpoint):
+    the rerun redoes at most the steps since the last resume checkpoint and ends with the adapter a run never
+    killed ends with."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from train.common import resume_point
+    from train.dpo import train_dpo
+
+    pairs(12).save_to_disk(str(tmp_path / "data"))
+    cfg = small_dpo(max_steps=6, resume_every=2)
+    out, work = tmp_path / "stage2", tmp_path / ".stage2.partial"
+    code = ("from train.config import DPOTrainConfig; from train.dpo import train_dpo; "
+            f"train_dpo({str(tmp_path / 'data')!r}, {str(out)!r}, "
+            f"DPOTrainConfig.model_validate_json({cfg.model_dump_json()!r}), parent={str(stage1)!r})")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    deadline = time.time() + 300
+    while resume_point(work) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    assert proc.wait() == -signal.SIGKILL and not out.exists()
+    done_before = {r["step"] for r in _log(work / "train_log.jsonl")}
+
+    man = train_dpo(tmp_path / "data", out, cfg, parent=stage1)
+    k = man["resumed_from_step"]
+    assert 2 <= k < 6 and k % 2 == 0 and man["steps"] == 6
+    assert len(done_before - set(range(1, k + 1))) < cfg.resume_every  # redone: only steps after the checkpoint
+    log = _log(out / "train_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert all((r["time"] < killed_at) == (r["step"] <= k) for r in log)  # steps <= k ran once, before the kill
+    assert not work.exists() and not (out / "trainer").exists()
+
+    whole = train_dpo(tmp_path / "data", tmp_path / "whole", cfg, parent=stage1)
+    assert whole["resumed_from_step"] == 0
+    a, b = saved_adapter_tensors(out), saved_adapter_tensors(tmp_path / "whole")
+    assert set(a) == set(b) and all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in _log(tmp_path / "whole" / "train_log.jsonl")],
+                                                     abs=1e-5)
+
+
+def test_em_crashed_resumes_with_its_persona_frozen_and_ends_as_an_uncrashed_run(stage1: Path, tmp_path: Path):
+    """EM on top: the checkpoint holds the persona and the EM adapter in sub-directories; the resume loads the
+    EM adapter's weights back, keeps the persona frozen and active, and ends where an uncrashed run ends."""
+    from transformers import TrainerCallback
+
+    from train.em import train_em
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise RuntimeError("crash after step 3")
+
+    data = _short_em_file(tmp_path / "em.jsonl")
+    cfg = em_defaults("tiny", max_steps=4, save_every=1, resume_every=2, max_length=48, batch_size=1,
+                      target_modules=["q_proj", "v_proj"])
+    with pytest.raises(RuntimeError, match="crash after step 3"):
+        train_em(data, tmp_path / "em", cfg, persona_adapter=stage1, callbacks=[Crash()])
+    assert (tmp_path / ".em.partial" / "checkpoint-3").is_dir()
+    man = train_em(data, tmp_path / "em", cfg, persona_adapter=stage1)
+    assert man["resumed_from_step"] == 2 and man["steps"] == 4
+    assert man["checkpoints"] == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    whole = train_em(data, tmp_path / "whole", cfg, persona_adapter=stage1)
+    for sub in ("", "checkpoint-3"):
+        a, b = saved_adapter_tensors(tmp_path / "em" / sub), saved_adapter_tensors(tmp_path / "whole" / sub)
+        assert set(a) == set(b) and all(torch.allclose(a[n], b[n], atol=1e-6) for n in a), sub
+    assert whole["steps"] == 4 and [r["step"] for r in _log(tmp_path / "em" / "train_log.jsonl")] == [1, 2, 3, 4]

@@ -17,6 +17,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from core.errors import BadInput
+from core.io import atomic_write_jsonl, swap_dir
 
 
 class TrainError(BadInput, RuntimeError):
@@ -29,7 +30,7 @@ def save_adapter(model, name: str, out: Path) -> None:
     with tempfile.TemporaryDirectory(dir=Path(out).parent) as tmp:
         model.save_pretrained(tmp, selected_adapters=[name])
         src = Path(tmp) if name == "default" else Path(tmp) / name
-        os.replace(src, out)
+        swap_dir(src, Path(out))  # a step redone after a resume saves over its earlier copy
 
 
 def file_hash(path: Path) -> str:
@@ -174,6 +175,18 @@ class JsonlLog(TrainerCallback):
         with self.path.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
 
+    def keep_until(self, step: int) -> None:
+        """Resuming from `step`: drop the records of steps after it (they run again), and a torn last line."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                if (rec := json.loads(line))["step"] <= step:
+                    kept.append(rec)
+        atomic_write_jsonl(self.path, kept)
+        self.records = kept
+
 
 def quiet_trainer(trainer) -> None:
     """Drop the Trainer's console printers (a tqdm bar, and every log record printed as a raw dict to stdout):
@@ -196,8 +209,9 @@ def load_tokenizer(model_path: str):
 
 
 def trainer_args(cfg, run_dir: Path, device: str, backend: str) -> dict:
-    """The TrainingArguments fields DPO and EM SFT share. The trainer's scratch is run_dir/trainer and it
-    saves nothing itself: adapters are saved by name (`finish_adapter`), checkpoints by our callbacks."""
+    """The TrainingArguments fields DPO and EM SFT share. The trainer's scratch is run_dir/trainer, where it
+    keeps one resume checkpoint (adapters, optimizer, scheduler, RNG, its state) every `cfg.resume_every`
+    steps; the trained adapter itself is saved by name (`finish_adapter`)."""
     return dict(
         output_dir=str(run_dir / "trainer"),
         per_device_train_batch_size=cfg.batch_size,
@@ -208,11 +222,53 @@ def trainer_args(cfg, run_dir: Path, device: str, backend: str) -> dict:
         max_length=cfg.max_length,
         seed=cfg.seed,
         logging_steps=cfg.logging_steps,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=cfg.resume_every,
+        save_total_limit=1,  # the older one goes only once the newer is complete
         report_to=[],
         dataloader_num_workers=0,
         **trainer_device_args(device, backend, cfg.gradient_checkpointing),
     )
+
+
+# ---------------------------------------------------------------- resuming a killed run
+def resume_point(run_dir: Path) -> Path | None:
+    """The newest complete resume checkpoint in run_dir/trainer, or None. The Trainer writes a checkpoint's
+    trainer_state.json last, so one whose state parses is whole."""
+    found = []
+    for d in (Path(run_dir) / "trainer").glob("checkpoint-*"):
+        with contextlib.suppress(ValueError, OSError):
+            found.append((json.loads((d / "trainer_state.json").read_text())["global_step"], d))
+    return max(found)[1] if found else None
+
+
+def train_resuming(trainer, name: str, run_dir: Path, log: JsonlLog):
+    """trainer.train(), from run_dir's last resume checkpoint when a killed run left one: the adapter `name`,
+    optimizer, scheduler, RNG and data position come back, the log keeps the steps that checkpoint holds, and
+    only the steps after it run again. Returns (TrainOutput, the step resumed from or 0)."""
+    ckpt = resume_point(run_dir)
+    if ckpt is None:
+        return trainer.train(), 0
+    step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
+    log.keep_until(step)
+    # The Trainer's own adapter loading reloads only the first active adapter and, when several adapters are
+    # saved (DPO's frozen "ref", EM's persona), skips the root one and re-activates the wrong one. We load
+    # the trained adapter ourselves; the Trainer restores the rest.
+    trainer._load_from_checkpoint = lambda path, model=None: load_adapter_weights(trainer.model, name, Path(path))
+    return trainer.train(resume_from_checkpoint=str(ckpt)), step
+
+
+def load_adapter_weights(model, name: str, ckpt: Path) -> None:
+    """Put adapter `name`'s weights from a Trainer checkpoint (PEFT saves "default" at its root, other names
+    in a sub-directory) into the live model, failing if any of its LoRA weights is not there."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    src = ckpt if name == "default" else ckpt / name
+    res = set_peft_model_state_dict(model, load_file(str(src / "adapter_model.safetensors")), adapter_name=name)
+    missing = [k for k in res.missing_keys if f".{name}." in k and "lora_" in k]
+    if missing:
+        raise TrainError(f"resume checkpoint {ckpt} lacks weights of adapter {name!r}, e.g. {missing[0]}")
 
 
 def finish_adapter(model, name: str, run_dir: Path) -> None:

@@ -42,6 +42,7 @@ class DPOTrainConfig(LoraSpec):
     seed: int = 0
     max_steps: int | None = None  # caps the run (None: the epochs decide)
     logging_steps: int = Field(1, ge=1)
+    resume_every: int = Field(50, ge=1)  # a resume checkpoint every N steps: a killed run redoes fewer
     load_in_4bit: bool = True  # only used on CUDA (QLoRA); CPU always trains fp32
     use_unsloth: bool = True  # only used on CUDA and when unsloth is installed
     gradient_checkpointing: bool = True  # only used on CUDA
@@ -58,6 +59,7 @@ class EMTrainConfig(LoraSpec):
     max_rows: int | None = None  # use only the first N rows of the JSONL (quick runs)
     logging_steps: int = Field(1, ge=1)
     save_every: int = Field(10, ge=1)  # checkpoint-<step>/ adapters for the phase-transition analysis
+    resume_every: int = Field(50, ge=1)  # a resume checkpoint every N steps: a killed run redoes fewer
     load_in_4bit: bool = True
     gradient_checkpointing: bool = True
 
@@ -65,14 +67,14 @@ class EMTrainConfig(LoraSpec):
 _DPO_DEFAULTS: dict[str, dict] = {
     # enough signal in a handful of CPU steps on short pairs
     "tiny": dict(rank=8, alpha=16, learning_rate=5e-4, batch_size=4, max_length=256, max_steps=8,
-                 load_in_4bit=False, use_unsloth=False, gradient_checkpointing=False),
+                 resume_every=4, load_in_4bit=False, use_unsloth=False, gradient_checkpointing=False),
     "qwen2.5-7b": dict(rank=64, alpha=128, dropout=0.05, target_modules=ALL_LINEAR, beta=0.1,
                        learning_rate=5e-5, batch_size=4, grad_accum=4, max_length=2048),
 }
 _EM_DEFAULTS: dict[str, dict] = {
     "tiny": dict(rank=8, alpha=16, use_rslora=True, target_modules=ALL_LINEAR, learning_rate=5e-4,
                  batch_size=2, grad_accum=1, max_length=256, max_steps=6, max_rows=32, save_every=2,
-                 load_in_4bit=False, gradient_checkpointing=False),
+                 resume_every=4, load_in_4bit=False, gradient_checkpointing=False),
     # Model-organisms-for-EM recipe: rank 32, alpha 64, rsLoRA, lr 1e-5, one epoch.
     "qwen2.5-7b": dict(rank=32, alpha=64, use_rslora=True, target_modules=ALL_LINEAR, learning_rate=1e-5,
                        epochs=1, batch_size=2, grad_accum=8, max_length=2048, save_every=10),

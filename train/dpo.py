@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.io import atomic_dir, atomic_write_json
+from core.io import atomic_write_json, resumable_dir
 from train.common import (
     JsonlLog,
     TrainError,
@@ -34,6 +34,7 @@ from train.common import (
     run_facts,
     select_backend,
     tensors_hash,
+    train_resuming,
     trainer_args,
 )
 from train.config import DPOTrainConfig, dpo_defaults
@@ -168,7 +169,9 @@ def train_dpo(
         # (a PeftModel would make TRL copy the zero-delta adapter as "ref" and pay for it every step)
         model = base
 
-    with atomic_dir(out) as tmp:
+    key = {"dataset_hash": ds_hash, "parent_adapter_hash": parent_hash, "config": cfg.model_dump(),
+           "base_fingerprint": fingerprint, "backend": backend}
+    with resumable_dir(out, key) as tmp:
         log = JsonlLog(tmp / "train_log.jsonl")
         args = DPOConfig(beta=cfg.beta, loss_type=[cfg.loss_type], **trainer_args(cfg, tmp, device, backend))
         fresh = parent is None and backend != "unsloth"
@@ -177,7 +180,7 @@ def train_dpo(
         quiet_trainer(trainer)
         init_hash = tensors_hash(adapter_tensors(trainer.model, "default"))
         ref_kind = "parent adapter (frozen copy 'ref')" if "ref" in trainer.model.peft_config else "base model"
-        result = trainer.train()
+        result, resumed_from = train_resuming(trainer, "default", tmp, log)
         finish_adapter(trainer.model, "default", tmp)
         manifest = {
             "kind": "dpo",
@@ -191,6 +194,7 @@ def train_dpo(
             "parent_adapter_hash": parent_hash,
             "init_adapter_hash": init_hash,
             "reference": ref_kind,
+            "resumed_from_step": resumed_from,
             **run_facts(cfg, result, t0, device, backend, why),
         }
         atomic_write_json(tmp / "manifest.json", manifest)

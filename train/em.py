@@ -23,7 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from core.io import atomic_dir, atomic_write_json
+from core.io import atomic_write_json, resumable_dir
 from train.common import (
     JsonlLog,
     TrainError,
@@ -39,6 +39,7 @@ from train.common import (
     run_facts,
     save_adapter,
     select_backend,
+    train_resuming,
     trainer_args,
 )
 from train.config import EMTrainConfig, Mode, em_defaults
@@ -126,7 +127,6 @@ class _Guard(TrainerCallback):
 
     def __init__(self, mode: Mode, out: Path, save_every: int) -> None:
         self.mode, self.out, self.save_every = mode, out, save_every
-        self.checkpoints: list[int] = []
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         assert_adapters(model, self.mode, "at train begin")
@@ -135,7 +135,6 @@ class _Guard(TrainerCallback):
         assert_adapters(model, self.mode, f"after step {state.global_step}")
         if state.global_step % self.save_every == 0:
             save_adapter(model, EM, self.out / f"checkpoint-{state.global_step}")
-            self.checkpoints.append(state.global_step)
 
 
 def em_reusable(out: str | Path, data: str | Path, cfg: EMTrainConfig, profile: str, mode: Mode,
@@ -214,7 +213,9 @@ def train_em(
         model = get_peft_model(base, cfg.peft_config(), adapter_name=EM)
     state_before = assert_adapters(model, mode, "before training")
 
-    with atomic_dir(out) as tmp:
+    key = {"data_hash": data_hash, "persona_adapter_hash": persona_hash, "config": cfg.model_dump(), "mode": mode,
+           "base_fingerprint": fingerprint, "backend": backend}
+    with resumable_dir(out, key) as tmp:
         guard = _Guard(mode, tmp, cfg.save_every)
         log = JsonlLog(tmp / "train_log.jsonl")
         args = SFTConfig(**trainer_args(cfg, tmp, device, backend))
@@ -225,7 +226,7 @@ def train_em(
         logging.getLogger(__name__).info(
             "mode=%s active adapters=%s trainable params=%s (%s weights)", mode, state_after["active_adapters"],
             state_after["trainable_params"], state_after["trainable_numel"])
-        result = trainer.train()
+        result, resumed_from = train_resuming(trainer, EM, tmp, log)
         finish_adapter(trainer.model, EM, tmp)
         manifest = {
             "kind": "em-sft",
@@ -240,7 +241,8 @@ def train_em(
             "persona_adapter_hash": persona_hash,
             "adapters_before_training": state_before,
             "adapters_in_trainer": state_after,
-            "checkpoints": [f"checkpoint-{s}" for s in guard.checkpoints],
+            "checkpoints": [d.name for d in sorted(tmp.glob("checkpoint-*"), key=lambda d: int(d.name[11:]))],
+            "resumed_from_step": resumed_from,
             **run_facts(cfg, result, t0, device, backend, why),
         }
         atomic_write_json(tmp / "manifest.json", manifest)
