@@ -90,15 +90,15 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def resumable_dir(out: str | Path, key: Any) -> Iterator[Path]:
+def resumable_dir(out: str | Path, key: Any, fresh: bool = False) -> Iterator[Path]:
     """Like `atomic_dir`, but the work directory (`.<name>.partial` beside `out`) outlives a kill: a rerun
     with the same `key` (what the work is made from) gets it back with what it holds, to carry on from there;
-    any other key starts it empty. Swapped in as `out` when the block succeeds; kept when it fails."""
+    any other key, or `fresh`, starts it empty. Swapped in as `out` when the block succeeds; kept when it fails."""
     out = Path(out)
     work = out.with_name(f".{out.name}.partial")
     key_file = work / ".key.json"
     key_text = canonical_json(key)
-    if work.exists() and not (key_file.is_file() and key_file.read_text() == key_text):
+    if work.exists() and (fresh or not (key_file.is_file() and key_file.read_text() == key_text)):
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(key_file, key_text)

@@ -171,7 +171,7 @@ def train_dpo(
 
     key = {"dataset_hash": ds_hash, "parent_adapter_hash": parent_hash, "config": cfg.model_dump(),
            "base_fingerprint": fingerprint, "backend": backend}
-    with resumable_dir(out, key) as tmp:
+    with resumable_dir(out, key, fresh=force) as tmp:  # --force retrains from step 0
         log = JsonlLog(tmp / "train_log.jsonl")
         args = DPOConfig(beta=cfg.beta, loss_type=[cfg.loss_type], **trainer_args(cfg, tmp, device, backend))
         fresh = parent is None and backend != "unsloth"

@@ -215,7 +215,7 @@ def train_em(
 
     key = {"data_hash": data_hash, "persona_adapter_hash": persona_hash, "config": cfg.model_dump(), "mode": mode,
            "base_fingerprint": fingerprint, "backend": backend}
-    with resumable_dir(out, key) as tmp:
+    with resumable_dir(out, key, fresh=force) as tmp:  # --force retrains from step 0
         guard = _Guard(mode, tmp, cfg.save_every)
         log = JsonlLog(tmp / "train_log.jsonl")
         args = SFTConfig(**trainer_args(cfg, tmp, device, backend))
