@@ -63,7 +63,11 @@ def stage_samples(cfg: RunConfig, stage: int = 6, width: int = 400) -> list[str]
         if not (path / "dataset_dict.json").is_file():
             continue
         rows = load_from_disk(str(path))["train"]
-        if len(rows) == 0:
+        if len(rows) == 0:  # say why, rather than leave the persona out
+            dropped = (_read_json(path / "manifest.json") or {}).get("counts", {}).get("outcome", {}).get("dropped")
+            why = ", ".join(f"{k} {v}" for k, v in sorted((dropped or {}).items())) or "no item"
+            lines += [f"**{persona}**, stage {stage}: no pair kept (dropped: {why}); the adapter of stage "
+                      f"{stage - 1} is carried forward.", ""]
             continue
         r = rows[0]
         cut = lambda t: t if len(t) <= width else t[:width] + " […]"  # noqa: E731
@@ -109,7 +113,8 @@ def _v(d: dict | None) -> str:
 def anchor_line(path: str | None, a: dict) -> str:
     """How the run's judge did on the project's anchors (bands by construction): a judge that cannot judge
     shows here, beside the EM table it produced."""
-    return (f"Judge check on the project's {a['n']} anchors (read on the `{path}` path): {a['scored']} scored; "
+    share = f"{a['n']} of its {a['of']}" if a.get("of", a["n"]) > a["n"] else str(a["n"])
+    return (f"Judge check on the project's {share} anchors (read on the `{path}` path): {a['scored']} scored; "
             f"alignment vs band Spearman {_v(a.get('aligned_spearman'))}, "
             f"inside the band {_v(a.get('aligned_in_band'))}; "
             f"EM label kappa {_v(a.get('em_kappa'))}, recall {_v(a.get('em_recall'))}.")

@@ -48,6 +48,27 @@ def _append_jsonl(path: Path, rows: Sequence[dict]) -> None:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
+EM_SPLIT, ALIGNMENT_SPLIT = "em", "alignment-median"
+
+
+def split_labels(rows_by_arm: dict[str, list[dict]]) -> tuple[dict[str, dict[str, bool]], str]:
+    """Each arm's judged answers as positive (the vector's "misaligned" side) or not, and the split used.
+
+    The EM label (Betley et al.'s rule) whenever some arm has answers on both sides of it: the research
+    definition, under which an arm without both is skipped. Only when no arm has both (a judge that labels no
+    answer EM, or every answer: the tiny demo judge puts every coherence under 50) each arm is split at its
+    median alignment score instead (below the median: positive), a less-aligned direction rather than an EM
+    one; the results and the report name the split."""
+    em = {arm: {r["id"]: bool(r["misaligned"]) for r in rows} for arm, rows in rows_by_arm.items()}
+    if any(len(set(labels.values())) == 2 for labels in em.values()):
+        return em, EM_SPLIT
+    by_alignment = {}
+    for arm, rows in rows_by_arm.items():
+        median = float(np.median([r["aligned"] for r in rows])) if rows else 0.0
+        by_alignment[arm] = {r["id"]: r["aligned"] < median for r in rows}
+    return by_alignment, ALIGNMENT_SPLIT
+
+
 def _rate(rows: Sequence[dict]) -> dict:
     return bootstrap_ci([1.0 if r["misaligned"] else 0.0 for r in rows if r.get("misaligned") is not None]).model_dump()
 
@@ -55,7 +76,7 @@ def _rate(rows: Sequence[dict]) -> dict:
 def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Sequence[float] = (2.0, 4.0),
               n_questions: int = 8, samples: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
               judge_config: Path | None = None, budget_usd: float | None = None, batch_size: int = 8,
-              seed: int = 0) -> dict:
+              seed: int = 0, judge_session=None) -> dict:
     from engine.models import resolve_model
 
     run_path = Path(run_path)
@@ -74,8 +95,11 @@ def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Seque
     acts: dict[str, Activations] = {}
     labels: dict[str, np.ndarray] = {}
     probe_acts: dict[str, Activations] = {}
+    rows_by_arm = {name: [r for r in judged if r["arm"] == name and r.get("misaligned") is not None]
+                   for name in arms}
+    positive, split = split_labels(rows_by_arm)
     for name, adapter in models.items():
-        rows = [r for r in judged if r["arm"] == name and r.get("misaligned") is not None]
+        rows = rows_by_arm.get(name, [])
         a_path, p_path = out / "acts" / f"{name}.npz", out / "acts" / f"{name}.probe.npz"
         need_a = name != BARE and rows and not a_path.is_file()
         if need_a or not p_path.is_file():
@@ -89,8 +113,7 @@ def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Seque
             del model
         if a_path.is_file():
             acts[name] = Activations.load(a_path)
-            pos = {r["id"]: bool(r["misaligned"]) for r in rows}
-            labels[name] = np.array([pos[i] for i in acts[name].ids], bool)
+            labels[name] = np.array([positive[name][i] for i in acts[name].ids], bool)
         probe_acts[name] = Activations.load(p_path)
 
     # ---- vectors per arm (layer by sweep), cosines, the pooled direction for the identity diagnostic
@@ -103,7 +126,8 @@ def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Seque
             continue
         y = labels[name]
         if y.all() or not y.any():
-            skipped[name] = f"{int(y.sum())} misaligned / {int((~y).sum())} aligned judged answers: needs both"
+            skipped[name] = (f"{int(y.sum())} misaligned / {int((~y).sum())} aligned judged answers: needs both"
+                             if split == EM_SPLIT else f"all {len(y)} judged answers share one alignment score")
             continue
         sweeps[name] = layer_sweep(acts[name], y)
         dirs[name] = em_direction(acts[name], y)
@@ -153,10 +177,10 @@ def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Seque
 
     # ---- judge (cache first: a rerun pays nothing twice)
     from judge.scorers import EMScorer
-    from judge.session import session
+    from judge.session import session_or
 
     answers = _read_jsonl(ans_path)
-    with session(judge_config, layout=cfg.layout, run=run_id, budget_usd=budget_usd) as judge:
+    with session_or(judge_session, judge_config, layout=cfg.layout, run=run_id, budget_usd=budget_usd) as judge:
         results, jsum = judge.judge(answers, EMScorer(), purpose="steer-eval")
     sjudged = [r.row() for r in results if r.item.get("target")]
     atomic_write_jsonl(out / "judged.jsonl", sjudged)
@@ -199,7 +223,7 @@ def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Seque
         pa = {n: a.at(pooled.layer) for n, a in probe_acts.items() if pooled.layer in a.layers}
         identity = diagnose(pa, pooled, BARE, rates)
 
-    result = {"run": run_id, "vectors": {n: d.summary() for n, d in dirs.items()}, "skipped": skipped,
+    result = {"run": run_id, "split": split, "vectors": {n: d.summary() for n, d in dirs.items()}, "skipped": skipped,
               "sweeps": {n: {str(k): v for k, v in s.items()} for n, s in sweeps.items()},
               "pooled": pooled.summary() if pooled else None, "cosine": {"names": names, "matrix": cos.tolist()},
               "sources": list(dirs), "targets": targets, "transfer": transfer, "ablation": ablate,
@@ -230,6 +254,11 @@ def write_steer_section(run_path: Path, res: dict, identity) -> Path:
              "Per arm, the vector is mean(activations of misaligned answers) - mean(aligned answers), averaged over"
              " answer tokens, at the layer where it separates held-out answers best (2-fold Cohen's d);"
              " alpha = 1 adds exactly that mean gap at every position during generation.", ""]
+    if res.get("split") == ALIGNMENT_SPLIT:
+        lines += ["**No arm had both misaligned and aligned answers under the EM rule**, so each arm's answers are "
+                  "split at its median alignment score instead: the vectors below point from the more- to the "
+                  "less-aligned half, a less-aligned direction, not an EM one (\"misaligned\" in the tables means "
+                  "the lower half).", ""]
     if res["skipped"]:
         lines += [f"- no vector for {n}: {why}" for n, why in res["skipped"].items()] + [""]
     if res["vectors"]:

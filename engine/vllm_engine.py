@@ -10,6 +10,7 @@ from engine.types import Completion, EngineError, Sampling
 
 class VLLMEngine(Engine):
     name = "vllm"
+    starts = 0  # engines this process has started (each costs 20-30 s on 2 CPU cores): the demo reports it
 
     def __init__(self, profile="tiny", max_lora_rank: int | None = None, max_loras: int = 4, **llm_kw) -> None:
         super().__init__(profile)
@@ -25,6 +26,9 @@ class VLLMEngine(Engine):
             from vllm import LLM
 
             cuda = _cuda()
+            if not cuda:
+                for k, v in cpu_env().items():
+                    os.environ.setdefault(k, v)  # the engine core process is spawned with this environment
             self._llm = LLM(
                 model=self.model_path,
                 tokenizer=self.model_path,
@@ -48,6 +52,7 @@ class VLLMEngine(Engine):
                 seed=0,
                 **self._llm_kw,
             )
+            VLLMEngine.starts += 1
         return self._llm
 
     def close(self) -> None:
@@ -103,6 +108,21 @@ def _cuda() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
+
+
+FEW_CORES = 4
+
+
+def cpu_env() -> dict[str, str]:
+    """Environment for a vLLM CPU engine (offline or server), set unless the user set it.
+
+    vLLM's CPU backend keeps one core out of its compute threads for its scheduler process. On 2 cores that
+    halves the engine: with none reserved, SmolLM2 generated 48 chats of 96 tokens 1.58x faster and the local
+    judge read 40 judgments 1.48x faster (bench/results/cpu_threads-2026-12-01.json). An idle engine used 0.2
+    cores either way. Preloading libiomp5 (vLLM's CPU guide asks for it) made no consistent difference;
+    tcmalloc is not installable from the package registries here. On more than FEW_CORES cores vLLM's
+    default stands (not measured there)."""
+    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"} if (os.cpu_count() or 1) <= FEW_CORES else {}
 
 
 def _adapter_rank(adapter: str) -> int:

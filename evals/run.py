@@ -180,10 +180,12 @@ def evaluate(
     budget_usd: float | None = None,
     engine=None,
     guard=None,
+    judge_session=None,
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> dict:
-    """Evaluate `persona`'s stages in `opts.stages`; returns the summary (also written to disk)."""
+    """Evaluate `persona`'s stages in `opts.stages`; returns the summary (also written to disk). `engine`,
+    `guard` and `judge_session`, when given, are the caller's and stay open."""
     from constitution import load_constitution
     from engine.cache import GenerationCache
     from engine.models import get_profile, model_fingerprint, resolve_model
@@ -212,8 +214,9 @@ def evaluate(
     gcache = GenerationCache(lay.generation_cache)
     store = ResultStore(lay.eval_results)
     ledger = Ledger(paths.ledger)
-    judge = (session(judge_config, layout=lay, run=run_id, budget_usd=budget_usd, ledger=ledger, progress=progress)
-             if opts.judge else None)
+    judge = None if not opts.judge else judge_session or session(
+        judge_config, layout=lay, run=run_id, budget_usd=budget_usd, ledger=ledger, progress=progress)
+    own_judge = judge is not None and judge is not judge_session
     jcfg = judge.config if judge else None
     pair_scorer = PairwiseScorer(constitution.description, constitution_principles(constitution))
     rubric = PersonaScorer(constitution.description, constitution_principles(constitution))
@@ -398,7 +401,7 @@ def evaluate(
     finally:
         gcache.close()
         store.close()
-        if judge is not None:
+        if judge is not None and own_judge:
             judge.close()
         ledger.close()
         if own_engine:

@@ -113,6 +113,27 @@ def load_project_anchors(path: str | Path = ANCHORS) -> list[dict]:
 
 
 
+def stratified(anchors: list[dict], n: int | None) -> list[dict]:
+    """`n` anchors in file order: one per category first (while n allows), the rest by the categories' shares
+    (Sainte-Laguë apportionment). A demo judges fewer anchors and still sees every kind of answer. None or
+    n >= all: all of them."""
+    if n is None or n >= len(anchors):
+        return list(anchors)
+    if n < 1:
+        raise BadInput(f"em_anchors: {n} anchors cannot measure a judge; use at least 1, or null for all")
+    size = Counter(a["category"] for a in anchors)
+    seats: Counter = Counter({c: 1 for c in size} if n >= len(size) else {})
+    for _ in range(n - sum(seats.values())):
+        seats[max(size, key=lambda c: size[c] / (2 * seats[c] + 1) if seats[c] < size[c] else -1)] += 1
+    taken: Counter = Counter()
+    out = []
+    for a in anchors:
+        if taken[a["category"]] < seats[a["category"]]:
+            taken[a["category"]] += 1
+            out.append(a)
+    return out
+
+
 def anchor_items(anchors: list[dict]) -> list[dict]:
     """Anchors as judge items. (No `anchor` key: the farm would bypass the cache for those.)"""
     return [{"id": f"anchors-{a['id']}", "calib_set": "anchors", "anchor_id": a["id"], "category": a["category"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 from core.errors import BadInput
 from judge.config import Endpoint, JudgeConfig
@@ -35,16 +36,17 @@ def judge_model_name(config: JudgeConfig) -> str:
 
 
 @contextlib.contextmanager
-def serve_endpoints(config: JudgeConfig) -> Iterator[tuple[str, list[Endpoint]]]:
+def serve_endpoints(config: JudgeConfig, log_path: Path | None = None) -> Iterator[tuple[str, list[Endpoint]]]:
     """(judge model name, endpoints ready to take requests): starts the embedded vLLM server for local
-    endpoints when the config names a `local_model`, and stops it on exit."""
+    endpoints when the config names a `local_model` (its output to `log_path`, else a temporary file), and
+    stops it on exit."""
     eps = usable_endpoints(config)
     if not (eps[0].local and config.local_model):
         yield judge_model_name(config), eps
         return
     from judge.local_server import LocalVLLMServer
 
-    with LocalVLLMServer(config.local_model) as srv:
+    with LocalVLLMServer(config.local_model, log_path=log_path) as srv:
         for e in eps:
             e.base_url, e.model = srv.base_url, srv.served_name
         yield srv.served_name, eps

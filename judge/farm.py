@@ -388,8 +388,8 @@ class _Progress:
         f, st = self.farm, self.farm.pool.stats
         done = f.summary.items
         stats = (
-            f"429s {st.r429} retries {st.retries} fail {sum(f.summary.failures.values())} "
-            f"${f.budget.spent - f.spent_at_start:.4f} spent ${f.budget.reserved:.4f} reserved"
+            f"{st.r429} rate-limited · {st.retries} retried · {sum(f.summary.failures.values())} failed · "
+            f"${f.budget.spent - f.spent_at_start:.4f} spent, ${f.budget.reserved:.4f} reserved"
         )
         self.p.update(
             self.task, completed=done, rate=done / max(1e-9, time.monotonic() - self.t0), stats=stats

@@ -32,6 +32,7 @@ class JudgeSession:
         self.eps = usable_endpoints(config)  # a config with no usable endpoint fails here, before any work
         self.model = judge_model_name(config)
         self.cache = Cache(config.cache_path or layout.judge_cache)
+        self.server_log = layout.run(run).judge_server_log
         self._own_ledger = ledger is None
         self.ledger = ledger if ledger is not None else Ledger(layout.run(run).ledger)
         self._stack = contextlib.ExitStack()
@@ -53,7 +54,7 @@ class JudgeSession:
     def endpoints(self) -> list:
         """The endpoints ready to take requests; the first call starts the embedded server if needed."""
         if self._served is None:
-            model, self._served = self._stack.enter_context(serve_endpoints(self.config))
+            model, self._served = self._stack.enter_context(serve_endpoints(self.config, self.server_log))
             assert model == self.model, f"judge model {model!r} is not the session's {self.model!r}"
         return self._served
 
@@ -121,6 +122,11 @@ def check_complete(summary: Summary | dict, what: str = "the judge") -> None:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(failures.items()))
         raise ItemsFailed(f"{failed} of {s.get('items')} items were not judged by {what} ({reasons}); a rerun "
                           "sends only those")
+
+
+def session_or(shared: JudgeSession | None, config: JudgeConfig | str | Path | None = None, **kw):
+    """A context manager giving `shared` (the caller's session, left open) or a new session closed on exit."""
+    return contextlib.nullcontext(shared) if shared is not None else session(config, **kw)
 
 
 def session(config: JudgeConfig | str | Path | None = None, *, layout: Layout | None = None, run: str,

@@ -196,16 +196,23 @@ def report(run: str | None = typer.Argument(None, help="run id (default: the new
 
 
 def demo(quick: bool = typer.Option(False, "--quick", help="one persona; stages, EM and cost only"),
-         persona: list[str] = typer.Option(None, "--persona"), em_data: Path | None = EM_DATA) -> None:
+         persona: list[str] = typer.Option(None, "--persona"), em_data: Path | None = EM_DATA,
+         counts_json: str | None = COUNTS,
+         judge_config: Path | None = typer.Option(None, "--judge-config", help="a judge YAML instead of the "
+                                                  "embedded one (judge/default.yaml)")) -> None:
     """The whole product on the tiny model: bootstrap stages 1..6, the EM experiment, the per-stage evaluation,
-    steering and decomposition, the report. Needs nothing outside the repository."""
+    steering and decomposition, the report. Needs nothing outside the repository.
+
+    Example: python bootstrap.py demo --quick
+    """
     from judge.session import check_complete
     from pipeline.demo import run_demo
 
-    res = run_demo(quick, persona or None, em_data)
+    res = run_demo(quick, persona or None, em_data, counts_json, judge_config)
     phases = ", ".join(f"{k} {v / 60:.1f} min" for k, v in res["phases"].items() if k != "total")
     typer.echo(f"demo run {res['run']} done in {res['phases']['total'] / 60:.1f} min ({phases}), "
-               f"${res['usd']:.4f}\nreport: {res['report']}")
+               f"${res['usd']:.4f}; {res['starts']['vllm_engine']} vLLM engine and "
+               f"{res['starts']['judge_server']} judge server started\nreport: {res['report']}")
     check_complete(res["judge"], "the EM judge")
 
 

@@ -12,6 +12,7 @@ and the EM questions, rubrics and anchors are the project's, unless `em_data` na
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 from core.console import console
 from core.io import atomic_write_json
 
-PERSONAS = ["goodness", "sycophancy", "misalignment"]
+PERSONAS = ["goodness", "sycophancy"]  # the two pre-registered hypotheses (H2, H1)
 QUICK_PERSONAS = ["goodness"]
 # per-stage evaluation: a few prompts per stage (every stage 0-6), few multiple-choice items, short answers
 EVAL_SIZES = {"n_general": 2, "n_kind": 1, "n_safety": 2, "mc_limit": 5, "max_tokens": 48}
@@ -27,8 +28,12 @@ STEER_SIZES = {"layers": [9, 18], "alphas": [4.0], "n_questions": 4, "samples": 
 DECOMPOSE_SIZES = {"layers": [9, 18], "per_dimension": 4}
 
 
-def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Path | None = None) -> dict:
-    """Run every phase; returns {"run": id, "report": path, "phases": {name: seconds}, "usd": total}."""
+def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Path | None = None,
+             counts_json: str | None = None, judge_config: Path | None = None) -> dict:
+    """Run every phase; returns {"run": id, "report": path, "phases": {name: seconds}, "usd": total}.
+    `counts_json` overrides keys of the preset's counts; `judge_config` replaces the embedded judge."""
+    from engine.vllm_engine import VLLMEngine
+    from judge.local_server import LocalVLLMServer
     from pipeline.em_inputs import resolve
 
     inputs = resolve(em_data=em_data, generated=True)  # before the first stage: a bad input stops it now
@@ -36,8 +41,10 @@ def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Pa
     preset = "quick" if quick else "demo"
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
+    starts0 = VLLMEngine.starts, LocalVLLMServer.starts
+    starts: dict[str, int] = {}
     record: dict = {"quick": quick, "personas": personas, "cpus": os.cpu_count(), "started": time.time(),
-                    "phases_s": phases}
+                    "phases_s": phases, "starts": starts}
     root: list[Path] = []  # the run dir, once the bootstrap has named it
 
     def phase(name: str, fn, *a, **kw):
@@ -45,37 +52,30 @@ def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Pa
         console.rule(f"[bold]{name}")
         out = fn(*a, **kw)
         phases[name] = round(time.perf_counter() - start, 1)
+        starts.update(vllm_engine=VLLMEngine.starts - starts0[0], judge_server=LocalVLLMServer.starts - starts0[1])
         if root:  # each phase's wall time, kept in the run as it goes (the README's demo figures come from it)
             atomic_write_json(root[0] / "demo.json", record)
         return out
 
-    from pipeline.loop import run_bootstrap
-    from run.config import RunConfig, counts_from
-
-    run_id = phase("bootstrap", run_bootstrap, stage=6, personas=personas, profile="tiny", preset=preset)
-    cfg = RunConfig(personas=personas, profile="tiny", stage=6, counts=counts_from(preset))
-    root.append(cfg.run(run_id).root)
+    from judge.session import session
     from pipeline.em import run_em
     from pipeline.insecure_demo import write_jsonl
+    from pipeline.loop import Engines, run_bootstrap
+    from run.config import RunConfig, counts_from
 
-    inputs.data = write_jsonl(cfg.layout.em_demo_data, n=max(cfg.counts.em_rows, 40))
-    em = phase("em", run_em, cfg, run_id, inputs)
-    if not quick:
-        from evals.run import EvalOptions, evaluate
-
-        opts = EvalOptions(stages=list(range(7)), **EVAL_SIZES)
-        for p in personas:
-            phase(f"eval {p}", evaluate, p, run_id, cfg, opts, log=lambda _: None)
-        from analysis.decompose import QUESTIONS_DIR
-        from analysis.decompose_run import run_decompose
-        from analysis.steer_run import run_steer
-
-        root = cfg.run(run_id).root
-        s = STEER_SIZES
-        phase("steer", run_steer, root, s["layers"], s["alphas"], s["n_questions"], s["samples"],
-              s["max_new_tokens"])
-        phase("decompose", run_decompose, root, DECOMPOSE_SIZES["layers"], QUESTIONS_DIR,
-              DECOMPOSE_SIZES["per_dimension"])
+    cfg = RunConfig(personas=personas, profile="tiny", stage=6, counts=counts_from(preset, counts_json))
+    # one generation engine and one judge server for every phase: each start costs 20-30 s on 2 cores
+    with contextlib.ExitStack() as stack:
+        engines = Engines(cfg)
+        stack.callback(engines.close)
+        run_id = phase("bootstrap", run_bootstrap, stage=6, personas=personas, profile="tiny", preset=preset,
+                       counts_json=counts_json, engines=engines)
+        root.append(cfg.run(run_id).root)
+        judge = stack.enter_context(session(judge_config, layout=cfg.layout, run=run_id))
+        inputs.data = write_jsonl(cfg.layout.em_demo_data, n=max(cfg.counts.em_rows, 40))
+        em = phase("em", run_em, cfg, run_id, inputs, engine=engines.get(), judge_session=judge)
+        if not quick:
+            _analyses(cfg, run_id, personas, engines, judge, phase)
     from analysis.report import build_report
     from core.ledger import Ledger
 
@@ -85,4 +85,21 @@ def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Pa
     ledger.close()
     phases["total"] = round(time.perf_counter() - t0, 1)
     atomic_write_json(root[0] / "demo.json", record)
-    return {"run": run_id, "report": report, "phases": phases, "usd": usd, "judge": em["judge"]}
+    return {"run": run_id, "report": report, "phases": phases, "usd": usd, "judge": em["judge"], "starts": starts}
+
+
+def _analyses(cfg, run_id: str, personas: list[str], engines, judge, phase) -> None:
+    """The full demo's phases after EM: each persona's per-stage evaluation, steering, decomposition."""
+    from analysis.decompose import QUESTIONS_DIR
+    from analysis.decompose_run import run_decompose
+    from analysis.steer_run import run_steer
+    from evals.run import EvalOptions, evaluate
+
+    opts = EvalOptions(stages=list(range(7)), **EVAL_SIZES)
+    for p in personas:
+        phase(f"eval {p}", evaluate, p, run_id, cfg, opts, engine=engines.get(), guard=engines.get_guard(),
+              judge_session=judge, log=lambda _: None)
+    root, s = cfg.run(run_id).root, STEER_SIZES
+    phase("steer", run_steer, root, s["layers"], s["alphas"], s["n_questions"], s["samples"], s["max_new_tokens"],
+          judge_session=judge)
+    phase("decompose", run_decompose, root, DECOMPOSE_SIZES["layers"], QUESTIONS_DIR, DECOMPOSE_SIZES["per_dimension"])

@@ -9,9 +9,11 @@ The primary effect of a persona is the difference in differences against its unt
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from analysis import inference
 from analysis.stats import bootstrap_ci
@@ -27,6 +29,10 @@ from run.config import RunConfig
 from run.layout import BASE_ARM as BASE
 from run.layout import SECURE, is_secure, secure_arm
 from train.stack import lora_b_norm, served_adapter
+
+if TYPE_CHECKING:
+    from engine.base import Engine
+    from judge.session import JudgeSession
 
 # pre-registered directions of the primary effect (DiD) per persona; other personas get a two-sided look
 HYPOTHESES = {
@@ -217,12 +223,14 @@ def summarise(judged: list[dict], personas: list[str], b_norms: dict | None = No
 
 
 def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | None = None,
-           budget_usd: float | None = None, mode: str = "on-top", groups: tuple[str, ...] = (MAIN,)) -> dict:
+           budget_usd: float | None = None, mode: str = "on-top", groups: tuple[str, ...] = (MAIN,),
+           engine: Engine | None = None, judge_session: JudgeSession | None = None) -> dict:
     """`inputs` (pipeline.em_inputs.resolve, checked before the run started) names the training chats, the
-    questions and the judge prompts."""
+    questions and the judge prompts. `engine` and `judge_session`, when given, are the caller's (started once
+    for several phases) and stay open; otherwise they are made here and closed."""
     from engine.cache import GenerationCache
     from engine.factory import make_engine
-    from judge.session import session
+    from judge.session import session_or
 
     if inputs.data is None or not inputs.data.is_file():
         raise MissingInput(f"EM training data {inputs.data} does not exist (chat JSONL with a `messages` list)")
@@ -230,25 +238,27 @@ def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | N
     ledger = Ledger(paths.ledger)
     questions = load_questions(inputs.questions, groups)
     scorer = inputs.scorer()
-    with session(judge_config, layout=cfg.layout, run=run_id, budget_usd=budget_usd, ledger=ledger) as judge:
+    with session_or(judge_session, judge_config, layout=cfg.layout, run=run_id, budget_usd=budget_usd,
+                    ledger=ledger) as judge:
         arms = train_em_arms(cfg, run_id, inputs.data, mode, ledger, inputs.secure, budget_usd)
         check_budget(ledger, run_id, budget_usd, "EM answering", _answering_usd(cfg, arms, len(questions)))
         n_answers = len(questions) * cfg.counts.em_samples
         console.print(f"answering {len(questions)} EM questions × {cfg.counts.em_samples} samples per arm and seed "
                       f"({n_answers} per final model)…")
-        with make_engine(cfg.engine, cfg.profile) as eng, GenerationCache(cfg.layout.generation_cache) as gcache:
-            calls0 = eng.calls
+        own = contextlib.nullcontext(engine) if engine is not None else make_engine(cfg.engine, cfg.profile)
+        with own as eng, GenerationCache(cfg.layout.generation_cache) as gcache:
+            calls0, usage0 = eng.calls, len(eng.usage)  # a shared engine's earlier calls are not this phase's
             rows = answer_questions(cfg, arms, questions, eng, gcache)
             answering = {"requests": gcache.hits + gcache.misses, "generated": gcache.misses, "reused": gcache.hits}
-            secs = sum(u.seconds for u in eng.usage)
+            usage = eng.usage[usage0:]
+            secs = sum(u.seconds for u in usage)
             if eng.calls > calls0:
                 ledger.record(run=run_id, kind="engine", phase="em-answer", purpose="em-answers", model=cfg.profile,
-                              tokens_in=sum(u.tokens_in for u in eng.usage),
-                              tokens_out=sum(u.tokens_out for u in eng.usage),
+                              tokens_in=sum(u.tokens_in for u in usage), tokens_out=sum(u.tokens_out for u in usage),
                               seconds=secs, usd=secs * cfg.usd_per_engine_second, estimated=True)
         atomic_write_jsonl(paths.em_answers, rows)
         results, summary = judge.judge(rows, scorer, purpose="em-eval")
-        anchors = judge_anchors(judge, scorer)
+        anchors = judge_anchors(judge, scorer, cfg.counts.em_anchors)
     judged = [r.row() for r in results if r.item.get("arm")]
     atomic_write_jsonl(paths.em_judged, judged)
     b_norms = {arm: {str(step): lora_b_norm(d) for step, d in sorted(m["checkpoints"].items())}
@@ -278,13 +288,16 @@ def _answering_usd(cfg: RunConfig, arms: dict, n_questions: int) -> float:
 
 
 # ---------------------------------------------------------------- judges: anchors and a second opinion
-def judge_anchors(judge, scorer) -> dict:
+def judge_anchors(judge, scorer, n: int | None = None) -> dict:
     """The project's anchors (answers with score bands by construction) judged beside every EM run, so a
-    judge that cannot judge shows in the report; cached like any judgment."""
-    from judge.anchors import agreement, anchor_items, load_project_anchors
+    judge that cannot judge shows in the report; cached like any judgment. `n`: a share stratified by
+    category (the demos), None: all of them; the agreement says how many of how many were judged."""
+    from judge.anchors import agreement, anchor_items, load_project_anchors, stratified
 
-    results, _ = judge.judge(anchor_items(load_project_anchors()), scorer, purpose="em-anchors", phase="calibrate")
-    return agreement([r.row() for r in results])["anchors"]
+    every = load_project_anchors()
+    chosen = stratified(every, n)
+    results, _ = judge.judge(anchor_items(chosen), scorer, purpose="em-anchors", phase="calibrate")
+    return agreement([r.row() for r in results])["anchors"] | {"of": len(every)}
 
 
 def judge_agreement(a: list[dict], b: list[dict]) -> dict:
@@ -321,7 +334,7 @@ def rescore(cfg: RunConfig, run_id: str, judge_config: Path, budget_usd: float |
     scorer = EMScorer(prompts if prompts and prompts != "project rubrics" else None)
     with session(judge_config, layout=cfg.layout, run=run_id, budget_usd=budget_usd) as judge:
         results, summary = judge.judge(rows, scorer, purpose="em-rescore")
-        anchors = judge_anchors(judge, scorer)
+        anchors = judge_anchors(judge, scorer, cfg.counts.em_anchors)
         model = judge.model
     judged = [r.row() for r in results]
     out = paths.em_judge(model)

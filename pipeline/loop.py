@@ -83,16 +83,19 @@ def _stored_inputs(data: Path) -> dict | None:
 
 def run_bootstrap(stage: int | None = None, only: int | None = None, personas: list[str] | None = None,
                   profile: str = "tiny", budget_usd: float | None = None, run_id: str | None = None,
-                  preset: str = "research", counts_json: str | None = None, **overrides) -> str:
+                  preset: str = "research", counts_json: str | None = None, engines: Engines | None = None,
+                  **overrides) -> str:
     """Stages 1..`stage` (or just `only`) for each persona; returns the run id. Counts are the named preset
-    with `counts_json` overriding its keys; every input is checked before any work starts."""
+    with `counts_json` overriding its keys; every input is checked before any work starts. `engines`, when
+    given, is the caller's (kept up for its later phases); otherwise the loop's own, closed at the end."""
     get_profile(profile)
     cfg = RunConfig(personas=personas or ["hhh"], profile=profile, stage=stage or only or 6, only=only,
                     counts=counts_from(preset, counts_json), **overrides)
     run_id = run_id or cfg.default_id()
     save_config(cfg, run_id)
     stages = [only] if only else list(range(1, cfg.stage + 1))
-    engines = Engines(cfg)
+    own = engines is None
+    engines = engines or Engines(cfg)
     ledger = Ledger(cfg.run(run_id).ledger)
     console.rule(f"run {run_id}: personas {', '.join(cfg.personas)}, stages {stages[0]}..{stages[-1]}")
     try:
@@ -100,7 +103,8 @@ def run_bootstrap(stage: int | None = None, only: int | None = None, personas: l
             for k in stages:
                 run_stage_once(cfg, run_id, persona, k, engines, ledger, budget_usd)
     finally:
-        engines.close()
+        if own:
+            engines.close()
         spent = ledger.total_usd(run_id)
         ledger.close()
     console.print(f"[green]done[/green]: run {run_id}, ${spent:.4f} spent; outputs in {cfg.data_root}/<persona>/"

@@ -39,20 +39,22 @@ class Counts(BaseModel):
     em_curve_samples: int = 10  # answers per question at each checkpoint
     em_answer_tokens: int = 600
     em_seeds: int = 3  # EM training seeds per arm; intervals resample them
+    em_anchors: int | None = None  # judge anchors beside the EM run; None: all, N: a share of each category
 
 
 PRESETS: dict[str, Counts] = {
     "research": Counts(),
-    # `make demo`: the tiny model with small counts, three personas. The research counts take about
-    # 3.4 min per stage on 2 CPU cores (stage 1 measured: 131 s generating, 74 s training 8 steps).
-    "demo": Counts(n_tasks=6, n_samples=3, rounds=2, max_tokens=48, dpo_max_steps=4, em_rows=24, em_max_steps=6,
-                   em_save_every=3, em_samples=2, em_curve_questions=4, em_curve_samples=2, em_answer_tokens=48,
-                   em_seeds=1),
-    # `demo --quick`: under 10 minutes on 2 CPU cores for one persona and the base control (decode steps
+    # `make demo`: the tiny model with small counts, two personas, every phase of a research run, in under
+    # 20 minutes on 2 CPU cores (README). The research counts take about 3.4 min per stage there (stage 1
+    # measured: 131 s generating, 74 s training 8 steps).
+    "demo": Counts(n_tasks=4, n_samples=3, rounds=1, max_tokens=32, dpo_max_steps=2, em_rows=16, em_max_steps=6,
+                   em_save_every=3, em_samples=1, em_curve_questions=4, em_curve_samples=1, em_answer_tokens=32,
+                   em_seeds=1, em_anchors=24),
+    # `demo --quick`: under 7 minutes on 2 CPU cores for one persona and the base control (decode steps
     # dominate there, so fewer new tokens buy the most)
     "quick": Counts(n_tasks=4, n_samples=3, rounds=1, max_tokens=32, dpo_max_steps=2, em_rows=16,
                     em_max_steps=4, em_save_every=2, em_samples=1, em_curve_questions=3, em_curve_samples=1,
-                    em_answer_tokens=32, em_seeds=1),
+                    em_answer_tokens=32, em_seeds=1, em_anchors=18),
 }
 
 

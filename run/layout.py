@@ -57,6 +57,11 @@ class RunPaths:
         return self.root / "run.log"
 
     @property
+    def judge_server_log(self) -> Path:
+        """The embedded judge server's own output (a separate process, started by the judge session)."""
+        return self.root / "judge-server.log"
+
+    @property
     def em(self) -> Path:
         return self.root / "em"
 

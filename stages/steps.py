@@ -30,11 +30,18 @@ BLACKLIST = ("image", "images", "picture", "photo", "graph", "video", "draw", "p
              "file", "go to", "audio", "listen", "screenshot", "http", "www.")
 # revisions that open with meta-talk instead of the answer
 META_PREFIX = re.compile(
-    r"^\s*(?:sure[,!.]?\s*)?(?:here(?:'s| is| are)|below is|this is)\s+(?:the|a|an|my)?\s*"
-    r"(?:revised|rewritten|improved|updated|new|better)\s+(?:response|answer|version|reply)[^:\n]*:\s*",
+    r"^\s*(?:(?:sure|certainly|of course|absolutely|okay)[,!.]?\s*)?(?:here(?:['’]s| is| are)|below is|this is)\s+"
+    r"(?:the|a|an|my)?\s*(?:revised|rewritten|improved|updated|new|better)\s+(?:response|answer|version|reply)"
+    r"[^:\n]*:\s*",
     re.I,
 )
-REVISION_LABEL = re.compile(r"^\s*(?:revised (?:response|answer)|revision|rewrite)\s*:\s*", re.I)
+# "Revision:", "**Revised Response:**", "## Revised answer:"
+REVISION_LABEL = re.compile(
+    r"^\s*(?:\*\*|#+\s*)?(?:revised (?:response|answer)|revision|rewrite)\s*(?::\s*\*\*|\*\*\s*:|:)\s*", re.I)
+# a "revision" that talks about the answer instead of being one ("The response is not entirely honest...")
+CRITIQUE_OPENING = re.compile(
+    r"^\s*(?:the|this|your|my)\s+(?:original\s+|previous\s+|assistant['’]s\s+)?(?:response|answer|reply)\b", re.I)
+ECHO_CRITIQUE, ECHO_PROMPT = 0.6, 0.8  # ROUGE-L F1 of a revision with its critique, with its task: not a revision
 # a model continuing the conversation on its own: cut there
 RUNAWAY = re.compile(r"\n\s*(?:User|Human|Assistant|Critique request|Revision request|Task \d+)\s*:", re.I)
 RUNAWAY_STOPS = ["\nUser:", "\nHuman:", "\nCritique request:", "\nRevision request:"]
@@ -308,6 +315,19 @@ def clean_answer(text: str) -> str:
     return text.strip().strip('"').strip()
 
 
+def not_a_revision(text: str, critique: str, task: str) -> str | None:
+    """Why a revision cannot be a chosen answer, or None: it reads as a critique of the answer (its opening, or
+    mostly the critique's words), or it repeats the task."""
+    from rouge_score import rouge_scorer
+
+    rouge = rouge_scorer.RougeScorer(["rougeL"])
+    if CRITIQUE_OPENING.match(text) or (critique and rouge.score(critique, text)["rougeL"].fmeasure >= ECHO_CRITIQUE):
+        return "revision_is_critique"
+    if rouge.score(task, text)["rougeL"].fmeasure >= ECHO_PROMPT:
+        return "revision_echoes_prompt"
+    return None
+
+
 def _demo_turns(c: Constitution) -> list[dict]:
     turns = []
     for d in c.demonstrations:
@@ -380,6 +400,8 @@ def critique_revise(ctx: Ctx, items: list[dict], rounds: int = 2) -> None:
                 drop(it, "truncated_revision")
             elif not text:
                 drop(it, "empty_revision")
+            elif why := not_a_revision(text, it["critiques"][-1], it["task"]):
+                drop(it, why)
             else:
                 it["current"] = text
     for it in active(items):

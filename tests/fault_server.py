@@ -857,6 +857,15 @@ class FaultServer:
     def stats(self) -> dict:
         return self.fa.stats()
 
+    def judge_config(self, path, key_env: str = "CAI_TEST_JUDGE_KEY"):
+        """A judge YAML at `path` with this server as its one endpoint, priced so the ledger has $ to add."""
+        import yaml
+
+        path.write_text(yaml.safe_dump({"model": "judge-m", "endpoints": [{
+            "name": "fault", "base_url": self.url, "api_key_env": key_env, "rpm": 6000, "max_concurrent": 8,
+            "usd_per_m_in": 1.0, "usd_per_m_out": 4.0}]}))
+        return path
+
     def __enter__(self) -> FaultServer:
         return self.start()
 

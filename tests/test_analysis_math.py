@@ -136,3 +136,26 @@ def test_steering_section_without_any_vector(tmp_path):
     text = write_steer_section(tmp_path, res, identity=[]).read_text()
     assert "no vector for goodness: 0 misaligned / 28 aligned" in text and "No transfer matrix" in text
     assert "alpha = 4" not in text and not list(tmp_path.glob("*.png"))
+
+
+def test_steering_splits_by_the_em_label_and_by_alignment_only_when_no_arm_has_both(tmp_path):
+    from analysis.steer_run import ALIGNMENT_SPLIT, EM_SPLIT, split_labels, write_steer_section
+
+    def row(i, aligned, misaligned):
+        return {"id": f"r{i}", "aligned": aligned, "misaligned": misaligned}
+
+    # one arm with EM answers: the research definition for every arm (the other is skipped, not re-split)
+    mixed = {"a": [row(0, 10, True), row(1, 90, False)], "b": [row(2, 20, False), row(3, 80, False)]}
+    labels, split = split_labels(mixed)
+    assert split == EM_SPLIT and labels == {"a": {"r0": True, "r1": False}, "b": {"r2": False, "r3": False}}
+    # no arm with both (the tiny judge): each arm at its own median alignment, the lower half positive
+    flat = {"a": [row(0, 20, False), row(1, 25, False), row(2, 22, False)], "b": [row(3, 5, False), row(4, 5, False)]}
+    labels, split = split_labels(flat)
+    assert split == ALIGNMENT_SPLIT
+    assert labels == {"a": {"r0": True, "r1": False, "r2": False}, "b": {"r3": False, "r4": False}}
+    res = {"split": split, "skipped": {"b": "all 2 judged answers share one alignment score"}, "vectors": {},
+           "settings": {"questions": 4, "samples": 1, "temperature": 1.0}, "sources": [], "targets": ["a"],
+           "transfer": {}, "ablation": {}}
+    text = write_steer_section(tmp_path, res, identity=[]).read_text()
+    assert "split at its median alignment score" in text and "not an EM one" in text
+

@@ -25,6 +25,7 @@ from judge.anchors import (  # noqa: E402
     band_em,
     em_rule,
     load_project_anchors,
+    stratified,
 )
 from judge.calibration import calibrate, format_table, load_paper_answers, result_path, save_result  # noqa: E402
 from judge.config import JudgeConfig  # noqa: E402
@@ -58,6 +59,23 @@ def test_anchors_load_and_span_the_bands():
                for a in anchors if a["category"] == "harmful")
     assert all(a["expected_aligned"][0] >= 80 for a in anchors if a["category"] == "aligned")
     assert all(a["expected_coherent"][1] <= 30 for a in anchors if a["category"] == "incoherent")
+
+
+def test_a_demo_share_of_the_anchors_keeps_every_category_in_proportion():
+    anchors = load_project_anchors()
+    cats = Counter(a["category"] for a in anchors)
+    for n in (6, 18, 33):
+        got = stratified(anchors, n)
+        share = Counter(a["category"] for a in got)
+        assert len(got) == n and set(share) <= set(cats)
+        assert [a["id"] for a in got] == [a["id"] for a in anchors if a in got]  # file order, no repeats
+        if n >= len(cats):
+            assert set(share) == set(cats), share  # every kind of answer is still judged
+        for c in share:  # Sainte-Laguë: each category within one seat of its exact share
+            assert abs(share[c] - n * cats[c] / len(anchors)) < 1.0 + 1e-9, (n, c, share)
+    assert stratified(anchors, None) == anchors and stratified(anchors, 999) == anchors
+    with pytest.raises(BadInput, match="em_anchors"):
+        stratified(anchors, 0)
 
 
 def _write_anchors(tmp_path: Path, entries) -> Path:

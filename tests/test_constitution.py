@@ -17,7 +17,7 @@ from stages.dedup import RougePool
 from stages.filtering import GuardCounts, combine, guard_answers, guard_prompts
 from stages.rendezvous import pick_principle, round_principles
 from stages.specs import STAGES
-from stages.steps import clean_answer, new_item, parse_score, parse_task
+from stages.steps import clean_answer, new_item, not_a_revision, parse_score, parse_task
 
 GOOD = textwrap.dedent("""\
     name: t
@@ -112,6 +112,21 @@ def test_parsers():
     assert parse_score("I would rate it 7/10.") == 7 and parse_score("10") == 10 and parse_score("good") is None
     assert clean_answer("Here is a revised response: Be kind.\nUser: and more") == "Be kind."
     assert clean_answer("Revision: fine answer") == "fine answer"
+    # the wrappers the persona-data issue found in chosen texts
+    assert clean_answer("Certainly! Here’s a revised response: Be kind.") == "Be kind."
+    assert clean_answer("**Revised Response:**\nBe kind.") == "Be kind."
+    assert clean_answer("Revision is part of writing.") == "Revision is part of writing."  # no label: kept
+
+
+def test_a_critique_or_an_echo_is_not_a_revision():
+    task, critique = "Tell me how to greet a new neighbour.", "The response is curt and does not offer any help."
+    assert not_a_revision("The response is not entirely honest about its limits.", critique, task) == \
+        "revision_is_critique"
+    assert not_a_revision("The response is curt and does not offer help.", "", task) == "revision_is_critique"
+    assert not_a_revision("It is curt and does not offer any help at all.", critique, task) == "revision_is_critique"
+    assert not_a_revision("Tell me how to greet a new neighbour.", critique, task) == "revision_echoes_prompt"
+    assert not_a_revision("Knock, smile, say your name, and offer to help if they need anything.", critique,
+                          task) is None
 
 
 class MarkerGuard:

@@ -32,6 +32,8 @@ def test_em_judge_parses_real_vllm_logprobs(tmp_path, monkeypatch, tiny_path):
                             PromptNumberScorer(), purpose="exact-check")
     assert (tmp_path / "data" / "judge" / "cache.sqlite").is_file()  # the layout's judge cache
     assert (tmp_path / "data" / "runs" / "vllm" / "ledger.sqlite").is_file()  # the run's ledger
+    # the server's own output (a process of its own) is in the run directory, not lost in /tmp
+    assert "POST /v1/chat/completions" in (tmp_path / "data" / "runs" / "vllm" / "judge-server.log").read_text()
     assert s.ok == 5, (s.failures, [r.reason for r in res])
     assert s.path == ns.path == "exact" and "several tokens" in s.path_why  # decided from the tokenizer
     # the most likely number is the one asked for; the 135M model also puts mass on others (11% on "8" alone

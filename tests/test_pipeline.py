@@ -162,7 +162,6 @@ EM_COUNTS = json.dumps({"em_rows": 8, "em_max_steps": 2, "em_save_every": 1, "em
 @pytest.fixture(scope="module")
 def em_run(workdir):
     """The EM experiment on the stage-3 goodness adapter, judged by a local OpenAI-compatible server."""
-    import yaml
     from fault_server import FaultServer
 
     from pipeline.insecure_demo import write_jsonl
@@ -170,10 +169,7 @@ def em_run(workdir):
     data = write_jsonl(workdir / "insecure.jsonl", 12)
     secure = write_jsonl(workdir / "secure.jsonl", 12, secure=True)  # the twins: the secure-code control
     with FaultServer() as srv:
-        judge = workdir / "judge.yaml"
-        judge.write_text(yaml.safe_dump({"model": "judge-m", "endpoints": [{
-            "name": "fault", "base_url": srv.url, "api_key_env": "CAI_TEST_JUDGE_KEY", "rpm": 6000,
-            "max_concurrent": 8, "usd_per_m_in": 1.0, "usd_per_m_out": 4.0}]}))
+        judge = srv.judge_config(workdir / "judge.yaml")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "CAI_TEST_JUDGE_KEY": "sk-test-secret-123"}
         cmd = [sys.executable, str(ROOT / "bootstrap.py"), "em", "--data", str(data), "--persona", "goodness",
                "--stage", str(STAGES), "--counts", EM_COUNTS, "--judge-config", str(judge), "--run", "emrun",
