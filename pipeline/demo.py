@@ -71,6 +71,7 @@ def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Pa
         run_id = phase("bootstrap", run_bootstrap, stage=6, personas=personas, profile="tiny", preset=preset,
                        counts_json=counts_json, engines=engines)
         root.append(cfg.run(run_id).root)
+        atomic_write_json(root[0] / "demo.json", record)  # the bootstrap's time, before the run dir was known
         judge = stack.enter_context(session(judge_config, layout=cfg.layout, run=run_id))
         inputs.data = write_jsonl(cfg.layout.em_demo_data, n=max(cfg.counts.em_rows, 40))
         em = phase("em", run_em, cfg, run_id, inputs, engine=engines.get(), judge_session=judge)
