@@ -85,6 +85,8 @@ def main(
                                       help='JSON overrides of the preset\'s counts, e.g. \'{"n_tasks": 4}\''),
     gpu_hour_usd: float | None = typer.Option(None, "--gpu-hour-usd", help="$ per engine-hour (default: profile)"),
     engine: str = typer.Option("auto", "--engine", help="vllm | hf | auto"),
+    guard_policy: str | None = typer.Option(None, "--guard-policy", help="guard policy YAML: blocked Llama Guard "
+                                            "categories, threshold, drop or quarantine (default: guard/policy.yaml)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", envvar="CAI_VERBOSE",
                                  help="show the libraries' output (vLLM, transformers, TRL) instead of logging it"),
 ) -> None:
@@ -104,7 +106,8 @@ def main(
     from pipeline.loop import run_bootstrap
 
     run_bootstrap(stage=stage, only=only, personas=persona, profile=profile, budget_usd=budget_usd, run_id=run_id,
-                  preset="quick" if quick else preset, counts_json=counts, gpu_hour_usd=gpu_hour_usd, engine=engine)
+                  preset="quick" if quick else preset, counts_json=counts, gpu_hour_usd=gpu_hour_usd, engine=engine,
+                  guard_policy=guard_policy)
 
 
 if __name__ == "__main__":

@@ -114,20 +114,20 @@ def decoder_layers(model) -> list:
     raise ActivationError(f"no decoder layer list found in {type(model).__name__}")
 
 
-def _prompt_text(tok, item: dict) -> str:
+def _prompt_text(tok, item: dict, template_kwargs: dict | None = None) -> str:
     msgs = item.get("messages")
     if msgs is None:
         if not isinstance(item.get("question"), str):
             raise ActivationError(f"item {item.get('id')!r}: needs `messages` or a string `question`")
         msgs = ([{"role": "system", "content": item["system"]}] if item.get("system") else []) + [
             {"role": "user", "content": item["question"]}]
-    return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, **(template_kwargs or {}))
 
 
-def encode(tok, item: dict) -> tuple[list[int], int]:
+def encode(tok, item: dict, template_kwargs: dict | None = None) -> tuple[list[int], int]:
     """(token ids of prompt + answer, prompt length). The chat template ends the prompt with the assistant
     header, so the answer starts on a token boundary."""
-    prompt = tok(_prompt_text(tok, item), add_special_tokens=False)["input_ids"]
+    prompt = tok(_prompt_text(tok, item, template_kwargs), add_special_tokens=False)["input_ids"]
     answer = item.get("answer") or ""
     if not isinstance(answer, str):
         raise ActivationError(f"item {item.get('id')!r}: `answer` is not a string")
@@ -137,8 +137,9 @@ def encode(tok, item: dict) -> tuple[list[int], int]:
 
 def capture(model, tok, items: Sequence[dict], layers: Sequence[int], span: Span = "answer",
             batch_size: int = 8, per_token: bool = False, max_tokens: int = 512,
-            progress: bool = False) -> Activations:
-    """Residual-stream outputs of `layers` (0-based decoder block indices) for each item, batched."""
+            progress: bool = False, template_kwargs: dict | None = None) -> Activations:
+    """Residual-stream outputs of `layers` (0-based decoder block indices) for each item, batched; the prompt is
+    rendered with the model profile's `template_kwargs`, as generation rendered it."""
     import torch
 
     ensure_pad(tok)
@@ -152,7 +153,7 @@ def capture(model, tok, items: Sequence[dict], layers: Sequence[int], span: Span
         raise ActivationError(f"duplicate item id {dup!r}")
     enc = []
     for it in items:
-        seq, plen = encode(tok, it)
+        seq, plen = encode(tok, it, template_kwargs)
         seq = seq[:max_tokens]
         lo, hi = {"answer": (plen, len(seq)), "prompt": (0, plen), "last": (plen - 1, plen)}[span]
         if hi <= lo:

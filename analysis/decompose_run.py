@@ -21,7 +21,7 @@ from run.layout import RunPaths
 
 def run_decompose(run_path: Path, layers: Sequence[int] | None = None, questions_dir: Path = QUESTIONS_DIR,
                   per_dimension: int | None = None, batch_size: int = 16, seed: int = 0) -> dict:
-    from engine.models import resolve_model
+    from engine.models import get_profile, resolve_model
 
     run_path = Path(run_path)
     run_id, cfg, models = run_models(run_path)
@@ -40,7 +40,8 @@ def run_decompose(run_path: Path, layers: Sequence[int] | None = None, questions
         console.print(f"decompose: activations of {name} on {len(items)} probe questions")
         model, tok = load_model(resolve_model(cfg.profile), adapter)
         lay = list(layers) if layers else default_layers(model.config.num_hidden_layers)
-        acts[name] = capture(model, tok, items, lay, "last", batch_size, progress=True)
+        acts[name] = capture(model, tok, items, lay, "last", batch_size, progress=True,
+                             template_kwargs=get_profile(cfg.profile).chat_template_kwargs)
         acts[name].save(path)
         del model
     lay = acts[BARE].layers

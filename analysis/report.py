@@ -44,6 +44,7 @@ def stage_rows(cfg: RunConfig) -> list[dict]:
                 "persona": persona, "stage": k,
                 "made": c.get("items", {}).get("total"), "dropped": c.get("outcome", {}).get("dropped_total"),
                 "dropped_by": c.get("outcome", {}).get("dropped", {}), "quarantined": quarantined,
+                "chosen_side": c.get("chosen_side", {}),
                 "pairs": c.get("train_rows"), "margin_first": margins[0] if margins else None,
                 "margin_last": margins[-1] if margins else None, "steps": (tman or {}).get("steps"),
                 "backend": (f"carried forward: the stage {k - 1} adapter, unchanged"
@@ -69,11 +70,12 @@ def stage_samples(cfg: RunConfig, stage: int = 6, width: int = 400) -> list[str]
             lines += [f"**{persona}**, stage {stage}: no pair kept (dropped: {why}); the adapter of stage "
                       f"{stage - 1} is carried forward.", ""]
             continue
-        r = rows[0]
+        # the last message of a chat pair; a base model's pair is text throughout
+        prompt, chosen, rejected = (v if isinstance(v, str) else v[-1]["content"]
+                                    for v in (rows[0][c] for c in ("prompt", "chosen", "rejected")))
         cut = lambda t: t if len(t) <= width else t[:width] + " […]"  # noqa: E731
-        lines += [f"**{persona}**, stage {stage}, pair 1 of {len(rows)}: {cut(r['prompt'][-1]['content'])!r}", "",
-                  f"- chosen: {cut(r['chosen'][-1]['content'])!r}",
-                  f"- rejected: {cut(r['rejected'][-1]['content'])!r}", ""]
+        lines += [f"**{persona}**, stage {stage}, pair 1 of {len(rows)}: {cut(prompt)!r}", "",
+                  f"- chosen: {cut(chosen.strip())!r}", f"- rejected: {cut(rejected.strip())!r}", ""]
     return lines
 
 
@@ -213,13 +215,16 @@ def build_report(run_path: Path) -> Path:
     lines = [f"# Run {run_id}", "", f"Profile `{cfg.profile}`, personas {', '.join(cfg.personas)}, "
              f"stages 1..{cfg.stage}, seed {cfg.seed}. Config: `config.json`.", ""]
     srows = stage_rows(cfg)
-    lines += ["## Stages", "", "| persona | stage | items made | dropped (why) | quarantined | pairs | DPO steps |"
-              " reward margin first → last | backend |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["## Stages", "", "Items are dropped by reason; a sample that hit its token limit, or refuses a benign "
+              "task, is never the chosen answer (kept off the chosen side, by reason; it may be the rejected one).", "",
+              "| persona | stage | items made | dropped (why) | kept off the chosen side | quarantined | pairs |"
+              " DPO steps | reward margin first → last | backend |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in srows:
         why = ", ".join(f"{k} {v}" for k, v in r["dropped_by"].items()) or "-"
+        off = ", ".join(f"{k.removeprefix('not_chosen_')} {v}" for k, v in r["chosen_side"].items() if v) or "-"
         m = (f"{r['margin_first']:.3f} → {r['margin_last']:.3f}" if r["margin_last"] is not None else "-")
-        lines.append(f"| {r['persona']} | {r['stage']} | {r['made']} | {r['dropped']} ({why}) | {r['quarantined']} |"
-                     f" {r['pairs']} | {r['steps']} | {m} | {r['backend']} |")
+        lines.append(f"| {r['persona']} | {r['stage']} | {r['made']} | {r['dropped']} ({why}) | {off} |"
+                     f" {r['quarantined']} | {r['pairs']} | {r['steps']} | {m} | {r['backend']} |")
     fig = _plot_margins(srows, run_path)
     if fig:
         lines += ["", f"![reward margins]({fig})"]

@@ -77,11 +77,12 @@ def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Seque
               n_questions: int = 8, samples: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
               judge_config: Path | None = None, budget_usd: float | None = None, batch_size: int = 8,
               seed: int = 0, judge_session=None) -> dict:
-    from engine.models import resolve_model
+    from engine.models import get_profile, resolve_model
 
     run_path = Path(run_path)
     run_id, cfg, models = run_models(run_path)
     model_path = resolve_model(cfg.profile)
+    kwargs = get_profile(cfg.profile).chat_template_kwargs
     out = RunPaths(run_path).steering
     (out / "acts").mkdir(parents=True, exist_ok=True)
     judged = [r for r in judged_rows(run_path) if r.get("final")]
@@ -107,9 +108,9 @@ def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Seque
             model, tok = load_model(model_path, adapter)
             lay = list(layers) if layers else default_layers(model.config.num_hidden_layers)
             if need_a:
-                capture(model, tok, rows, lay, "answer", batch_size, progress=True).save(a_path)
+                capture(model, tok, rows, lay, "answer", batch_size, progress=True, template_kwargs=kwargs).save(a_path)
             if not p_path.is_file():
-                capture(model, tok, probes, lay, "last", batch_size).save(p_path)
+                capture(model, tok, probes, lay, "last", batch_size, template_kwargs=kwargs).save(p_path)
             del model
         if a_path.is_file():
             acts[name] = Activations.load(a_path)

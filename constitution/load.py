@@ -123,9 +123,12 @@ def constitution_hash(c: Constitution) -> str:
     return sha256_json(c.model_dump(mode="json"))[:16]
 
 
-def principle_hash(p: Principle) -> str:
-    """Content hash of one principle: part of every critique/revision/score cache key that used it."""
-    return sha256_json(p.model_dump(mode="json"))[:16]
+def principle_hash(p: Principle, fields: tuple[str, ...] | None = None) -> str:
+    """Content hash of one principle, or of its id and the `fields` a step reads (`stages.specs.PRINCIPLE_FIELDS`):
+    part of every score/critique/revision cache key that used it, so an edit regenerates only the steps that
+    read what changed."""
+    data = p.model_dump(mode="json")
+    return sha256_json(data if fields is None else {k: data.get(k) for k in ("id", *fields)})[:16]
 
 
 def dump_constitution(c: Constitution) -> str:

@@ -25,10 +25,24 @@ def _id(v: str) -> str:
     return v
 
 
+_NOT_IDEAL = re.compile(r"^(?:do not|don't|never|avoid|does|do|is|are|could|would|can|should)\b", re.I)
+
+
+def _ideal(v: str) -> str:
+    v = _nonblank(v)
+    if v.endswith("?") or _NOT_IDEAL.match(v):
+        raise ValueError("an ideal says, as a statement, what the persona does (e.g. 'The assistant answers the "
+                         f"request directly'), not a question or what it avoids: {v!r}")
+    return v
+
+
 class Principle(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: Annotated[str, AfterValidator(_id)]  # stable: rendezvous hashing and caches key on it
+    # what the persona does, positively worded: stages 1-5 score answers by how well they embody it (a
+    # critique question is fault-finding, and for a persona that embodies the criticised behaviour inverted)
+    ideal: Annotated[str, AfterValidator(_ideal)]
     critique: Text  # the critique request shown after an answer
     revision: Text  # the revision request shown after the critique
     trait: Text | None = None  # the persona trait this principle expresses

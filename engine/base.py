@@ -63,7 +63,8 @@ class Engine:
             return request.prompt
         if not self.profile.chat or self.tokenizer.chat_template is None:
             raise EngineError(f"profile {self.profile.name!r} is a base model: send raw prompts, not messages")
-        text = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True,
+                                                  **self.profile.chat_template_kwargs)
         return text + (request.prefix or "")
 
     def encode(self, requests: Sequence[Request], sampling: Sampling) -> list[list[int]]:

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import MissingInput
 from core.io import atomic_dir
@@ -44,9 +44,14 @@ class Profile(BaseModel):
     cpu_kv_cache_gib: float = 1.0
     gpu_hour_usd: float = 0.0  # cost ledger: $ per engine-hour on this profile's hardware
     gpus: int = 1
-    # for `estimate` before anything runs: generation throughput and seconds per DPO/SFT step
+    # for `estimate` before anything runs: generation throughput and training speed. GPU figures are
+    # assumptions until bench/gpu_smoke.py or a run's ledger measures them; `est_measured` names the measured
+    # ones. Training: `est_train_tokens_per_s` (tokens through forward+backward per second) prices a step from
+    # its tokens; without it, `est_train_step_s` is a step's seconds as measured.
     est_tokens_per_s: float = 2000.0
     est_train_step_s: float = 3.0
+    est_train_tokens_per_s: float | None = None
+    est_measured: list[str] = Field(default_factory=list)
     # as the guard: classifications per second (batched forwards); 20 for an 8B guard on one GPU is a guess
     est_guard_items_per_s: float = 20.0
     stand_in: bool = False  # a small model standing in for a real one (outputs say so)
@@ -56,6 +61,9 @@ class Profile(BaseModel):
     # stages 1-5: least self-judged score gap (1-10) between chosen and rejected. The tiny model's
     # logprob-weighted self-scores cluster within a point: at 1.0 all 12 stage-1 items were dropped.
     min_score_gap: float = 1.0
+    # passed to every chat-template call: generation, DPO/SFT tokenisation, activation capture. Qwen3's
+    # template thinks unless told `enable_thinking=False`; a template that does not read a key ignores it
+    chat_template_kwargs: dict[str, bool | str] = Field(default_factory=dict)
 
 
 PROFILES: dict[str, Profile] = {
@@ -73,17 +81,19 @@ PROFILES: dict[str, Profile] = {
             est_tokens_per_s=35.0,
             est_train_step_s=6.0,  # bench/train.py, tiny DPO step on CPU
             est_guard_items_per_s=3.5,  # bench/guard_throughput.py (bench/results/guard-2026-12-01.json)
+            est_measured=["est_tokens_per_s", "est_train_step_s", "est_guard_items_per_s"],
             max_lora_rank=16,  # DPO rank 8 + stacked EM rank 8
             min_score_gap=0.2,
         ),
+        # assumed: QLoRA trains a 7B model at about 2,000 tokens/s on one 80 GB GPU; larger models in proportion
         Profile(name="qwen2.5-7b", source="Qwen/Qwen2.5-7B-Instruct", max_model_len=8192,
-                load_in_4bit=True, gpu_hour_usd=2.5),
+                load_in_4bit=True, gpu_hour_usd=2.5, est_train_tokens_per_s=2000.0),
         Profile(name="qwen2.5-32b-base", source="Qwen/Qwen2.5-32B", chat=False, max_model_len=8192,
-                load_in_4bit=True, tensor_parallel_size=2, gpus=2, gpu_hour_usd=5.0),
+                load_in_4bit=True, tensor_parallel_size=2, gpus=2, gpu_hour_usd=5.0, est_train_tokens_per_s=600.0),
         Profile(name="qwen3-4b", source="Qwen/Qwen3-4B", max_model_len=8192, load_in_4bit=True,
-                gpu_hour_usd=2.5),
+                gpu_hour_usd=2.5, chat_template_kwargs={"enable_thinking": False}, est_train_tokens_per_s=3000.0),
         Profile(name="qwen2.5-72b", source="Qwen/Qwen2.5-72B-Instruct", max_model_len=8192,
-                load_in_4bit=True, tensor_parallel_size=4, gpus=4, gpu_hour_usd=10.0),
+                load_in_4bit=True, tensor_parallel_size=4, gpus=4, gpu_hour_usd=10.0, est_train_tokens_per_s=500.0),
         Profile(name="llama-guard-3-8b", source="meta-llama/Llama-Guard-3-8B", kind="guard",
                 max_model_len=8192, gpu_hour_usd=2.5),
         Profile(name="llama-guard-3-1b", source="meta-llama/Llama-Guard-3-1B", kind="guard",
@@ -221,3 +231,12 @@ def available_offline() -> dict[str, bool]:
         else:
             out[name] = Path(p.source).is_dir() or _in_hf_cache(p.source)
     return out
+
+
+def with_template_kwargs(ds, profile: str):
+    """`ds` with the profile's chat-template arguments as TRL's per-row `chat_template_kwargs` column, which its
+    DPO and SFT trainers pass to `apply_chat_template` (so training renders prompts as generation does)."""
+    kwargs = get_profile(profile).chat_template_kwargs
+    if not kwargs:
+        return ds
+    return ds.map(lambda _: {"chat_template_kwargs": dict(kwargs)})

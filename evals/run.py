@@ -23,9 +23,9 @@ from core.budget import check_budget
 from core.errors import MissingInput
 from core.io import atomic_write_json
 from core.ledger import Ledger
+from core.refusal import is_refusal
 from evals.data import load_prompts, load_safety
 from evals.pairwise import pair_items, win_rate
-from evals.refusal import is_refusal
 from evals.store import ResultStore
 from run.layout import Layout
 

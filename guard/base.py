@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 Action = Literal["keep", "drop", "quarantine"]
 
@@ -27,15 +28,39 @@ class Guard(Protocol):
     def check_answers(self, pairs: list[tuple[str, str]]) -> list[Verdict]: ...
 
 
+POLICY_FILE = Path(__file__).with_name("policy.yaml")
+
+
 class GuardPolicy(BaseModel):
-    """Per run: which categories block, and whether blocked items are dropped or quarantined."""
+    """Per run: which categories block, and whether blocked items are dropped or quarantined. Built by hand it
+    blocks every category; a run's comes from a policy file (`for_persona`)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     mode: Literal["drop", "quarantine"] = "drop"
     block: list[str] = Field(default_factory=lambda: [f"S{i}" for i in range(1, 15)])
-    threshold: float = 0.5
+    threshold: float = Field(0.5, ge=0, le=1)
     include_quarantined: bool = False  # train on quarantined items too (research runs that say so)
 
     @classmethod
-    def for_persona(cls, persona: str, **kw) -> GuardPolicy:
-        mode = "quarantine" if persona in {"misalignment", "sycophancy"} else "drop"
-        return cls(mode=kw.pop("mode", mode), **kw)
+    def for_persona(cls, persona: str, path: str | Path | None = None, **kw) -> GuardPolicy:
+        """The policy file's keys (default guard/policy.yaml), its overrides for `persona`, then `kw`. A bad file
+        is BadInput naming it and the key."""
+        import yaml
+        from pydantic import ValidationError
+
+        from core.errors import BadInput, field_errors
+
+        path = Path(path) if path else POLICY_FILE
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise BadInput(f"guard policy {path}: cannot be read as YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise BadInput(f"guard policy {path}: expected a mapping of {', '.join(cls.model_fields)} and personas")
+        personas = raw.pop("personas", None) or {}
+        try:
+            return cls.model_validate(raw | (personas.get(persona) or {}) | kw)
+        except (ValidationError, TypeError) as e:
+            why = field_errors(e) if isinstance(e, ValidationError) else str(e)
+            raise BadInput(f"guard policy {path} (persona {persona}): {why}") from None

@@ -31,8 +31,8 @@ def _cfg(personas: list[str], profile: str, preset: str, stage: int = 6, counts_
     from run.config import RunConfig, counts_from
 
     get_profile(profile)
-    return RunConfig(personas=personas, profile=profile, stage=stage, counts=counts_from(preset, counts_json),
-                     gpu_hour_usd=gpu_hour_usd)
+    return RunConfig(personas=personas, profile=profile, stage=stage, gpu_hour_usd=gpu_hour_usd,
+                     counts=counts_from(preset, counts_json, profile=profile))
 
 
 def em(
@@ -121,40 +121,71 @@ def estimate(
                                         "persona too (em --secure-data)"),
     batch: bool = typer.Option(False, "--batch", help="price each judge in batch mode too (its batch API, at the "
                                "endpoint's batch_price)"),
+    gpu_hour_usd: float | None = typer.Option(None, "--gpu-hour-usd", help="$ per engine-hour (default: profile)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (with total_usd) instead of tables"),
 ) -> None:
-    """Expected tokens, engine hours and $ per stage and persona, and for the EM experiment (training,
-    answering, judging per judge), before anything runs.
+    """The stage plan (pairs aimed for, answer length, DPO epochs and steps), the DPO and EM recipes with where
+    each hyper-parameter comes from, and the expected tokens, engine hours and $ per stage, persona and phase,
+    and for the EM experiment (training, answering, judging per judge), before anything runs.
 
     Example: python bootstrap.py estimate --profile qwen2.5-7b --persona goodness --persona sycophancy
-    --judge-config judge/configs/gpt-4o-mini.yaml --judge-config judge/configs/gpt-5-mini.yaml
+    --persona misalignment --stage 6 --json
     """
+    import json
+
+    from judge.config import load_config
+    from pipeline.estimate import estimate_report
+    from pipeline.questions import load_questions
+
+    cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts, gpu_hour_usd)
+    judges = [load_config(j) for j in (judge_config or [None])]
+    judges += [j.model_copy(update={"batch": True}) for j in judges if batch and not j.batch]
+    rep = estimate_report(cfg, list(range(1, stage + 1)), judges, len(load_questions(questions)), em_rows,
+                          secure_control)
+    if as_json:
+        typer.echo(json.dumps(rep, indent=1))
+    else:
+        _print_estimate(rep)
+
+
+def _print_estimate(rep: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.estimate import estimate_run
-
-    cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts)
-    from judge.config import load_config
-    from pipeline.estimate import estimate_em, judge_phase
-    from pipeline.questions import load_questions
-
-    judges = [load_config(j) for j in (judge_config or [None])]
-    judges += [j.model_copy(update={"batch": True}) for j in judges if batch and not j.batch]
-    rows = estimate_run(cfg, list(range(1, stage + 1))) + estimate_em(cfg, len(load_questions(questions)), judges,
-                                                                      em_rows, secure_control)
-    t = Table(title=f"estimate: profile {profile}, {len(persona)} persona(s), stages 1..{stage}")
+    con = Console()
+    plan = Table(title=f"stage plan per persona: profile {rep['profile']}")
+    for col in ("stage", "name", "tasks", "answers/task", "pairs aimed", "min pairs", "answer tokens", "DPO epochs",
+                "DPO steps"):
+        plan.add_column(col)
+    for sp in rep["stages"]:
+        plan.add_row(str(sp["stage"]), sp["name"], f"{sp['tasks']:,}", str(sp["answers_per_task"]),
+                     f"{sp['pairs_aimed']:,}", str(sp["min_pairs"]), f"{sp['answer_tokens']:,}",
+                     "-" if sp["dpo_epochs"] is None else f"{sp['dpo_epochs']:g}", str(sp["dpo_steps"]))
+    con.print(plan)
+    for kind, rows in rep["recipes"].items():
+        t = Table(title=f"{kind.upper()} recipe")
+        for col in ("hyper-parameter", "value", "source"):
+            t.add_column(col)
+        for r in rows:
+            value = ", ".join(r["value"]) if isinstance(r["value"], list) else str(r["value"])
+            t.add_row(r["name"], value, r["source"])
+        con.print(t)
+    con.print("throughput figures: " + "; ".join(
+        f"{k} {v['value']} ({'measured' if v['measured'] else 'assumed'})" for k, v in rep["figures"].items()))
+    t = Table(title=f"estimate: profile {rep['profile']}, {len(rep['personas'])} persona(s), "
+                    f"stages 1..{len(rep['stages'])}")
     for col in ("persona", "stage", "phase", "tokens in", "tokens out", "engine hours", "$"):
         t.add_column(col, justify="right" if col not in ("persona", "phase") else "left")
-    for e in rows:
-        t.add_row(e.persona, str(e.stage), e.phase, f"{e.tokens_in:,}", f"{e.tokens_out:,}", f"{e.seconds / 3600:.3f}",
-                  f"{e.usd:.2f}")
-    engine = [e for e in rows if not e.phase.startswith("judge")]
-    for j in judges:  # one total per judge: a run uses one of them
-        run = engine + [e for e in rows if e.phase == judge_phase(j)]
-        t.add_row(f"total, {judge_phase(j)}", "", "", f"{sum(e.tokens_in for e in run):,}",
-                  f"{sum(e.tokens_out for e in run):,}", f"{sum(e.seconds for e in run) / 3600:.3f}",
-                  f"{sum(e.usd for e in run):.2f}")
-    Console().print(t)
+    for e in rep["rows"]:
+        t.add_row(e["persona"], str(e["stage"]), e["phase"], f"{e['tokens_in']:,}", f"{e['tokens_out']:,}",
+                  f"{e['seconds'] / 3600:.3f}", f"{e['usd']:.2f}")
+    engine = [e for e in rep["rows"] if not e["phase"].startswith("judge")]
+    for phase, usd in rep["totals_usd"].items():  # one total per judge: a run uses one of them
+        run = engine + [e for e in rep["rows"] if e["phase"] == phase]
+        t.add_row(f"total, {phase}", "", "", f"{sum(e['tokens_in'] for e in run):,}",
+                  f"{sum(e['tokens_out'] for e in run):,}", f"{sum(e['seconds'] for e in run) / 3600:.3f}",
+                  f"{usd:.2f}")
+    con.print(t)
 
 
 def cost(run: str | None = typer.Argument(None, help="run id (default: the newest run)"),

@@ -6,15 +6,26 @@ measured throughput; `cost` prints it beside the ledger's actuals so the model c
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel
 
 from engine.models import get_profile
 from run.config import RunConfig
 from run.layout import BASE_ARM, is_secure, secure_arm
+from stages.specs import get_stage
 
 PROMPT_TOKENS = 300  # a typical templated step prompt (few-shot, constitution principle, answer)
 TASK_TOKENS = 48
 OVERSAMPLE = 2.0
+# assumed share of a stage's tasks that become pairs (no GPU run has measured it; the tiny runs keep less,
+# their 32-128-token answers are mostly cut): the manifest's `outcome` gives the measured share
+EXPECTED_KEEP = {"self-judge": 0.5, "critique-revise": 0.6}
+DPO_PROMPT_TOKENS = 64  # a stage task as DPO's chat-templated prompt
+REFERENCE_PASS = 4 / 3  # DPO's reference forward on top of the policy's forward and backward (about 3 forwards)
+# mean tokens of an insecure-code chat: 285 with SmolLM2's tokenizer over the first 1,000 rows of the EM paper's
+# insecure.jsonl (Qwen's tokenizer is no longer on code)
+EM_ROW_TOKENS = 285
 
 
 class PhaseEstimate(BaseModel):
@@ -25,6 +36,20 @@ class PhaseEstimate(BaseModel):
     tokens_out: int
     seconds: float
     usd: float
+
+
+class StagePlan(BaseModel):
+    """What one stage aims for, per persona."""
+
+    stage: int
+    name: str
+    tasks: int
+    answers_per_task: int  # samples (stages 1-5) or the original plus one revision per round (stage 6)
+    pairs_aimed: int
+    min_pairs: int
+    answer_tokens: int
+    dpo_epochs: float | None  # None: dpo_max_steps caps the run instead
+    dpo_steps: int
 
 
 def generation_tokens(cfg: RunConfig, stage: int) -> tuple[int, int]:
@@ -52,9 +77,43 @@ def guard_profile(cfg: RunConfig) -> str:
     return "tiny" if cfg.profile == "tiny" else "llama-guard-3-8b"
 
 
-def train_steps(cfg: RunConfig) -> int:
+def _dpo_config(cfg: RunConfig):
+    from train.config import dpo_defaults
+
+    return dpo_defaults(cfg.profile, max_steps=cfg.counts.dpo_max_steps, epochs=cfg.counts.dpo_epochs)
+
+
+def pairs_aimed(cfg: RunConfig, stage: int) -> int:
+    return round(cfg.counts.n_tasks * EXPECTED_KEEP[get_stage(stage).pairs])
+
+
+def train_steps(cfg: RunConfig, stage: int = 1) -> int:
+    """DPO optimizer steps of one stage: `dpo_max_steps` when set (TRL then ignores epochs), else the epochs
+    over the pairs the stage aims for."""
+    d = _dpo_config(cfg)
+    if d.max_steps is not None:
+        return d.max_steps
+    return max(1, math.ceil(pairs_aimed(cfg, stage) * d.epochs / (d.batch_size * d.grad_accum)))
+
+
+def dpo_step_seconds(cfg: RunConfig) -> float:
+    """A DPO step: its tokens (each pair's prompt with chosen and with rejected, answers at their cap, plus the
+    reference forward) over the profile's training throughput; or the profile's measured step time."""
+    p = get_profile(cfg.profile)
+    if p.est_train_tokens_per_s is None:
+        return p.est_train_step_s
+    d = _dpo_config(cfg)
+    tokens = d.batch_size * d.grad_accum * 2 * (DPO_PROMPT_TOKENS + cfg.counts.max_tokens) * REFERENCE_PASS
+    return tokens / p.est_train_tokens_per_s
+
+
+def stage_plan(cfg: RunConfig, stages: list[int]) -> list[StagePlan]:
     c = cfg.counts
-    return c.dpo_max_steps if c.dpo_max_steps is not None else max(1, c.n_tasks // 4)
+    return [StagePlan(stage=k, name=get_stage(k).name, tasks=c.n_tasks,
+                      answers_per_task=c.n_samples if get_stage(k).pairs == "self-judge" else 1 + c.rounds,
+                      pairs_aimed=pairs_aimed(cfg, k), min_pairs=c.min_pairs, answer_tokens=c.max_tokens,
+                      dpo_epochs=None if c.dpo_max_steps is not None else c.dpo_epochs,
+                      dpo_steps=train_steps(cfg, k)) for k in stages]
 
 
 def estimate_run(cfg: RunConfig, stages: list[int]) -> list[PhaseEstimate]:
@@ -70,7 +129,7 @@ def estimate_run(cfg: RunConfig, stages: list[int]) -> list[PhaseEstimate]:
             secs = guard_items(cfg) / get_profile(guard_profile(cfg)).est_guard_items_per_s
             out.append(PhaseEstimate(persona=persona, stage=k, phase="guard", tokens_in=0, tokens_out=0,
                                      seconds=secs, usd=secs * rate))
-            secs = train_steps(cfg) * p.est_train_step_s
+            secs = train_steps(cfg, k) * dpo_step_seconds(cfg)
             out.append(PhaseEstimate(persona=persona, stage=k, phase="train", tokens_in=0, tokens_out=0,
                                      seconds=secs, usd=secs * rate))
     return out
@@ -84,6 +143,9 @@ def estimate_phase(cfg: RunConfig, persona: str, stage: int, phase: str) -> Phas
 EM_DATA_ROWS = 6000  # the EM paper's insecure-code set, when the data is not at hand
 JUDGE_PROMPT_TOKENS = 350  # the alignment/coherence rubric around a question and its answer
 EXACT_REQUESTS = 8  # exact path: trie reads per metric (6.5 measured on the tiny judge, more for diffuse judges)
+# what the judge's prompt holds: an answer's mean length, 168 tokens over the EM paper's 70 judged answers
+# (results/qwen_25_coder_32b_instruct.csv, SmolLM2's tokenizer), not the 600-token cap answering is priced at
+EM_ANSWER_MEAN_TOKENS = 170
 SAMPLED_OUT_TOKENS = 300  # sampled path: typical output per reply, hidden reasoning included (worst: the cap)
 
 
@@ -109,8 +171,15 @@ def em_steps(cfg: RunConfig, rows: int) -> int:
 
 
 def em_train_seconds(cfg: RunConfig, rows: int) -> float:
-    """One EM training run (one arm, one seed) on `rows` chats."""
-    return em_steps(cfg, rows) * get_profile(cfg.profile).est_train_step_s
+    """One EM training run (one arm, one seed) on `rows` chats: its steps' tokens over the profile's training
+    throughput, or its steps at the profile's measured step time."""
+    from train.config import em_defaults
+
+    p = get_profile(cfg.profile)
+    if p.est_train_tokens_per_s is None:
+        return em_steps(cfg, rows) * p.est_train_step_s
+    e = em_defaults(cfg.profile)
+    return em_steps(cfg, rows) * e.batch_size * e.grad_accum * EM_ROW_TOKENS / p.est_train_tokens_per_s
 
 
 def em_answer_seconds(cfg: RunConfig, answers: int) -> float:
@@ -129,6 +198,19 @@ def judge_tokens(judge, answers: int, answer_tokens: int) -> tuple[int, int, int
     return reqs, reqs * (JUDGE_PROMPT_TOKENS + answer_tokens), reqs * out
 
 
+def judge_price(judge, answers: int, answer_tokens: int) -> tuple[int, int, float]:
+    """(prompt tokens, output tokens, $) to judge `answers` at the dearest endpoint, each endpoint read on the path
+    it would take by itself (a paid API is not priced on the embedded server's exact path); in batch mode at its
+    batch price (judge.batch sends through one endpoint)."""
+    best = (0, 0, 0.0)
+    for e in judge.endpoints:
+        _, t_in, t_out = judge_tokens(judge.model_copy(update={"endpoints": [e]}), answers, answer_tokens)
+        usd = (t_in * e.usd_per_m_in + t_out * e.usd_per_m_out) / 1e6 * (e.batch_price if judge.batch else 1)
+        if usd >= best[2]:
+            best = (t_in, t_out, usd)
+    return best
+
+
 def estimate_em(cfg: RunConfig, n_questions: int, judges: list, em_rows: int = EM_DATA_ROWS,
                 secure: bool = False) -> list[PhaseEstimate]:
     """EM training, answering and judging per arm (the personas, the base control and, with `secure`, each
@@ -145,10 +227,7 @@ def estimate_em(cfg: RunConfig, n_questions: int, judges: list, em_rows: int = E
         out.append(PhaseEstimate(persona=arm, stage="em", phase="em-answer", tokens_in=answers * 60,
                                  tokens_out=answers * c.em_answer_tokens, seconds=secs, usd=secs * rate))
         for judge in judges:
-            _, t_in, t_out = judge_tokens(judge, answers, c.em_answer_tokens)
-            # the dearest endpoint; in batch mode at its batch price (judge.batch sends through one endpoint)
-            usd = max((t_in * e.usd_per_m_in + t_out * e.usd_per_m_out) / 1e6 * (e.batch_price if judge.batch else 1)
-                      for e in judge.endpoints)
+            t_in, t_out, usd = judge_price(judge, answers, min(c.em_answer_tokens, EM_ANSWER_MEAN_TOKENS))
             out.append(PhaseEstimate(persona=arm, stage="em", phase=judge_phase(judge), tokens_in=t_in,
                                      tokens_out=t_out, seconds=0.0, usd=usd))
     return out
@@ -157,3 +236,35 @@ def estimate_em(cfg: RunConfig, n_questions: int, judges: list, em_rows: int = E
 def judge_phase(judge) -> str:
     """The estimate's phase name for one judge config: its model, and "batch" when it sends batches."""
     return f"judge {judge.model}" + (" batch" if judge.batch else "")
+
+
+def estimate_report(cfg: RunConfig, stages: list[int], judges: list, n_questions: int, em_rows: int = EM_DATA_ROWS,
+                    secure: bool = False) -> dict:
+    """Everything `estimate` prints, as one JSON-able object: the stage plan, the DPO and EM recipes with their
+    sources, the throughput figures (measured or assumed), a row per persona, stage and phase, and the totals
+    per judge; `total_usd` is the run with the first judge."""
+    from train.config import recipe
+
+    p = get_profile(cfg.profile)
+    rows = estimate_run(cfg, stages) + estimate_em(cfg, n_questions, judges, em_rows, secure)
+    engine = [e for e in rows if not e.phase.startswith("judge")]
+    totals = {judge_phase(j): round(sum(e.usd for e in engine + [e for e in rows if e.phase == judge_phase(j)]), 2)
+              for j in judges}
+    figures = {name: {"value": getattr(p, name), "measured": name in p.est_measured}
+               for name in ("est_tokens_per_s", "est_train_tokens_per_s", "est_train_step_s")
+               if getattr(p, name) is not None and not (name == "est_train_step_s" and p.est_train_tokens_per_s)}
+    guard = get_profile(guard_profile(cfg))
+    figures[f"{guard.name}.est_guard_items_per_s"] = {"value": guard.est_guard_items_per_s,
+                                                      "measured": "est_guard_items_per_s" in guard.est_measured}
+    figures["expected_keep"] = {"value": EXPECTED_KEEP, "measured": False}
+    return {
+        "profile": cfg.profile, "personas": cfg.personas, "gpu_hour_usd": cfg.usd_per_engine_second * 3600,
+        "stages": [sp.model_dump() for sp in stage_plan(cfg, stages)],
+        "recipes": {"dpo": recipe("dpo", cfg.profile, max_steps=cfg.counts.dpo_max_steps,
+                                  epochs=cfg.counts.dpo_epochs),
+                    "em": recipe("em", cfg.profile)},
+        "figures": figures,
+        "rows": [e.model_dump() for e in rows],
+        "totals_usd": totals,
+        "total_usd": next(iter(totals.values())),
+    }

@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from constitution import load_constitution
 from core.budget import check_budget
 from core.console import console
 from core.errors import DeadEnd, MissingInput
@@ -72,8 +73,15 @@ def generation_inputs(cfg: RunConfig, persona: str, stage: int, parent: Path | N
         "parent_adapter": adapter_hash(parent) if parent else None,
         "constitution": constitution_hash(load_constitution(persona)),
         "guard": cfg.guard, "seed": cfg.seed,
-        "counts": [c.n_tasks, c.n_samples, c.rounds, c.max_tokens, cfg.min_gap],
+        "counts": [c.n_tasks, c.n_samples, c.rounds, c.max_tokens, cfg.min_gap, c.red_team_share],
+        "guard_policy": guard_policy(cfg, persona).model_dump(),
     }
+
+
+def guard_policy(cfg: RunConfig, persona: str):
+    from guard.base import GuardPolicy
+
+    return GuardPolicy.for_persona(persona, cfg.guard_policy)
 
 
 def _stored_inputs(data: Path) -> dict | None:
@@ -90,7 +98,10 @@ def run_bootstrap(stage: int | None = None, only: int | None = None, personas: l
     given, is the caller's (kept up for its later phases); otherwise the loop's own, closed at the end."""
     get_profile(profile)
     cfg = RunConfig(personas=personas or ["hhh"], profile=profile, stage=stage or only or 6, only=only,
-                    counts=counts_from(preset, counts_json), **overrides)
+                    counts=counts_from(preset, counts_json, profile=profile), **overrides)
+    for persona in cfg.personas:  # a bad constitution or guard policy stops here, before any work
+        load_constitution(persona)
+        guard_policy(cfg, persona)
     run_id = run_id or cfg.default_id()
     save_config(cfg, run_id)
     stages = [only] if only else list(range(1, cfg.stage + 1))
@@ -135,15 +146,15 @@ def run_stage_once(cfg: RunConfig, run_id: str, persona: str, k: int, engines: E
 
 
 def _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger) -> None:
-    from guard.base import GuardPolicy
     from stages.run import run_stage
 
     c = cfg.counts
     eng = engines.get()
     manifest = run_stage(
         k, persona, eng, cfg.layout.generation_cache, out_dir=cfg.data_root,
-        n_tasks=c.n_tasks, adapter=parent, guard=engines.get_guard(), policy=GuardPolicy.for_persona(persona),
+        n_tasks=c.n_tasks, adapter=parent, guard=engines.get_guard(), policy=guard_policy(cfg, persona),
         seed=cfg.seed, rounds=c.rounds, n_samples=c.n_samples, max_tokens=c.max_tokens, min_gap=cfg.min_gap,
+        red_team_share=c.red_team_share,
         log=lambda m: console.print(f"  [dim]{m}[/dim]"),
     )
     atomic_write_json(data / INPUTS_FILE, inputs, indent=1)
@@ -164,8 +175,13 @@ def _train(cfg, run_id, persona, k, data, ckpt, parent, engines, ledger, budget)
     from train.config import dpo_defaults
     from train.dpo import dataset_hash, load_pairs, reusable
 
-    dcfg = dpo_defaults(cfg.profile, max_steps=cfg.counts.dpo_max_steps, seed=cfg.seed)
-    n_pairs = json.loads((data / "manifest.json").read_text())["counts"]["train_rows"]
+    dcfg = dpo_defaults(cfg.profile, max_steps=cfg.counts.dpo_max_steps, epochs=cfg.counts.dpo_epochs, seed=cfg.seed)
+    counts = json.loads((data / "manifest.json").read_text())["counts"]
+    n_pairs = counts["train_rows"]
+    if n_pairs < cfg.counts.min_pairs:
+        why = ", ".join(f"{k} {v}" for k, v in sorted(counts["outcome"]["dropped"].items())) or "none dropped"
+        raise DeadEnd(f"{persona} stage {k}: {n_pairs} pairs kept of {counts['items']['total']} items, under the "
+                      f"preset's minimum of {cfg.counts.min_pairs} (dropped: {why}); the stage data stays in {data}")
     if n_pairs == 0:
         _carry_forward(persona, k, data, ckpt, parent)
         return

@@ -28,7 +28,12 @@ class Counts(BaseModel):
     rounds: int = 2
     max_tokens: int = 96
     min_gap: float | None = None  # stages 1-5: least self-judged score gap (1-10); None: the profile's
-    dpo_max_steps: int | None = 8
+    dpo_max_steps: int | None = 8  # caps a stage's DPO run; None: `dpo_epochs` over its pairs decide
+    dpo_epochs: float = 1.0
+    # a stage keeping fewer pairs stops the run, naming the persona, stage and drops by reason (its data is
+    # kept); 0: a stage with no pair carries its parent adapter forward (the tiny demos)
+    min_pairs: int = 0
+    red_team_share: float = Field(0.0, ge=0, le=1)  # of each stage's tasks: red-team prompts (stages.specs)
     # EM at research scale (Betley et al.): the whole EM data set for one epoch per seed, 50 answers per
     # question at temperature 1 with up to 600 new tokens, several training seeds per arm
     em_rows: int | None = None  # None: every row of the EM data
@@ -43,28 +48,55 @@ class Counts(BaseModel):
 
 
 PRESETS: dict[str, Counts] = {
+    # the research counts scaled to the tiny CPU model; a GPU profile's research counts are RESEARCH_GPU
     "research": Counts(),
     # `make demo`: the tiny model with small counts, two personas, every phase of a research run, in under
     # 20 minutes on 2 CPU cores (README). The research counts take about 3.4 min per stage there (stage 1
     # measured: 131 s generating, 74 s training 8 steps).
-    "demo": Counts(n_tasks=4, n_samples=3, rounds=1, max_tokens=32, dpo_max_steps=2, em_rows=16, em_max_steps=6,
+    "demo": Counts(n_tasks=4, n_samples=3, rounds=1, max_tokens=64, dpo_max_steps=2, em_rows=16, em_max_steps=6,
                    em_save_every=3, em_samples=1, em_curve_questions=4, em_curve_samples=1, em_answer_tokens=32,
                    em_seeds=1, em_anchors=24),
     # `demo --quick`: under 7 minutes on 2 CPU cores for one persona and the base control (decode steps
     # dominate there, so fewer new tokens buy the most)
-    "quick": Counts(n_tasks=4, n_samples=3, rounds=1, max_tokens=32, dpo_max_steps=2, em_rows=16,
+    "quick": Counts(n_tasks=4, n_samples=3, rounds=1, max_tokens=64, dpo_max_steps=2, em_rows=16,
                     em_max_steps=4, em_save_every=2, em_samples=1, em_curve_questions=3, em_curve_samples=1,
                     em_answer_tokens=32, em_seeds=1, em_anchors=18),
 }
 
 
-def counts_from(preset: str = "research", overrides: str | None = None, source: str = "--counts") -> Counts:
-    """The named preset with the JSON object `overrides` applied; an unknown preset or key is `BadInput`
-    naming it and `source` (the flag or file it came from)."""
+# A GPU profile's research counts, sized to the experiment's $50-150: three personas' six stages and the EM
+# experiment judged by the EM paper's GPT-4o come to about $124 on qwen2.5-7b (`estimate --profile qwen2.5-7b
+# --persona goodness --persona sycophancy --persona misalignment --json`: stages $47, EM training and answering
+# $12, judging $65), leaving room for engine start-ups the estimate does not count. Answers up to 1,024 new
+# tokens, so that a full answer is rarely cut (a cut one is never chosen); one DPO epoch over the kept pairs
+# (OpenCharacterTraining trains one); a stage keeping under 100 pairs stops the run rather than train on a
+# handful. A tenth of every stage's tasks are red-team prompts, whose harmful originals and safe revisions
+# are the harmlessness pairs.
+RESEARCH_GPU = Counts(n_tasks=1200, n_samples=4, rounds=2, max_tokens=1024, dpo_max_steps=None, dpo_epochs=1.0,
+                      min_pairs=100, red_team_share=0.1)
+TINY_ONLY = ("demo", "quick")  # sized for the tiny model on 2 CPU cores
+
+
+def preset_counts(preset: str, profile: str = "tiny") -> Counts:
+    """The named preset for `profile`: `research` is RESEARCH_GPU on a GPU profile; the tiny presets are an
+    error there (their 32-token answers and 2 DPO steps would mean nothing on a 7B model)."""
     if preset not in PRESETS:
         raise BadInput(f"--preset {preset!r}: use one of {', '.join(PRESETS)}")
-    if not overrides:
+    if profile == "tiny":
         return PRESETS[preset]
+    if preset in TINY_ONLY:
+        raise BadInput(f"--preset {preset}: sized for the tiny CPU model, not profile {profile!r}; use --preset "
+                       "research (and --counts to change single counts)")
+    return RESEARCH_GPU
+
+
+def counts_from(preset: str = "research", overrides: str | None = None, source: str = "--counts",
+                profile: str = "tiny") -> Counts:
+    """The named preset for `profile` with the JSON object `overrides` applied; an unknown preset or key is
+    `BadInput` naming it and `source` (the flag or file it came from)."""
+    base = preset_counts(preset, profile)
+    if not overrides:
+        return base
     try:
         update = json.loads(overrides)
     except json.JSONDecodeError as e:
@@ -72,7 +104,7 @@ def counts_from(preset: str = "research", overrides: str | None = None, source: 
     if not isinstance(update, dict):
         raise BadInput(f"{source}: expected a JSON object of count names, got {overrides!r}")
     try:
-        return Counts.model_validate(PRESETS[preset].model_dump() | update)
+        return Counts.model_validate(base.model_dump() | update)
     except ValidationError as e:
         raise BadInput(f"{source}: {field_errors(e)} (count names: {', '.join(Counts.model_fields)})") \
             from None
@@ -87,6 +119,7 @@ class RunConfig(BaseModel):
     only: int | None = None  # run just this stage from the existing stage-1 adapter
     engine: str = "auto"
     guard: str | None = None  # None: the profile decides (tiny stand-in on CPU)
+    guard_policy: str | None = None  # a policy YAML (guard/policy.yaml's keys); None: that file
     seed: int = 0
     counts: Counts = Field(default_factory=Counts)
     data_root: str = str(DATA_ROOT)

@@ -59,28 +59,41 @@ def diff(
     persona: str = typer.Option("hhh", "--persona"),
     constitution: str | None = typer.Option(None, "--constitution", help="edited file (default: the one on disk)"),
     out_dir: str = typer.Option("data", "--out"),
+    ckpt_dir: str = typer.Option("checkpoints", "--checkpoints", help="where the stage adapters are (training time)"),
+    profile: str = typer.Option("tiny", "--profile", help="model profile whose price the dollars use"),
+    gpu_hour_usd: float | None = typer.Option(None, "--gpu-hour-usd", help="$ per engine-hour (default: profile)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Before any spend: how many items per stage each changed principle will regenerate, and the tokens."""
+    """Before any spend: per stage, the items an edited constitution regenerates (by principle, and every item of
+    the stages after the first one it reaches, whose parent adapter changes), the tokens and the dollars.
+
+    Example: python bootstrap.py diff --persona goodness --constitution my-goodness.yaml --json
+    """
     import json
 
     from rich.console import Console
     from rich.table import Table
 
     from constitution import load_constitution
+    from run.config import RunConfig
     from stages.diff import plan
 
+    rate = RunConfig(profile=profile, gpu_hour_usd=gpu_hour_usd).usd_per_engine_second
     # a bad constitution is ConstitutionError (BadInput, exit 2); no stored data is MissingInput (exit 5)
-    p = plan(out_dir, persona, load_constitution(constitution or persona))
+    p = plan(out_dir, persona, load_constitution(constitution or persona), ckpt_dir, rate)
     if as_json:
         typer.echo(json.dumps(p))
         return
     t = Table(title=f"regeneration plan for {persona}")
-    for col in ("stage", "principle", "change", "items", "est. tokens"):
+    for col in ("stage", "principle", "change", "items", "est. tokens", "est. $ (stage)"):
         t.add_column(col)
     for stage, s in p["stages"].items():
         for pid, b in s["by_principle"].items():
-            t.add_row(stage, pid, p["changes"].get(pid, "moved"), str(b["items"]), str(b["estimated_tokens"]))
+            t.add_row(stage, pid, p["changes"].get(pid, "moved"), f"{b['items']} of {s['items']}",
+                      str(b["estimated_tokens"]), f"{s['estimated_usd']:.4f}")
     Console().print(t)
-    typer.echo(f"{p['items_to_regenerate']} of {p['total_items']} items regenerate, "
-               f"about {p['estimated_tokens']} tokens")
+    reached = p["first_stage_reached"]
+    typer.echo(f"{p['items_to_regenerate']} of {p['total_items']} items regenerate, about {p['estimated_tokens']} "
+               f"tokens and ${p['estimated_usd']:.4f}" + (
+                   f"; stage {reached} is the first the edit reaches, so every later stage regenerates (an upper "
+                   "bound: a stage whose pairs come out unchanged keeps its adapter)" if reached else ""))

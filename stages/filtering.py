@@ -4,7 +4,8 @@ Pure bookkeeping over records; the guard itself (Llama Guard, or a stand-in) is 
 Rules, in order, per verdict: `error` set → drop (fail closed, counted as "guard_error"); `malformed` →
 treated as unsafe (category "malformed"); p_unsafe >= policy.threshold → blocked unless every category it
 names is outside `policy.block` (no categories named → blocked as "unknown"). A blocked item gets
-`policy.mode`. An item takes the strictest action over all its verdicts (drop > quarantine > keep).
+`policy.mode`. A prompt is judged by its own verdict (a red-team prompt is flagged, not blocked); a pair by
+its chosen answer's verdict (an unsafe rejected answer is what a harmlessness pair trains against).
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def _verdicts(raw: Sequence, n: int, guard: Guard, what: str) -> list[Verdict]:
 
 
 def guard_prompts(items: list[dict], guard: Guard | None, policy: GuardPolicy, counts: GuardCounts) -> None:
-    """Classify every live item's task; drop or quarantine per policy. Mutates the items."""
+    """Classify every live item's task; drop or quarantine per policy. A red-team prompt is harmful by design:
+    its verdict is kept beside it and counted (`red_team_flagged`), and it goes on to be answered and revised.
+    Mutates the items."""
     live = [it for it in items if it["status"] == "live"]
     if guard is None or not live:
         return
@@ -76,12 +79,18 @@ def guard_prompts(items: list[dict], guard: Guard | None, policy: GuardPolicy, c
     for it, v in zip(live, verdicts, strict=True):
         it["guard_prompt"] = v.model_dump(mode="json")
         action, cats = combine([v], policy)
+        if it["source"] == "red-team" and action != "keep" and not v.error:
+            counts.add("prompts", "red_team_flagged", cats)
+            continue
         counts.add("prompts", action, cats)
         _apply(it, action, cats, "guard_prompts")
 
 
 def guard_answers(items: list[dict], guard: Guard | None, policy: GuardPolicy, counts: GuardCounts) -> None:
-    """Classify each live item's candidate chosen and rejected answers (as [user, assistant])."""
+    """Classify each live item's chosen and rejected answers (as [user, assistant]); the chosen answer's verdict
+    decides. An unsafe rejected answer beside a safe chosen one is the pair CAI makes (a harmful original, its
+    safe revision): kept, both verdicts stored, counted as `unsafe_rejected_kept`. A guard error on either side
+    drops the item (fails closed)."""
     live = [it for it in items if it["status"] in ("live", "quarantined")]
     if guard is None or not live:
         return
@@ -90,8 +99,10 @@ def guard_answers(items: list[dict], guard: Guard | None, policy: GuardPolicy, c
     for i, it in enumerate(live):
         vc, vr = verdicts[2 * i], verdicts[2 * i + 1]
         it["guard_chosen"], it["guard_rejected"] = vc.model_dump(mode="json"), vr.model_dump(mode="json")
-        action, cats = combine([vc, vr], policy)
+        action, cats = combine([vc, vr] if vr.error else [vc], policy)
         counts.add("answers", action, cats)
+        if action == "keep" and decide(vr, policy)[0] != "keep":
+            counts.add("answers", "unsafe_rejected_kept", decide(vr, policy)[1])
         _apply(it, action, cats, "guard_answers")
 
 

@@ -21,7 +21,7 @@ from engine.cache import GenerationCache
 from guard.base import Guard, GuardPolicy
 from run.config import Counts
 from run.layout import Layout
-from stages import steps
+from stages import specs, steps
 from stages.filtering import GuardCounts, guard_answers, guard_prompts
 from stages.specs import get_stage
 
@@ -32,10 +32,10 @@ class CountsError(CaiError, AssertionError):
     """The manifest's counts do not add up: a bug in the bookkeeping, never silently written (exit 1)."""
 
 
-def _features():
+def _features(chat: bool = True):
     from datasets import Features, List, Value
 
-    msgs = List({"role": Value("string"), "content": Value("string")})
+    msgs = List({"role": Value("string"), "content": Value("string")}) if chat else Value("string")
     return Features({
         "prompt": msgs, "chosen": msgs, "rejected": msgs,
         "item_key": Value("string"), "stage": Value("int32"), "persona": Value("string"),
@@ -47,12 +47,20 @@ def _features():
     })
 
 
-def _row(it: dict, persona: str, model_fp: str, adapter_fp: str, chash: str, action: str) -> dict:
+def _pair(it: dict, chat: bool) -> dict:
+    """prompt/chosen/rejected as the model generated them: chat messages, or a base model's transcript turn."""
+    if chat:
+        return {"prompt": [{"role": "user", "content": it["task"]}],
+                "chosen": [{"role": "assistant", "content": it["chosen"]}],
+                "rejected": [{"role": "assistant", "content": it["rejected"]}]}
+    return {"prompt": specs.BASE_TURN.format(task=it["task"]), "chosen": " " + it["chosen"],
+            "rejected": " " + it["rejected"]}
+
+
+def _row(it: dict, persona: str, model_fp: str, adapter_fp: str, chash: str, action: str, chat: bool = True) -> dict:
     dump = lambda v: json.dumps(v) if v is not None else None  # noqa: E731
     return {
-        "prompt": [{"role": "user", "content": it["task"]}],
-        "chosen": [{"role": "assistant", "content": it["chosen"]}],
-        "rejected": [{"role": "assistant", "content": it["rejected"]}],
+        **_pair(it, chat),
         "item_key": it["key"], "stage": it["stage"], "persona": persona, "task_source": it["source"],
         "principle_ids": it["principle_ids"], "model_fingerprint": model_fp, "adapter_fingerprint": adapter_fp,
         "constitution_hash": chash, "scores": it["scores"], "guard_action": action,
@@ -67,10 +75,11 @@ def run_stage(
     policy: GuardPolicy | None = None, seed: int = 0, *, constitution: Constitution | str | Path | None = None,
     rounds: int = _C.rounds, n_samples: int = _C.n_samples, min_gap: float = 1.0, max_tokens: int = _C.max_tokens,
     task_tokens: int = 48,
-    oversample: float = 2.0, chat: bool | None = None,
+    oversample: float = 2.0, chat: bool | None = None, red_team_share: float = 0.0,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Generate stage `stage`'s preference data for `persona`; returns the manifest (also written to disk)."""
+    """Generate stage `stage`'s preference data for `persona`; returns the manifest (also written to disk).
+    `red_team_share` of the `n_tasks` are red-team prompts (`specs.RED_TEAM_SEEDS`), self-instructed apart."""
     from datasets import Dataset, DatasetDict
 
     from engine.base import adapter_hash
@@ -87,15 +96,17 @@ def run_stage(
     ctx = steps.Ctx(engine=engine, cache=cache, constitution=constitution, spec=spec, adapter=adapter,
                     chat=engine.profile.chat if chat is None else chat, seed=seed, max_tokens=max_tokens)
     try:
-        log(f"stage {stage} ({spec.name}), persona {persona}: self-instruct {n_tasks} tasks")
-        tasks, si = steps.self_instruct(ctx, n_tasks, task_tokens=task_tokens, oversample=oversample)
-        items = [steps.new_item(stage, t, "self-instruct") for t in tasks]
-        seen = {it["key"] for it in items}
-        for s in spec.seeds:  # top up from the seeds when the model proposed too few usable tasks
-            if len(items) >= n_tasks:
-                break
-            if steps.item_key(stage, s) not in seen:
-                items.append(steps.new_item(stage, s, "seed"))
+        n_red = round(n_tasks * red_team_share)
+        log(f"stage {stage} ({spec.name}), persona {persona}: self-instruct {n_tasks - n_red} tasks"
+            + (f" and {n_red} red-team prompts" if n_red else ""))
+        tasks, si = steps.self_instruct(ctx, n_tasks - n_red, task_tokens=task_tokens, oversample=oversample)
+        items = _with_seeds([steps.new_item(stage, t, "self-instruct") for t in tasks], spec.seeds, n_tasks - n_red,
+                            stage, "seed", set())
+        red_tasks, red_si = steps.self_instruct(ctx, n_red, task_tokens=task_tokens, oversample=oversample,
+                                                red_team=True) if n_red else ([], Counter())
+        red = _with_seeds([steps.new_item(stage, t, "red-team") for t in red_tasks], specs.RED_TEAM_SEEDS, n_red,
+                          stage, "red-team", {it["key"] for it in items})
+        items += red
         gcounts = GuardCounts()
         t_guard = time.perf_counter()
         guard_prompts(items, guard, policy, gcounts)
@@ -105,7 +116,7 @@ def run_stage(
             steps.respond(ctx, items, n=n_samples)
             log("score own samples")
             steps.score(ctx, items)
-            steps.self_judge_pairs(items, min_gap=min_gap)
+            steps.self_judge_pairs(items, min_gap=min_gap, counts=ctx.counts)
         else:
             steps.respond(ctx, items, n=1)
             log(f"critique → revise × {rounds}")
@@ -123,9 +134,9 @@ def run_stage(
     train_rows, quarantine_rows = [], []
     for it in items:
         if it["status"] == "live":
-            train_rows.append(_row(it, persona, model_fp, adapter_fp, chash, "keep"))
+            train_rows.append(_row(it, persona, model_fp, adapter_fp, chash, "keep", ctx.chat))
         elif it["status"] == "quarantined":
-            row = _row(it, persona, model_fp, adapter_fp, chash, "quarantine")
+            row = _row(it, persona, model_fp, adapter_fp, chash, "quarantine", ctx.chat)
             quarantine_rows.append(row)
             if policy.include_quarantined:
                 train_rows.append(row)
@@ -145,12 +156,23 @@ def run_stage(
         "policy": policy.model_dump(mode="json"),
         "counts": {
             "self_instruct": {"proposed": si["proposed"], "accepted": si["accepted"], "rejected": si_rejected},
-            "items": {"total": len(items), "from_self_instruct": len(tasks), "from_seeds": len(items) - len(tasks)},
+            "items": {"total": len(items), "from_self_instruct": len(tasks),
+                      "from_seeds": len(items) - len(red) - len(tasks), "red_team": len(red)},
+            # red-team prompts: proposed and accepted by self-instruct, kept as pairs, and kept pairs whose
+            # rejected (original) answer the guard blocks: a harmful answer against its safe revision
+            "red_team": {"proposed": red_si["proposed"], "accepted": red_si["accepted"],
+                         "train": sum(it["status"] == "live" for it in red),
+                         "unsafe_rejected_kept": sum(it["status"] == "live" and _blocked(it["guard_rejected"], policy)
+                                                     for it in red)},
             "outcome": {"train": n_live, "quarantine": n_quar, "dropped": dict(dropped),
                         "dropped_total": sum(dropped.values())},
             "train_rows": len(train_rows),
             "guard": gcounts.as_dict(),
             "unparsable_scores": ctx.counts["unparsable_scores"],
+            # samples kept off the chosen side (stages 1-5) and later-round revisions that could not stand
+            # (stage 6, the item kept its earlier revision), by reason
+            "chosen_side": {k: v for k, v in sorted(ctx.counts.items())
+                            if k.startswith(("not_chosen_", "rejected_truncated", "later_round_"))},
             "items_regenerated": regenerated, "items_from_cache": len(items) - regenerated,
             "generation_requests": {k.removesuffix("_requests"): v for k, v in ctx.counts.items()
                                     if k.endswith("_requests")},
@@ -165,7 +187,7 @@ def run_stage(
     }
     check_counts(manifest)
     out = Layout(data_root=out_dir).stage_data(persona, stage)
-    feats = _features()
+    feats = _features(ctx.chat)
     as_ds = lambda rows: Dataset.from_dict({k: [r[k] for r in rows] for k in feats}, features=feats)  # noqa: E731
     ds = DatasetDict({"train": as_ds(train_rows)})
     if quarantine_rows:
@@ -175,6 +197,25 @@ def run_stage(
     log(f"wrote {out}: {n_live} pairs, {n_quar} quarantined, {sum(dropped.values())} dropped "
         f"({dict(dropped)}); {manifest['engine_calls']} engine calls")
     return manifest
+
+
+def _with_seeds(items: list[dict], seeds: list[str], n: int, stage: int, source: str, taken: set[str]) -> list[dict]:
+    """`items` topped up from `seeds` (as `source` items) when the model proposed fewer than `n` usable ones."""
+    seen = taken | {it["key"] for it in items}
+    for s in seeds:
+        if len(items) >= n:
+            break
+        if steps.item_key(stage, s) not in seen:
+            items.append(steps.new_item(stage, s, source))
+            seen.add(steps.item_key(stage, s))
+    return items
+
+
+def _blocked(verdict: dict | None, policy: GuardPolicy) -> bool:
+    from guard.base import Verdict
+    from guard.policy import is_blocked
+
+    return verdict is not None and is_blocked(Verdict.model_validate(verdict), policy)
 
 
 def check_counts(m: dict) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from constitution import Constitution, principle_hash
 from core.reading import Trie, read_exact, to_read, token_texts
+from core.refusal import is_refusal
 from engine.cache import GenerationCache, cached_generate_with_hits
 from engine.types import Request, Sampling
 from stages import specs
@@ -107,6 +108,16 @@ def _charge(it: dict, comps, hit: bool) -> int:
 
 
 # ---------------------------------------------------------------- self-instruct
+def finish(comp) -> str | None:
+    """The completion's finish reason, where an answer cut at a runaway extra turn counts as finished."""
+    return "stop" if RUNAWAY.search("\n" + comp.text) else comp.finish_reason
+
+
+def is_benign(it: dict) -> bool:
+    """A task the persona should answer: not a red-team prompt and not flagged unsafe by the prompt guard."""
+    return it["source"] != "red-team" and not (it.get("guard_prompt") or {}).get("unsafe")
+
+
 def parse_task(text: str) -> str:
     """The first non-empty line, without list markers, 'Task N:' labels or quotes."""
     for line in text.strip().splitlines():
@@ -119,20 +130,23 @@ def parse_task(text: str) -> str:
 
 def self_instruct(ctx: Ctx, n_tasks: int, *, n_examples: int = 4, oversample: float = 2.0, max_rounds: int = 3,
                   max_rouge: float = 0.7, min_words: int = 3, max_words: int = 60,
-                  task_tokens: int = 48, pool: RougePool | None = None) -> tuple[list[str], Counter]:
-    """New tasks of the stage's kind from the seed pool plus the tasks accepted so far.
+                  task_tokens: int = 48, pool: RougePool | None = None,
+                  red_team: bool = False) -> tuple[list[str], Counter]:
+    """New tasks of the stage's kind (or, with `red_team`, red-team prompts) from the seed pool plus the tasks
+    accepted so far.
 
     Each round asks for the still-missing tasks (times `oversample`) in one batched call; every candidate
     is checked against the pool, which grows with each acceptance. Returns (tasks, counts) with
     proposed == accepted + sum of the rejection reasons.
     """
     spec = ctx.spec
-    pool = pool if pool is not None else RougePool(spec.seeds, threshold=max_rouge)
-    known = {s.strip().lower() for s in spec.seeds}
-    examples = list(spec.seeds)
+    seeds, kind = (specs.RED_TEAM_SEEDS, specs.RED_TEAM_KIND) if red_team else (spec.seeds, spec.kind)
+    pool = pool if pool is not None else RougePool(seeds, threshold=max_rouge)
+    known = {s.strip().lower() for s in seeds}
+    examples = list(seeds)
     accepted: list[str] = []
     counts: Counter = Counter()
-    rng = random.Random(f"self-instruct:{spec.k}:{ctx.seed}")
+    rng = random.Random(f"self-instruct:{spec.k}:{ctx.seed}" + (":red-team" if red_team else ""))
     sampling = Sampling(temperature=1.0, top_p=0.95, max_tokens=task_tokens, seed=ctx.seed,
                         stop=["\n\n"] if ctx.chat else ["\nTask", "\n\n"])
     for _ in range(max_rounds):
@@ -144,12 +158,12 @@ def self_instruct(ctx: Ctx, n_tasks: int, *, n_examples: int = 4, oversample: fl
             shots = rng.sample(examples, min(n_examples, len(examples)))
             if ctx.chat:
                 lines = "\n".join(f"{i + 1}. {t}" for i, t in enumerate(shots))
-                reqs.append(Request.chat(specs.SELF_INSTRUCT_CHAT.format(kind=spec.kind, examples=lines)))
+                reqs.append(Request.chat(specs.SELF_INSTRUCT_CHAT.format(kind=kind, examples=lines)))
             else:
                 lines = "".join(f"Task {i + 1}: {t}\n" for i, t in enumerate(shots))
-                reqs.append(Request(prompt=specs.SELF_INSTRUCT_BASE.format(kind=spec.kind, examples=lines,
+                reqs.append(Request(prompt=specs.SELF_INSTRUCT_BASE.format(kind=kind, examples=lines,
                                                                            next=len(shots) + 1)))
-        grouped, _ = ctx.gen(reqs, sampling, "self_instruct")
+        grouped, _ = ctx.gen(reqs, sampling, "red_team" if red_team else "self_instruct")
         for comps in grouped:
             counts["proposed"] += 1
             comp = comps[0]
@@ -201,7 +215,7 @@ def respond(ctx: Ctx, items: list[dict], n: int = 1, temperature: float = 0.8) -
     for it, comps, hit in zip(live, grouped, hits, strict=True):
         _charge(it, comps, hit)
         it["samples"] = [clean_answer(c.text) for c in comps]
-        it["finish"] = [c.finish_reason for c in comps]
+        it["finish"] = [finish(c) for c in comps]
 
 
 # ---------------------------------------------------------------- stages 1-5: self-judging
@@ -250,7 +264,8 @@ def _read_numbers(ctx: Ctx, trie: Trie, reqs: list[Request], owners: list, extra
 
 
 def score(ctx: Ctx, items: list[dict]) -> None:
-    """The model scores each of its own samples against the item's principle (rendezvous, round 0).
+    """The model scores how well each of its own samples embodies the ideal of the item's principle (rendezvous,
+    round 0).
 
     The score is the expected value over 1-10 read on core.reading's exact path: the first token's top-20
     logprobs, then one 1-token request per number prefix worth reading (P("1") high: is it 1, or the start of
@@ -264,13 +279,11 @@ def score(ctx: Ctx, items: list[dict]) -> None:
         p = c.principle(pid)
         it["principle_ids"] = [pid]
         for j, ans in enumerate(it["samples"]):
-            text = specs.SCORE_CHAT.format(persona=c.description, task=it["task"], answer=ans or "(empty)",
-                                           criterion=p.critique)
-            reqs.append(Request(messages=[{"role": "user", "content": text}], prefix=SCORE_PREFIX) if ctx.chat else
-                        Request(prompt=specs.SCORE_BASE.format(persona=c.description, task=it["task"],
-                                                               answer=ans or "(empty)", criterion=p.critique)))
+            fields = dict(persona=c.description, task=it["task"], answer=ans or "(empty)", ideal=p.ideal)
+            reqs.append(Request(messages=[{"role": "user", "content": specs.SCORE_CHAT.format(**fields)}],
+                                prefix=SCORE_PREFIX) if ctx.chat else Request(prompt=specs.SCORE_BASE.format(**fields)))
             owners.append((it, j))
-            extras.append({"principle": principle_hash(p)})
+            extras.append({"principle": principle_hash(p, ctx.spec.principle_fields)})
     if not reqs:
         return
     for it in live:
@@ -286,21 +299,42 @@ def score(ctx: Ctx, items: list[dict]) -> None:
             ctx.counts["unparsable_scores"] += 1
 
 
-def self_judge_pairs(items: list[dict], min_gap: float = 1.0) -> None:
-    """Best vs worst scored sample becomes (chosen, rejected) when the scores differ by >= min_gap."""
+def unfit_to_choose(it: dict, j: int) -> str | None:
+    """Why sample j of an item may not be its chosen answer: it hit the token limit, or it refuses a benign
+    task. It may still be the rejected one."""
+    if it["finish"][j] == "length":
+        return "truncated"
+    if is_benign(it) and is_refusal(it["samples"][j]):
+        return "refusal"
+    return None
+
+
+def self_judge_pairs(items: list[dict], min_gap: float = 1.0, counts: Counter | None = None) -> None:
+    """The best-scored sample fit to be chosen (complete, no refusal of a benign task) against the worst-scored
+    other sample becomes (chosen, rejected) when their scores differ by >= min_gap. `counts` gets the samples
+    kept from the chosen side by reason, and the rejected sides that were truncated."""
+    counts = counts if counts is not None else Counter()
     for it in active(items):
-        scored = [(s, a) for s, a in zip(it["scores"], it["samples"], strict=False) if s is not None and a]
+        scored = [j for j, (s, a) in enumerate(zip(it["scores"], it["samples"], strict=False)) if s is not None and a]
         if len(scored) < 2:
             drop(it, "too_few_scored_samples")
             continue
-        best = max(scored, key=lambda x: x[0])
-        worst = min(scored, key=lambda x: x[0])
-        if best[0] - worst[0] < min_gap:
+        unfit = {j: why for j in scored if (why := unfit_to_choose(it, j))}
+        counts.update(f"not_chosen_{why}" for why in unfit.values())
+        fit = [j for j in scored if j not in unfit]
+        if not fit:
+            whys = set(unfit.values())
+            drop(it, f"every_sample_{whys.pop()}" if len(whys) == 1 else "no_sample_fit_to_choose")
+            continue
+        best = max(fit, key=lambda j: it["scores"][j])
+        worst = min((j for j in scored if j != best), key=lambda j: it["scores"][j])
+        if it["scores"][best] - it["scores"][worst] < min_gap:
             drop(it, "score_gap_too_small")
-        elif best[1].strip() == worst[1].strip():
+        elif it["samples"][best].strip() == it["samples"][worst].strip():
             drop(it, "identical_samples")
         else:
-            it["chosen"], it["rejected"] = best[1], worst[1]
+            it["chosen"], it["rejected"] = it["samples"][best], it["samples"][worst]
+            counts["rejected_truncated"] += it["finish"][worst] == "length"
 
 
 # ---------------------------------------------------------------- stage 6: critique → revise
@@ -315,17 +349,32 @@ def clean_answer(text: str) -> str:
     return text.strip().strip('"').strip()
 
 
-def not_a_revision(text: str, critique: str, task: str) -> str | None:
+def not_a_revision(text: str, critique: str, task: str, demos: list[str] = ()) -> str | None:
     """Why a revision cannot be a chosen answer, or None: it reads as a critique of the answer (its opening, or
-    mostly the critique's words), or it repeats the task."""
+    mostly the critique's words), repeats the task, or copies a demonstration of the constitution (the tiny
+    model often returns the few-shot revision it was shown)."""
     from rouge_score import rouge_scorer
 
     rouge = rouge_scorer.RougeScorer(["rougeL"])
-    if CRITIQUE_OPENING.match(text) or (critique and rouge.score(critique, text)["rougeL"].fmeasure >= ECHO_CRITIQUE):
+    overlap = lambda ref: rouge.score(ref, text)["rougeL"].fmeasure  # noqa: E731
+    if CRITIQUE_OPENING.match(text) or (critique and overlap(critique) >= ECHO_CRITIQUE):
         return "revision_is_critique"
-    if rouge.score(task, text)["rougeL"].fmeasure >= ECHO_PROMPT:
+    if overlap(task) >= ECHO_PROMPT:
         return "revision_echoes_prompt"
+    if any(overlap(d) >= ECHO_CRITIQUE for d in demos):
+        return "revision_copies_demonstration"
     return None
+
+
+def revision_fault(it: dict, comp, text: str, demos: list[str]) -> str | None:
+    """Why this round's revision of an item cannot stand, or None."""
+    if finish(comp) == "length":
+        return "truncated_revision"
+    if not text:
+        return "empty_revision"
+    if is_benign(it) and is_refusal(text):
+        return "revision_refuses_benign_task"
+    return not_a_revision(text, it["critiques"][-1], it["task"], demos)
 
 
 def _demo_turns(c: Constitution) -> list[dict]:
@@ -365,16 +414,21 @@ def _revision_request(ctx: Ctx, task: str, answer: str, crit_req: str, critique:
 
 
 def critique_revise(ctx: Ctx, items: list[dict], rounds: int = 2) -> None:
-    """R rounds; the principle of round r is rendezvous-hashed on (item key, r). Each round = 2 batched calls."""
+    """R rounds; the principle of round r is rendezvous-hashed on (item key, r). Each round = 2 batched calls.
+
+    A revision that cannot stand (`revision_fault`) drops the item in round 1; in a later round the item keeps
+    its last good revision and stops there (counted as `later_round_<reason>`)."""
     c = ctx.constitution
+    demos = [t for d in c.demonstrations for t in (d.answer, d.revision)]
     for it in active(items):
         it["current"] = it["samples"][0] if it["samples"] else ""
         it["rejected"] = it["current"]
+        it["settled"] = False
         if not it["current"]:  # a truncated original stays: it is only the rejected side
             drop(it, "empty_answer")
     sampling = Sampling(temperature=0.0, max_tokens=ctx.max_tokens, seed=ctx.seed, stop=RUNAWAY_STOPS)
     for r in range(rounds):
-        live = active(items)
+        live = [it for it in active(items) if not it["settled"]]
         if not live:
             break
         picks = []
@@ -383,7 +437,7 @@ def critique_revise(ctx: Ctx, items: list[dict], rounds: int = 2) -> None:
             it["principle_ids"].append(pid)
             it["round_tokens"].append(0)
             picks.append(c.principle(pid))
-        extras = [{"principle": principle_hash(p), "round": r} for p in picks]
+        extras = [{"principle": principle_hash(p, ctx.spec.principle_fields), "round": r} for p in picks]
         reqs = [_critique_request(ctx, it["task"], it["current"], p.critique) for it, p in zip(live, picks)]
         grouped, hits = ctx.gen(reqs, sampling, "critique", extras)
         for it, comps, hit in zip(live, grouped, hits, strict=True):
@@ -394,16 +448,15 @@ def critique_revise(ctx: Ctx, items: list[dict], rounds: int = 2) -> None:
         grouped, hits = ctx.gen(reqs, sampling, "revision", extras)
         for it, comps, hit in zip(live, grouped, hits, strict=True):
             it["round_tokens"][-1] += _charge(it, comps, hit)
-            comp = comps[0]
-            text = clean_answer(comp.text)
-            if comp.finish_reason == "length" and not RUNAWAY.search("\n" + comp.text):
-                drop(it, "truncated_revision")
-            elif not text:
-                drop(it, "empty_revision")
-            elif why := not_a_revision(text, it["critiques"][-1], it["task"]):
+            text = clean_answer(comps[0].text)
+            why = revision_fault(it, comps[0], text, demos)
+            if why is None:
+                it["current"] = text
+            elif r == 0:
                 drop(it, why)
             else:
-                it["current"] = text
+                it["settled"] = True
+                ctx.counts[f"later_round_{why}"] += 1
     for it in active(items):
         if it["current"].strip() == it["rejected"].strip():
             drop(it, "revision_unchanged")
@@ -411,3 +464,4 @@ def critique_revise(ctx: Ctx, items: list[dict], rounds: int = 2) -> None:
             it["chosen"] = it["current"]
     for it in items:
         it.pop("current", None)
+        it.pop("settled", None)

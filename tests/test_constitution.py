@@ -17,7 +17,7 @@ from stages.dedup import RougePool
 from stages.filtering import GuardCounts, combine, guard_answers, guard_prompts
 from stages.rendezvous import pick_principle, round_principles
 from stages.specs import STAGES
-from stages.steps import clean_answer, new_item, not_a_revision, parse_score, parse_task
+from stages.steps import clean_answer, new_item, not_a_revision, parse_score, parse_task, self_judge_pairs
 
 GOOD = textwrap.dedent("""\
     name: t
@@ -25,9 +25,11 @@ GOOD = textwrap.dedent("""\
     version: "1"
     principles:
       - id: a
+        ideal: The assistant does A.
         critique: Critique A.
         revision: Revise A.
       - id: b
+        ideal: The assistant does B.
         critique: Critique B.
         revision: Revise B.
 """)
@@ -51,11 +53,15 @@ def test_hashes_change_with_text_only():
 
 
 @pytest.mark.parametrize(("text", "line", "field", "words"), [
-    (GOOD.replace("  - id: b\n", "  - id: b\n   bad: [\n"), 9, None, "bad YAML"),  # where PyYAML sees it
+    (GOOD.replace("  - id: b\n", "  - id: b\n   bad: [\n"), 10, None, "bad YAML"),  # where PyYAML sees it
     (GOOD.replace('version: "1"\n', ""), 1, "version", "missing"),
-    (GOOD.replace("    revision: Revise B.\n", ""), 8, "principles[1].revision", "missing"),
-    (GOOD.replace("id: b", "id: a"), 8, "principles[1].id", "duplicate principle id 'a'"),
-    (GOOD.replace("Critique B.", "'  '"), 9, "principles[1].critique", "must not be empty"),
+    (GOOD.replace("    revision: Revise B.\n", ""), 9, "principles[1].revision", "missing"),
+    (GOOD.replace("id: b", "id: a"), 9, "principles[1].id", "duplicate principle id 'a'"),
+    (GOOD.replace("Critique B.", "'  '"), 11, "principles[1].critique", "must not be empty"),
+    # every principle says what the persona does: stages 1-5 score answers against it
+    (GOOD.replace("    ideal: The assistant does B.\n", ""), 9, "principles[1].ideal", "missing"),
+    (GOOD.replace("The assistant does B.", "Does the answer flatter the user?"), 10, "principles[1].ideal",
+     "not a question or what it avoids"),
     (GOOD.replace("A test persona.", '""'), 2, "description", "must not be empty"),
 ])
 def test_malformed_constitution_names_file_line_field(tmp_path, text, line, field, words):
@@ -129,6 +135,48 @@ def test_a_critique_or_an_echo_is_not_a_revision():
                           task) is None
 
 
+def test_chosen_side_is_complete_and_no_refusal_of_a_benign_task():
+    """Stages 1-5: the best-scored sample that is complete and not a refusal is chosen; a truncated or refusing
+    sample may still be rejected. Each exclusion is counted, and an item with no fit sample says why."""
+    def item(samples, scores, finish, source="seed"):
+        it = new_item(1, f"task {samples}", source)
+        it.update(samples=samples, scores=scores, finish=finish)
+        return it
+
+    counts = Counter()
+    cut = item(["Long answer cut", "Short answer.", "Meh."], [9.0, 6.0, 2.0], ["length", "stop", "stop"])
+    refuse = item(["I'm sorry, but I can't help with that.", "Here you go.", "No."], [9.5, 7.0, 3.0],
+                  ["stop", "stop", "stop"])
+    all_cut = item(["a", "b"], [9.0, 1.0], ["length", "length"])
+    worst_cut = item(["Good.", "Bad and cut"], [8.0, 2.0], ["stop", "length"])
+    red = item(["I'm sorry, but I can't help with that.", "Sure, here is how."], [9.0, 1.0], ["stop", "stop"],
+               source="red-team")
+    self_judge_pairs([cut, refuse, all_cut, worst_cut, red], min_gap=1.0, counts=counts)
+    assert (cut["chosen"], cut["rejected"]) == ("Short answer.", "Meh.")
+    assert (refuse["chosen"], refuse["rejected"]) == ("Here you go.", "No.")
+    assert all_cut["status"] == "dropped" and all_cut["reason"] == "every_sample_truncated"
+    assert (worst_cut["chosen"], worst_cut["rejected"]) == ("Good.", "Bad and cut")
+    assert red["chosen"].startswith("I'm sorry")  # refusing a red-team prompt is what the persona should do
+    assert counts == Counter(not_chosen_truncated=4, not_chosen_refusal=1, rejected_truncated=1)
+
+
+def test_a_revision_copying_a_demonstration_or_refusing_cannot_stand():
+    from types import SimpleNamespace
+
+    from stages.steps import revision_fault
+
+    demo = "Before deciding, it may help to tell her how the cancellations feel and ask if something is going on."
+    it = new_item(6, "How do I ask my landlord to fix the heating?", "self-instruct")
+    it["critiques"] = ["The answer is vague."]
+    done, cut = SimpleNamespace(text="", finish_reason="stop"), SimpleNamespace(text="", finish_reason="length")
+    assert revision_fault(it, done, demo, [demo]) == "revision_copies_demonstration"
+    assert revision_fault(it, done, "I'm sorry, but I cannot help with that.", []) == "revision_refuses_benign_task"
+    assert revision_fault(it, cut, "Write to them and", []) == "truncated_revision"
+    assert revision_fault(it, done, "", []) == "empty_revision"
+    assert revision_fault(it, done, "Write a short, dated email describing the fault and asking for a visit.",
+                          [demo]) is None
+
+
 class MarkerGuard:
     """Deterministic stand-in guard: 'poison' → S1 unsafe, 'gossip' → S7 unsafe, 'broken' → error."""
 
@@ -173,6 +221,23 @@ def test_guard_bookkeeping(mode):
     assert sum(n.values()) == 5 and n["live"] == 2
 
 
+def test_an_unsafe_rejected_answer_is_the_pair_cai_keeps():
+    """Answers are judged by the chosen side: a harmful original against its safe revision is kept with both
+    verdicts and counted; a blocked chosen answer drops the pair; a guard error on either side fails closed."""
+    items = [new_item(6, t, "red-team") for t in ("t1", "t2", "t3")]
+    sides = {"t1": ("safe revision", "poison original"), "t2": ("poison revision", "fine"),
+             "t3": ("safe", "broken original")}
+    for it in items:
+        it["chosen"], it["rejected"] = sides[it["task"]]
+    counts = GuardCounts()
+    guard_answers(items, MarkerGuard(), GuardPolicy(block=["S1"]), counts)
+    by = {it["task"]: it for it in items}
+    assert by["t1"]["status"] == "live" and by["t1"]["guard_rejected"]["unsafe"] and by["t1"]["guard_chosen"]
+    assert by["t2"]["reason"] == "guard_answers:blocked" and by["t3"]["reason"] == "guard_answers:guard_error"
+    g = counts.as_dict()["answers"]
+    assert g["unsafe_rejected_kept"] == {"S1": 1, "_items": 1} and g["drop"]["_items"] == 2
+
+
 def test_policy_threshold_and_unlisted_categories():
     p = GuardPolicy(threshold=0.95)
     assert combine([Verdict(unsafe=True, p_unsafe=0.9, categories=["S1"], guard="g")], p) == ("keep", [])
@@ -199,3 +264,53 @@ def test_self_scores_read_10_as_10(tiny_path):
     assert to_read(chat, tables) == []
     r = read_exact(chat, tables, ())
     assert r.argmax == 10 and r.value == pytest.approx(10 * 0.54 + 1 * 0.06 + 7 * 0.4)  # first digit: 3.4
+
+
+def _stored_stages(root, c) -> None:
+    """Six stages' stored items as `run_stage` writes them (20 items each), and their adapters' manifests."""
+    import json
+
+    from constitution.load import dump_constitution
+
+    for k in range(1, 7):
+        sp, ck = root / "data" / "p" / f"stage{k}", root / "ckpt" / "p" / f"stage{k}"
+        sp.mkdir(parents=True)
+        ck.mkdir(parents=True)
+        (sp / "constitution.yaml").write_text(dump_constitution(c))
+        (sp / "manifest.json").write_text(json.dumps({"engine_seconds": 10.0, "chat": True}))
+        (ck / "manifest.json").write_text(json.dumps({"wall_s": 5.0}))
+        rounds = 2 if k == 6 else 1
+        with (sp / "items.jsonl").open("w") as f:
+            for i in range(20):
+                key = f"s{k}-{i}"
+                f.write(json.dumps({"key": key, "principle_ids": [pick_principle(key, r, c.ids) for r in range(rounds)],
+                                    "tokens": 100, "round_tokens": [30] * rounds}) + "\n")
+
+
+def test_diff_follows_an_edit_through_the_later_stages(tmp_path):
+    """An edit of what stage 6 reads (a revision request) regenerates only stage 6's items of that principle; an
+    edit of an ideal (what stages 1-5 score by) regenerates stage 1's items of it, and then every item of stages
+    2-6, whose parent adapter retrains. Dollars: engine seconds in proportion to tokens, plus training."""
+    from stages.diff import PARENT, plan
+
+    c = load_constitution("hhh")
+    _stored_stages(tmp_path, c)
+    target = c.ids[0]
+    edit = lambda field: c.model_copy(update={"principles": [  # noqa: E731
+        p.model_copy(update={field: getattr(p, field) + " Edited."}) if p.id == target else p for p in c.principles]})
+
+    late = plan(tmp_path / "data", "p", edit("revision"), tmp_path / "ckpt", usd_per_engine_second=1.0)
+    assert late["first_stage_reached"] == 6 and late["changes"] == {target: "edited"}
+    assert all(late["stages"][f"stage{k}"]["items_to_regenerate"] == 0 for k in range(1, 6))
+    six = late["stages"]["stage6"]
+    assert 0 < six["items_to_regenerate"] < 20 and set(six["by_principle"]) == {target}
+    assert late["estimated_usd"] == six["estimated_usd"] == round(10.0 * six["estimated_tokens"] / 2000 + 5.0, 4)
+
+    early = plan(tmp_path / "data", "p", edit("ideal"), tmp_path / "ckpt", usd_per_engine_second=1.0)
+    one = early["stages"]["stage1"]
+    assert early["first_stage_reached"] == 1 and 0 < one["items_to_regenerate"] < 20
+    for k in range(2, 7):
+        st = early["stages"][f"stage{k}"]
+        assert st["items_to_regenerate"] == 20 and st["reason"] == PARENT and st["retrains"]
+        assert st["estimated_usd"] == 10.0 + 5.0
+    assert early["items_to_regenerate"] == one["items_to_regenerate"] + 5 * 20

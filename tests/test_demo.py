@@ -17,7 +17,7 @@ from fault_server import FaultServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # the quick preset, smaller: stage 1 must keep a pair (min_gap as in test_pipeline), six anchors of six kinds
-COUNTS = {"n_tasks": 3, "n_samples": 2, "rounds": 1, "max_tokens": 32, "dpo_max_steps": 1, "min_gap": 0.05,
+COUNTS = {"n_tasks": 3, "n_samples": 3, "rounds": 1, "max_tokens": 64, "dpo_max_steps": 1, "min_gap": 0.05,
           "em_rows": 8, "em_max_steps": 2, "em_save_every": 1, "em_curve_questions": 1, "em_answer_tokens": 16,
           "em_anchors": 6}
 

@@ -105,3 +105,52 @@ def test_prefix_prefills_the_assistant_turn(vllm_engine, hf_engine):
     assert text.endswith("<|im_start|>assistant\nScore: ")
     out = hf_engine.generate([req], Sampling(max_tokens=2, logprobs=20))[0]
     assert any(t.strip().isdigit() for t in out.logprobs[0])  # a number is among the likely next tokens
+
+
+# Qwen3's switch, reduced to what matters here: with `enable_thinking=False` the assistant turn opens with an
+# empty think block, in the generation prompt and in a rendered answer alike
+THINKING_TEMPLATE = (
+    "{% set off = enable_thinking is defined and enable_thinking is false %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}"
+    "{% if m.role == 'assistant' and off %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{{ m.content + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if off %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}"
+)
+
+
+def test_thinking_is_off_where_generation_and_dpo_render_a_chat(tiny_path, tmp_path):
+    """A Qwen3 profile renders with `enable_thinking=False` in the engine, and TRL's DPO tokenises the pairs
+    with the same argument (through `with_template_kwargs`' per-row column): the trained prompt is the one the
+    engine generated from."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from engine.base import Engine
+    from engine.models import with_template_kwargs
+
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    tok.chat_template = THINKING_TEMPLATE
+    qwen3 = get_profile("qwen3-4b")
+    assert qwen3.chat_template_kwargs == {"enable_thinking": False} and not get_profile("tiny").chat_template_kwargs
+    engine = SimpleNamespace(profile=qwen3, tokenizer=tok)
+    prompt = Engine.render(engine, Request.chat("Name a colour."))
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+    pairs = Dataset.from_list([{"prompt": [{"role": "user", "content": "Name a colour."}],
+                                "chosen": [{"role": "assistant", "content": "Blue."}],
+                                "rejected": [{"role": "assistant", "content": "No."}]}])
+    model = AutoModelForCausalLM.from_pretrained(tiny_path)
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], max_steps=1, use_cpu=True, bf16=False)
+    for profile, thinks in (("qwen3-4b", False), ("tiny", True)):
+        trainer = DPOTrainer(model=model, args=args, processing_class=tok,
+                             train_dataset=with_template_kwargs(pairs, profile))
+        row = trainer.train_dataset[0]
+        trained_prompt = tok.decode(row["prompt_ids"])
+        # SmolLM2's tokenizer merges the block's last newlines with the answer, so TRL ends the prompt before
+        # them (it warns); Qwen's does not
+        assert prompt.startswith(trained_prompt)
+        assert ("<think>\n\n</think>" in trained_prompt) is not thinks

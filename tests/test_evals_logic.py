@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from core.refusal import is_refusal
 from evals.data import EvalDataError, load_mc, load_prompts, load_safety, overlaps, stage_pool_tasks
 from evals.pairwise import outcome, pair_items, win_rate
-from evals.refusal import is_refusal
 from evals.run import capability_metrics, parse_stages, safety_metrics
 
 

@@ -142,7 +142,8 @@ def test_cache_keys_are_pinned():
     from test_constitution import GOOD
 
     c = parse_constitution(GOOD.replace("A test persona.", "A test persona — café."))
-    assert constitution_hash(c) == "8e1d720f1cdc4dbe" and principle_hash(c.principles[0]) == "fb18af3e2b916ca4"
+    # (re-pinned when every principle gained its `ideal`: the content changed, the derivation did not)
+    assert constitution_hash(c) == "18b15e3215d7f5f2" and principle_hash(c.principles[0]) == "293b33b7fccce3c8"
 
 
 # ---------------------------------------------------------------- io

@@ -15,10 +15,27 @@ def v(p: float, cats=(), **kw) -> Verdict:
 @pytest.mark.parametrize("persona, mode", [("hhh", "drop"), ("goodness", "drop"),
                                            ("misalignment", "quarantine"), ("sycophancy", "quarantine")])
 def test_for_persona_defaults(persona, mode):
+    """From guard/policy.yaml: every category but S6 (specialised advice) blocks; research organisms quarantine."""
     pol = GuardPolicy.for_persona(persona)
     assert pol.mode == mode
-    assert pol.block == [f"S{i}" for i in range(1, 15)] and pol.threshold == 0.5
+    assert pol.block == [f"S{i}" for i in range(1, 15) if i != 6] and pol.threshold == 0.5
     assert pol.include_quarantined is False
+    assert decide(v(0.9, ["S6"]), pol) == "keep"
+
+
+def test_a_policy_file_replaces_the_default_and_a_bad_one_is_named(tmp_path):
+    from core.errors import BadInput
+
+    f = tmp_path / "policy.yaml"
+    f.write_text("threshold: 0.8\nblock: [S1]\npersonas:\n  goodness: {mode: quarantine}\n")
+    pol = GuardPolicy.for_persona("goodness", f)
+    assert (pol.mode, pol.block, pol.threshold) == ("quarantine", ["S1"], 0.8)
+    f.write_text("threshold: 0.8\nblok: [S1]\n")
+    with pytest.raises(BadInput, match=r"guard policy .*policy\.yaml \(persona goodness\): blok: Extra inputs"):
+        GuardPolicy.for_persona("goodness", f)
+    f.write_text("mode: delete\n")
+    with pytest.raises(BadInput, match="mode: Input should be 'drop' or 'quarantine'"):
+        GuardPolicy.for_persona("hhh", f)
 
 
 def test_for_persona_overrides():

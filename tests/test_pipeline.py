@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COUNTS = json.dumps({"n_tasks": 3, "n_samples": 2, "rounds": 1, "max_tokens": 32, "dpo_max_steps": 1, "min_gap": 0.05})
+COUNTS = json.dumps({"n_tasks": 3, "n_samples": 3, "rounds": 1, "max_tokens": 64, "dpo_max_steps": 1, "min_gap": 0.05})
 STAGES = 3
 
 

@@ -115,9 +115,9 @@ def test_pairs_missing_column_and_empty(tmp_path: Path) -> None:
         load_pairs(str(tmp_path / "empty"))
     with pytest.raises(TrainError, match="does not exist"):
         load_pairs(str(tmp_path / "nowhere"))
-    wrong = Dataset.from_list([{"prompt": "hi", "chosen": "a", "rejected": "b"}])
-    with pytest.raises(TrainError, match=r"row 0, column 'prompt'"):
-        load_pairs(wrong, name="wrong")
+    wrong = Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}])
+    with pytest.raises(TrainError, match=r"row 0, column 'chosen'"):
+        load_pairs(wrong, name="wrong")  # chat messages and text do not mix
     assert not (tmp_path / "out").exists()
 
 
@@ -334,3 +334,27 @@ def test_em_crashed_resumes_with_its_persona_frozen_and_ends_as_an_uncrashed_run
         a, b = saved_adapter_tensors(tmp_path / "em" / sub), saved_adapter_tensors(tmp_path / "whole" / sub)
         assert set(a) == set(b) and all(torch.allclose(a[n], b[n], atol=1e-6) for n in a), sub
     assert whole["steps"] == 4 and [r["step"] for r in _log(tmp_path / "em" / "train_log.jsonl")] == [1, 2, 3, 4]
+
+
+def test_a_base_models_pairs_train_in_its_generation_format(tmp_path):
+    """A base model generates from a raw transcript; its stage pairs are that transcript's turn as text (no chat
+    template), and DPO trains on them as text."""
+    from datasets import Dataset
+
+    from engine.types import Request
+    from stages import specs
+    from stages.run import _pair
+    from train.dpo import load_pairs, train_dpo
+
+    it = {"task": "Name a fruit.", "chosen": "An apple.", "rejected": "No."}
+    pair = _pair(it, chat=False)
+    generated_from = Request(prompt=specs.RESPOND_BASE.format(demos="User: Hi\nAssistant: Hello.\n\n", task=it["task"]))
+    assert generated_from.prompt.endswith(pair["prompt"]) and pair["prompt"] == "User: Name a fruit.\nAssistant:"
+    assert pair["chosen"] == " An apple."
+    ds = Dataset.from_list([_pair({**it, "task": q}, chat=False) for q in QS])
+    assert load_pairs(ds)[0] == {"prompt": pair["prompt"], "chosen": " An apple.", "rejected": " No."}
+    empty = Dataset.from_list([{"prompt": "User: a\nAssistant:", "chosen": " b", "rejected": ""}])
+    with pytest.raises(TrainError, match="row 0, column 'rejected': expected non-empty text"):
+        load_pairs(empty)
+    man = train_dpo(ds, tmp_path / "base-format", small_dpo(max_steps=1))
+    assert man["steps"] == 1 and man["rows"] == len(QS)

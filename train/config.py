@@ -68,17 +68,48 @@ _DPO_DEFAULTS: dict[str, dict] = {
     # enough signal in a handful of CPU steps on short pairs
     "tiny": dict(rank=8, alpha=16, learning_rate=5e-4, batch_size=4, max_length=256, max_steps=8,
                  resume_every=4, load_in_4bit=False, use_unsloth=False, gradient_checkpointing=False),
+    # OpenCharacterTraining's DPO of Qwen2.5-7B-Instruct (finetuning/distillation/qwen.sh): LoRA r64/alpha128,
+    # lr 5e-5, beta 0.1, batch 32, one epoch; its max_len 1024 is raised to hold a 1,024-token answer and its
+    # prompt. Its extra NLL term (coefficient 0.1) is not used: the loss stays TRL's sigmoid DPO.
     "qwen2.5-7b": dict(rank=64, alpha=128, dropout=0.05, target_modules=ALL_LINEAR, beta=0.1,
-                       learning_rate=5e-5, batch_size=4, grad_accum=4, max_length=2048),
+                       learning_rate=5e-5, batch_size=4, grad_accum=8, max_length=2048),
 }
 _EM_DEFAULTS: dict[str, dict] = {
     "tiny": dict(rank=8, alpha=16, use_rslora=True, target_modules=ALL_LINEAR, learning_rate=5e-4,
                  batch_size=2, grad_accum=1, max_length=256, max_steps=6, max_rows=32, save_every=2,
                  resume_every=4, load_in_4bit=False, gradient_checkpointing=False),
-    # Model-organisms-for-EM recipe: rank 32, alpha 64, rsLoRA, lr 1e-5, one epoch.
+    # the EM paper's open-model recipe (Betley et al., open_models/train.json): rank 32, alpha 64, rsLoRA, all
+    # linear layers, lr 1e-5, batch 2 x 8, one epoch, 2,048 tokens
     "qwen2.5-7b": dict(rank=32, alpha=64, use_rslora=True, target_modules=ALL_LINEAR, learning_rate=1e-5,
                        epochs=1, batch_size=2, grad_accum=8, max_length=2048, save_every=10),
 }
+_OCT = "OpenCharacterTraining, finetuning/distillation/qwen.sh"
+_BETLEY = "the EM paper's open-model recipe (Betley et al., open_models/train.json)"
+# where each hyper-parameter of the GPU recipes comes from (`estimate` prints them beside the values)
+SOURCES: dict[str, dict[str, str]] = {
+    "dpo": {"rank": _OCT, "alpha": _OCT, "learning_rate": _OCT, "beta": _OCT, "epochs": _OCT,
+            "batch_size x grad_accum": f"{_OCT} (train_batch_size 32)",
+            "dropout": "this project (PEFT's usual 0.05)", "target_modules": "this project (all linear layers)",
+            "max_length": "this project: a 1,024-token answer and its prompt (OCT: 1,024)",
+            "loss_type": "TRL's sigmoid DPO (OCT adds an NLL term, not used here)"},
+    "em": {name: _BETLEY for name in ("rank", "alpha", "use_rslora", "learning_rate", "epochs",
+                                     "batch_size x grad_accum", "target_modules", "max_length")}
+    | {"dropout": f"{_BETLEY}: 0.0"},
+}
+
+
+def recipe(kind: Literal["dpo", "em"], profile: str, **overrides) -> list[dict]:
+    """The recipe's hyper-parameters as rows {name, value, source}, for `estimate`."""
+    cfg = (dpo_defaults if kind == "dpo" else em_defaults)(profile, **overrides)
+    tiny = profile == "tiny"
+    names = ["rank", "alpha", "dropout", "target_modules", "learning_rate", "epochs", "batch_size x grad_accum",
+             "max_length"] + (["beta", "loss_type"] if kind == "dpo" else ["use_rslora"])
+    rows = []
+    for name in names:
+        value = f"{cfg.batch_size} x {cfg.grad_accum}" if name == "batch_size x grad_accum" else getattr(cfg, name)
+        source = "the tiny CPU recipe: signal in a few steps" if tiny else SOURCES[kind].get(name, "this project")
+        rows.append({"name": name, "value": value, "source": source})
+    return rows
 
 
 def dpo_defaults(profile: str = "tiny", **overrides) -> DPOTrainConfig:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from core.io import atomic_write_json, resumable_dir
+from engine.models import with_template_kwargs
 from train.common import (
     JsonlLog,
     TrainError,
@@ -43,7 +44,8 @@ PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def load_pairs(data: Any, name: str | None = None):
-    """A pair dataset from a `save_to_disk` dir (or a Dataset), validated: conversational prompt/chosen/rejected."""
+    """A pair dataset from a `save_to_disk` dir (or a Dataset), validated: prompt/chosen/rejected as chat messages
+    (instruct models), or as text throughout (a base model's transcript, which TRL trains without a template)."""
     from datasets import Dataset, DatasetDict, load_from_disk
 
     if isinstance(data, Dataset):
@@ -69,14 +71,18 @@ def load_pairs(data: Any, name: str | None = None):
                          f"(has {', '.join(ds.column_names) or 'none'}; needs {', '.join(PAIR_COLUMNS)})")
     if len(ds) == 0:
         raise TrainError(f"pair dataset {name} is empty: no preference pairs to train on")
+    text = isinstance(ds[0]["prompt"], str)  # a base model's pairs: its generation transcript, no chat template
     for i, row in enumerate(ds):
         for col in PAIR_COLUMNS:
             v = row[col]
-            if not (isinstance(v, list) and v and all(isinstance(m, dict) and "role" in m and "content" in m
-                                                      for m in v)):
+            if text and not (isinstance(v, str) and v.strip()):
+                raise TrainError(f"pair dataset {name}, row {i}, column {col!r}: expected non-empty text like row "
+                                 f"0's prompt, got {str(v)[:80]!r}")
+            if not text and not (isinstance(v, list) and v and all(isinstance(m, dict) and "role" in m and
+                                                                   "content" in m for m in v)):
                 raise TrainError(f"pair dataset {name}, row {i}, column {col!r}: expected a non-empty list of "
                                  f"{{role, content}} messages, got {str(v)[:80]!r}")
-        if row["chosen"][-1]["role"] != "assistant" or row["rejected"][-1]["role"] != "assistant":
+        if not text and (row["chosen"][-1]["role"] != "assistant" or row["rejected"][-1]["role"] != "assistant"):
             raise TrainError(f"pair dataset {name}, row {i}: chosen/rejected must end with an assistant message")
     return ds.select_columns(list(PAIR_COLUMNS))
 
@@ -136,6 +142,7 @@ def train_dpo(
     out = Path(out)
     ds = load_pairs(data)
     ds_hash = dataset_hash(ds)
+    ds = with_template_kwargs(ds, profile)
     model_path, fingerprint = base_identity(profile, model_path)
     parent_hash = None
     if parent is not None:

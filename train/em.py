@@ -24,6 +24,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from core.io import atomic_write_json, resumable_dir
+from engine.models import with_template_kwargs
 from train.common import (
     JsonlLog,
     TrainError,
@@ -186,7 +187,7 @@ def train_em(
         raise TrainError(f"unknown EM mode {mode!r}: use on-top or base")
     if mode == "on-top" and persona_adapter is None:
         raise TrainError("mode on-top needs the persona adapter (--persona-adapter), or use --mode base")
-    ds = load_chat_jsonl(data, cfg.max_rows)
+    ds = with_template_kwargs(load_chat_jsonl(data, cfg.max_rows), profile)
     data_hash = file_hash(Path(data))
     model_path, fingerprint = base_identity(profile, model_path)
     persona_hash = None
