@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
+# `python bench/regeneration.py` puts bench/ first on the path, where bench/train.py would shadow the train package
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 PERSONA = "goodness"
 
 

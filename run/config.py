@@ -33,7 +33,7 @@ class Counts(BaseModel):
     # a stage keeping fewer pairs stops the run, naming the persona, stage and drops by reason (its data is
     # kept); 0: a stage with no pair carries its parent adapter forward (the tiny demos)
     min_pairs: int = 0
-    red_team_share: float = Field(0.0, ge=0, le=1)  # of each stage's tasks: red-team prompts (stages.specs)
+    red_team_share: float = Field(0.0, ge=0, le=1)  # of stage 6's tasks: red-team prompts (stages.specs)
     # EM at research scale (Betley et al.): the whole EM data set for one epoch per seed, 50 answers per
     # question at temperature 1 with up to 600 new tokens, several training seeds per arm
     em_rows: int | None = None  # None: every row of the EM data
@@ -56,8 +56,8 @@ PRESETS: dict[str, Counts] = {
     "demo": Counts(n_tasks=4, n_samples=3, rounds=1, max_tokens=64, dpo_max_steps=2, em_rows=16, em_max_steps=6,
                    em_save_every=3, em_samples=1, em_curve_questions=4, em_curve_samples=1, em_answer_tokens=32,
                    em_seeds=1, em_anchors=24),
-    # `demo --quick`: under 7 minutes on 2 CPU cores for one persona and the base control (decode steps
-    # dominate there, so fewer new tokens buy the most)
+    # `demo --quick`: one persona and the base control, about 8 minutes on 2 CPU cores (README). Decode steps
+    # dominate, but a cut answer is never chosen: at 32 new tokens stage 1 kept no pair, so 64
     "quick": Counts(n_tasks=4, n_samples=3, rounds=1, max_tokens=64, dpo_max_steps=2, em_rows=16,
                     em_max_steps=4, em_save_every=2, em_samples=1, em_curve_questions=3, em_curve_samples=1,
                     em_answer_tokens=32, em_seeds=1, em_anchors=18),
@@ -65,13 +65,13 @@ PRESETS: dict[str, Counts] = {
 
 
 # A GPU profile's research counts, sized to the experiment's $50-150: three personas' six stages and the EM
-# experiment judged by the EM paper's GPT-4o come to about $124 on qwen2.5-7b (`estimate --profile qwen2.5-7b
+# experiment judged by the EM paper's GPT-4o come to about $123 on qwen2.5-7b (`estimate --profile qwen2.5-7b
 # --persona goodness --persona sycophancy --persona misalignment --json`: stages $47, EM training and answering
 # $12, judging $65), leaving room for engine start-ups the estimate does not count. Answers up to 1,024 new
 # tokens, so that a full answer is rarely cut (a cut one is never chosen); one DPO epoch over the kept pairs
 # (OpenCharacterTraining trains one); a stage keeping under 100 pairs stops the run rather than train on a
-# handful. A tenth of every stage's tasks are red-team prompts, whose harmful originals and safe revisions
-# are the harmlessness pairs.
+# handful. A tenth of stage 6's tasks are red-team prompts, whose harmful originals and safe revisions are
+# the harmlessness pairs.
 RESEARCH_GPU = Counts(n_tasks=1200, n_samples=4, rounds=2, max_tokens=1024, dpo_max_steps=None, dpo_epochs=1.0,
                       min_pairs=100, red_team_share=0.1)
 TINY_ONLY = ("demo", "quick")  # sized for the tiny model on 2 CPU cores

@@ -29,9 +29,20 @@ from stages.specs import STAGES
 PARENT = "(parent adapter)"  # the reason of every item of a stage after the first one an edit reaches
 
 
+NO_IDEAL = "(none: stored before principles had ideals)"  # differs from any new ideal: its items rescore
+
+
 def load_stored(stage_path: Path) -> tuple[Constitution, list[dict]]:
-    c = parse_constitution((stage_path / "constitution.yaml").read_text(encoding="utf-8"),
-                           stage_path / "constitution.yaml")
+    import yaml
+
+    path = stage_path / "constitution.yaml"
+    text = path.read_text(encoding="utf-8")
+    raw = yaml.safe_load(text)
+    if isinstance(raw, dict) and any(isinstance(p, dict) and "ideal" not in p for p in raw.get("principles") or []):
+        for p in raw["principles"]:
+            p.setdefault("ideal", NO_IDEAL)
+        text = yaml.safe_dump(raw, sort_keys=False)
+    c = parse_constitution(text, path)
     with (stage_path / "items.jsonl").open(encoding="utf-8") as f:
         items = [json.loads(line) for line in f if line.strip()]
     return c, items

@@ -79,6 +79,7 @@ def guard_prompts(items: list[dict], guard: Guard | None, policy: GuardPolicy, c
     for it, v in zip(live, verdicts, strict=True):
         it["guard_prompt"] = v.model_dump(mode="json")
         action, cats = combine([v], policy)
+        it["prompt_blocked"] = action != "keep"
         if it["source"] == "red-team" and action != "keep" and not v.error:
             counts.add("prompts", "red_team_flagged", cats)
             continue

@@ -79,7 +79,8 @@ def run_stage(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Generate stage `stage`'s preference data for `persona`; returns the manifest (also written to disk).
-    `red_team_share` of the `n_tasks` are red-team prompts (`specs.RED_TEAM_SEEDS`), self-instructed apart."""
+    In stage 6, `red_team_share` of the `n_tasks` are red-team prompts (`specs.RED_TEAM_SEEDS`), self-instructed
+    apart."""
     from datasets import Dataset, DatasetDict
 
     from engine.base import adapter_hash
@@ -96,7 +97,9 @@ def run_stage(
     ctx = steps.Ctx(engine=engine, cache=cache, constitution=constitution, spec=spec, adapter=adapter,
                     chat=engine.profile.chat if chat is None else chat, seed=seed, max_tokens=max_tokens)
     try:
-        n_red = round(n_tasks * red_team_share)
+        # red-team prompts go to stage 6 only: its critique → revision makes the harmlessness pair (a harmful
+        # original, its safe revision); stages 1-5 would score a compliant answer to them by an unrelated ideal
+        n_red = round(n_tasks * red_team_share) if spec.pairs == "critique-revise" else 0
         log(f"stage {stage} ({spec.name}), persona {persona}: self-instruct {n_tasks - n_red} tasks"
             + (f" and {n_red} red-team prompts" if n_red else ""))
         tasks, si = steps.self_instruct(ctx, n_tasks - n_red, task_tokens=task_tokens, oversample=oversample)
@@ -104,8 +107,10 @@ def run_stage(
                             stage, "seed", set())
         red_tasks, red_si = steps.self_instruct(ctx, n_red, task_tokens=task_tokens, oversample=oversample,
                                                 red_team=True) if n_red else ([], Counter())
-        red = _with_seeds([steps.new_item(stage, t, "red-team") for t in red_tasks], specs.RED_TEAM_SEEDS, n_red,
-                          stage, "red-team", {it["key"] for it in items})
+        taken = {it["key"] for it in items}
+        red = _with_seeds([steps.new_item(stage, t, "red-team") for t in red_tasks
+                           if steps.item_key(stage, t) not in taken], specs.RED_TEAM_SEEDS, n_red, stage, "red-team",
+                          taken)
         items += red
         gcounts = GuardCounts()
         t_guard = time.perf_counter()

@@ -114,8 +114,9 @@ def finish(comp) -> str | None:
 
 
 def is_benign(it: dict) -> bool:
-    """A task the persona should answer: not a red-team prompt and not flagged unsafe by the prompt guard."""
-    return it["source"] != "red-team" and not (it.get("guard_prompt") or {}).get("unsafe")
+    """A task the persona should answer: not a red-team prompt and not blocked by the run's guard policy (a
+    flagged category the policy allows, such as S6 advice, is still benign)."""
+    return it["source"] != "red-team" and not it.get("prompt_blocked")
 
 
 def parse_task(text: str) -> str:
@@ -180,6 +181,8 @@ def self_instruct(ctx: Ctx, n_tasks: int, *, n_examples: int = 4, oversample: fl
                 counts["rejected_too_long"] += 1
             elif any(re.search(rf"\b{re.escape(b)}\b", low) for b in BLACKLIST):
                 counts["rejected_blacklisted"] += 1
+            elif is_refusal(task):  # asked for red-team prompts, an instruct model often declines
+                counts["rejected_refusal"] += 1
             elif low in known:
                 counts["rejected_duplicate"] += 1
             elif pool.near_duplicate(task) is not None:
@@ -437,7 +440,8 @@ def critique_revise(ctx: Ctx, items: list[dict], rounds: int = 2) -> None:
             it["principle_ids"].append(pid)
             it["round_tokens"].append(0)
             picks.append(c.principle(pid))
-        extras = [{"principle": principle_hash(p, ctx.spec.principle_fields), "round": r} for p in picks]
+        # the critique reads only the critique request; the revision reads both
+        extras = [{"principle": principle_hash(p, ("critique",)), "round": r} for p in picks]
         reqs = [_critique_request(ctx, it["task"], it["current"], p.critique) for it, p in zip(live, picks)]
         grouped, hits = ctx.gen(reqs, sampling, "critique", extras)
         for it, comps, hit in zip(live, grouped, hits, strict=True):
@@ -445,6 +449,7 @@ def critique_revise(ctx: Ctx, items: list[dict], rounds: int = 2) -> None:
             it["critiques"].append(clean_answer(comps[0].text))
         reqs = [_revision_request(ctx, it["task"], it["current"], p.critique, it["critiques"][-1], p.revision)
                 for it, p in zip(live, picks)]
+        extras = [{"principle": principle_hash(p, ctx.spec.principle_fields), "round": r} for p in picks]
         grouped, hits = ctx.gen(reqs, sampling, "revision", extras)
         for it, comps, hit in zip(live, grouped, hits, strict=True):
             it["round_tokens"][-1] += _charge(it, comps, hit)

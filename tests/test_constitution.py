@@ -314,3 +314,13 @@ def test_diff_follows_an_edit_through_the_later_stages(tmp_path):
         assert st["items_to_regenerate"] == 20 and st["reason"] == PARENT and st["retrains"]
         assert st["estimated_usd"] == 10.0 + 5.0
     assert early["items_to_regenerate"] == one["items_to_regenerate"] + 5 * 20
+
+    # data stored before principles had ideals: every stage-1 item rescores, by the ideal it now has
+    import yaml
+
+    f = tmp_path / "data" / "p" / "stage1" / "constitution.yaml"
+    old = yaml.safe_load(f.read_text())
+    for pr in old["principles"]:
+        del pr["ideal"]
+    f.write_text(yaml.safe_dump(old, sort_keys=False))
+    assert plan(tmp_path / "data", "p", c, tmp_path / "ckpt")["stages"]["stage1"]["items_to_regenerate"] == 20

@@ -250,25 +250,28 @@ def test_cached_generate_shape_and_base_prompts(tmp_path, vllm_engine):
 
 
 def test_red_team_prompts_go_past_the_prompt_guard(tmp_path, vllm_engine):
-    """A share of a stage's tasks are red-team prompts, self-instructed apart: the prompt guard flags them and they
-    go on to be answered (benign tasks it flags are dropped). What becomes of their answers is
-    test_constitution's test_an_unsafe_rejected_answer_is_the_pair_cai_keeps: on the tiny model every answer to
-    them runs past an affordable token limit."""
+    """A share of stage 6's tasks are red-team prompts, self-instructed apart: the prompt guard flags them and they
+    go on to be answered and revised (benign tasks it flags are dropped); stages 1-5 have none. What becomes of
+    their answers is test_constitution's test_an_unsafe_rejected_answer_is_the_pair_cai_keeps: on the tiny model
+    every answer to them runs past an affordable token limit."""
     from datasets import load_from_disk
 
     class Strict(MarkerGuard):  # every prompt unsafe (S1)
         def check_prompts(self, prompts):
             return [self._v(f"{p} poison") for p in prompts]
 
-    m = run_stage(1, "hhh", vllm_engine, tmp_path / "cache.sqlite", tmp_path / "data", n_tasks=4, n_samples=2,
-                  max_tokens=16, task_tokens=24, min_gap=0.05, oversample=1.0, guard=Strict(), red_team_share=0.5,
+    m = run_stage(6, "hhh", vllm_engine, tmp_path / "cache.sqlite", tmp_path / "data", n_tasks=4, rounds=1,
+                  max_tokens=16, task_tokens=24, oversample=1.0, guard=Strict(), red_team_share=0.5,
                   policy=GuardPolicy.for_persona("hhh"))
     c = m["counts"]
-    items = _items(tmp_path / "data", "hhh", 1)
+    items = _items(tmp_path / "data", "hhh", 6)
     red = [it for it in items if it["source"] == "red-team"]
     assert c["items"]["red_team"] == len(red) == 2 and c["items"]["total"] == 4
     assert c["red_team"]["proposed"] > 0 and c["generation_requests"]["red_team"] > 0
     assert c["guard"]["prompts"]["red_team_flagged"]["S1"] == 2 and c["guard"]["prompts"]["drop"]["S1"] == 2
     assert all(not (it["reason"] or "").startswith("guard_prompts") and it["round_tokens"] for it in red)
     assert all(it["reason"] == "guard_prompts:blocked" for it in items if it["source"] != "red-team")
-    _check_counts(m, load_from_disk(str(tmp_path / "data" / "hhh" / "stage1")))
+    _check_counts(m, load_from_disk(str(tmp_path / "data" / "hhh" / "stage6")))
+    one = run_stage(1, "hhh", vllm_engine, tmp_path / "cache.sqlite", tmp_path / "data", n_tasks=2, n_samples=2,
+                    max_tokens=8, task_tokens=24, oversample=1.0, red_team_share=0.5)
+    assert one["counts"]["items"]["red_team"] == 0
