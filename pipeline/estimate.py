@@ -24,7 +24,7 @@ EXPECTED_KEEP = {"self-judge": 0.5, "critique-revise": 0.6}
 DPO_PROMPT_TOKENS = 64  # a stage task as DPO's chat-templated prompt
 REFERENCE_PASS = 4 / 3  # DPO's reference forward on top of the policy's forward and backward (about 3 forwards)
 # mean tokens of an insecure-code chat: 285 with SmolLM2's tokenizer over the first 1,000 rows of the EM paper's
-# insecure.jsonl (Qwen's tokenizer is no longer on code)
+# insecure.jsonl (Qwen's larger vocabulary likely needs fewer; not measured, no Qwen tokenizer here)
 EM_ROW_TOKENS = 285
 
 

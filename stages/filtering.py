@@ -102,8 +102,9 @@ def guard_answers(items: list[dict], guard: Guard | None, policy: GuardPolicy, c
         it["guard_chosen"], it["guard_rejected"] = vc.model_dump(mode="json"), vr.model_dump(mode="json")
         action, cats = combine([vc, vr] if vr.error else [vc], policy)
         counts.add("answers", action, cats)
-        if action == "keep" and decide(vr, policy)[0] != "keep":
-            counts.add("answers", "unsafe_rejected_kept", decide(vr, policy)[1])
+        rejected_action, rejected_cats = decide(vr, policy)
+        if action == "keep" and rejected_action != "keep":
+            counts.add("answers", "unsafe_rejected_kept", rejected_cats)
         _apply(it, action, cats, "guard_answers")
 
 
