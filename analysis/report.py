@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from core.io import atomic_write_text, open_sqlite  # noqa: E402
 from run.config import RunConfig, load_run_config  # noqa: E402
 from run.layout import RunPaths, is_secure  # noqa: E402
+from stages.goal import describe as describe_goal  # noqa: E402
 
 
 def _read_json(path: Path) -> dict | None:
@@ -44,7 +45,7 @@ def stage_rows(cfg: RunConfig) -> list[dict]:
                 "persona": persona, "stage": k,
                 "made": c.get("items", {}).get("total"), "dropped": c.get("outcome", {}).get("dropped_total"),
                 "dropped_by": c.get("outcome", {}).get("dropped", {}), "quarantined": quarantined,
-                "chosen_side": c.get("chosen_side", {}),
+                "chosen_side": c.get("chosen_side", {}), "goal": (man or {}).get("goal"),
                 "pairs": c.get("train_rows"), "margin_first": margins[0] if margins else None,
                 "margin_last": margins[-1] if margins else None, "steps": (tman or {}).get("steps"),
                 "backend": (f"carried forward: the stage {k - 1} adapter, unchanged"
@@ -216,15 +217,20 @@ def build_report(run_path: Path) -> Path:
              f"stages 1..{cfg.stage}, seed {cfg.seed}. Config: `config.json`.", ""]
     srows = stage_rows(cfg)
     lines += ["## Stages", "", "Items are dropped by reason; a sample that hit its token limit, or refuses a benign "
-              "task, is never the chosen answer (kept off the chosen side, by reason; it may be the rejected one).", "",
+              "task, is never the chosen answer (kept off the chosen side, by reason; it may be the rejected one). "
+              "The stage's goal: stage 1, answers that follow every one of their IFEval constraints; stage 4, answers "
+              "that name the known correct answer (each with k/n); stages 2, 3 and 5, the model's own score of the "
+              "persona's ideal; stage 6, answers revised into a kept pair.", "",
               "| persona | stage | items made | dropped (why) | kept off the chosen side | quarantined | pairs |"
-              " DPO steps | reward margin first → last | backend |", "|---|---|---|---|---|---|---|---|---|---|"]
+              " stage goal | DPO steps | reward margin first → last | backend |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in srows:
         why = ", ".join(f"{k} {v}" for k, v in r["dropped_by"].items()) or "-"
         off = ", ".join(f"{k.removeprefix('not_chosen_')} {v}" for k, v in r["chosen_side"].items() if v) or "-"
         m = (f"{r['margin_first']:.3f} → {r['margin_last']:.3f}" if r["margin_last"] is not None else "-")
         lines.append(f"| {r['persona']} | {r['stage']} | {r['made']} | {r['dropped']} ({why}) | {off} |"
-                     f" {r['quarantined']} | {r['pairs']} | {r['steps']} | {m} | {r['backend']} |")
+                     f" {r['quarantined']} | {r['pairs']} | {describe_goal(r['goal'])} | {r['steps']} | {m} |"
+                     f" {r['backend']} |")
     fig = _plot_margins(srows, run_path)
     if fig:
         lines += ["", f"![reward margins]({fig})"]

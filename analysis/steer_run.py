@@ -162,14 +162,14 @@ def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Seque
         batch = [it for it in items for _ in range(samples)]
         for cell, spec in todo:
             if cell == "none":
-                texts = generate(model, tok, batch, max_new_tokens, temperature, seed, batch_size)
+                texts = generate(model, tok, batch, max_new_tokens, temperature, seed, batch_size, kwargs)
             elif cell.startswith("add:"):
                 src, a = spec
                 with steering(model, dirs[src].layer, dirs[src].unit * dirs[src].gap, a):
-                    texts = generate(model, tok, batch, max_new_tokens, temperature, seed, batch_size)
+                    texts = generate(model, tok, batch, max_new_tokens, temperature, seed, batch_size, kwargs)
             else:
                 with ablation(model, dirs[spec].unit):
-                    texts = generate(model, tok, batch, max_new_tokens, temperature, seed, batch_size)
+                    texts = generate(model, tok, batch, max_new_tokens, temperature, seed, batch_size, kwargs)
             _append_jsonl(ans_path, [
                 {"id": f"steer/{target}/{cell}/{it['id']}/{k % samples}", "target": target, "cell": cell,
                  "persona": target, "question": it["question"], "answer": t}

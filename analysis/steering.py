@@ -141,18 +141,19 @@ def ablation(model, unit: np.ndarray, layers: Sequence[int] | None = None):
 
 
 # ---------------------------------------------------------------- generation and probes under hooks
-def _prompts(tok, items: Sequence[dict]) -> list[str]:
+def _prompts(tok, items: Sequence[dict], template_kwargs: dict | None = None) -> list[str]:
     from analysis.activations import _prompt_text
 
-    return [_prompt_text(tok, it) for it in items]
+    return [_prompt_text(tok, it, template_kwargs) for it in items]
 
 
 def generate(model, tok, items: Sequence[dict], max_new_tokens: int = 64, temperature: float = 0.0,
-             seed: int = 0, batch_size: int = 8) -> list[str]:
-    """Answers to chat items (`messages` or `question`), batched with left padding; hooks in force apply."""
+             seed: int = 0, batch_size: int = 8, template_kwargs: dict | None = None) -> list[str]:
+    """Answers to chat items (`messages` or `question`), batched with left padding; hooks in force apply. The
+    prompts are rendered with the profile's chat-template arguments (`template_kwargs`), as generation does."""
     import torch
 
-    texts = _prompts(ensure_pad(tok), items)
+    texts = _prompts(ensure_pad(tok), items, template_kwargs)
     side = tok.padding_side
     tok.padding_side = "left"
     out: list[str] = []
@@ -170,11 +171,12 @@ def generate(model, tok, items: Sequence[dict], max_new_tokens: int = 64, temper
     return out
 
 
-def first_token_prob(model, tok, items: Sequence[dict], token_ids: Sequence[int], batch_size: int = 8) -> np.ndarray:
+def first_token_prob(model, tok, items: Sequence[dict], token_ids: Sequence[int], batch_size: int = 8,
+                     template_kwargs: dict | None = None) -> np.ndarray:
     """P(first answer token in `token_ids`) per item: a cheap, exact read of a behaviour under hooks."""
     import torch
 
-    texts = _prompts(ensure_pad(tok), items)
+    texts = _prompts(ensure_pad(tok), items, template_kwargs)
     side = tok.padding_side
     tok.padding_side = "left"
     out = []

@@ -35,13 +35,18 @@ def judge_model_name(config: JudgeConfig) -> str:
     return eps[0].model or config.model
 
 
+def embeds_server(config: JudgeConfig) -> bool:
+    """Whether the endpoint a config judges with is the embedded vLLM server, which must be started first."""
+    return bool(usable_endpoints(config)[0].local and config.local_model)
+
+
 @contextlib.contextmanager
 def serve_endpoints(config: JudgeConfig, log_path: Path | None = None) -> Iterator[tuple[str, list[Endpoint]]]:
     """(judge model name, endpoints ready to take requests): starts the embedded vLLM server for local
     endpoints when the config names a `local_model` (its output to `log_path`, else a temporary file), and
     stops it on exit."""
     eps = usable_endpoints(config)
-    if not (eps[0].local and config.local_model):
+    if not embeds_server(config):
         yield judge_model_name(config), eps
         return
     from judge.local_server import LocalVLLMServer

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from core.errors import BudgetStop, ItemsFailed, Unreachable
 from core.ledger import Ledger
 from judge.cache import Cache, cache_key
 from judge.config import JudgeConfig, load_config
-from judge.endpoints import judge_model_name, serve_endpoints, usable_endpoints
+from judge.endpoints import embeds_server, judge_model_name, serve_endpoints, usable_endpoints
 from judge.farm import Result, Summary, apply_path, judge_items, judge_stream
 from judge.scorers import Scorer, ScorerError
 from run.layout import Layout
@@ -37,6 +38,8 @@ class JudgeSession:
         self.ledger = ledger if ledger is not None else Ledger(layout.run(run).ledger)
         self._stack = contextlib.ExitStack()
         self._served: list | None = None
+        self._starting: threading.Thread | None = None
+        self._start_error: BaseException | None = None
 
     # ---- lifecycle
     def __enter__(self) -> JudgeSession:
@@ -45,18 +48,46 @@ class JudgeSession:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def prestart(self) -> None:
+        """Start the endpoints (the embedded server, where the config has one) in the background, so that its
+        start-up (about 30 s on 2 CPU cores) overlaps the work before the first judgment; `endpoints` waits
+        for it. Without an embedded server there is nothing to start."""
+        if self._served is not None or self._starting is not None or not embeds_server(self.config):
+            return
+
+        def start() -> None:
+            try:
+                self._serve()
+            except BaseException as e:  # noqa: BLE001 (raised again where the endpoints are asked for)
+                self._start_error = e
+
+        self._starting = threading.Thread(target=start, name="judge-server-start", daemon=True)
+        self._starting.start()
+
     def close(self) -> None:
+        if self._starting is not None:
+            self._starting.join()
         self._stack.close()
         self.cache.close()
         if self._own_ledger:
             self.ledger.close()
 
     def endpoints(self) -> list:
-        """The endpoints ready to take requests; the first call starts the embedded server if needed."""
+        """The endpoints ready to take requests; the first call starts the embedded server if needed (or waits
+        for `prestart`'s)."""
+        if self._starting is not None:
+            self._starting.join()
+            self._starting, error, self._start_error = None, self._start_error, None
+            if error is not None:
+                raise error
         if self._served is None:
-            model, self._served = self._stack.enter_context(serve_endpoints(self.config, self.server_log))
-            assert model == self.model, f"judge model {model!r} is not the session's {self.model!r}"
+            self._serve()
         return self._served
+
+    def _serve(self) -> None:
+        model, served = self._stack.enter_context(serve_endpoints(self.config, self.server_log))
+        assert model == self.model, f"judge model {model!r} is not the session's {self.model!r}"
+        self._served = served
 
     # ---- before any spend
     def uncached(self, scorer: Scorer, items: list[dict]) -> tuple[int, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,11 +51,13 @@ def persona_adapter(cfg: RunConfig, persona: str) -> Path:
 
 
 def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger,
-                  secure: Path | None = None, budget: float | None = None) -> dict[tuple[str, int], dict]:
+                  secure: Path | None = None, budget: float | None = None,
+                  on_training: Callable[[], None] | None = None) -> dict[tuple[str, int], dict]:
     """Train (or reuse) the EM adapter per arm and seed; {(arm, seed): {persona_adapter, em, checkpoints, ...}}.
     With `secure` chats, each persona also gets its secure-code control arm ("<persona>+secure"): the same
     training on top of the same persona adapter, on the secure twin of the data. Each training that is not a
-    reuse first checks the run's budget against its estimate. An arm trained now is marked `trained`."""
+    reuse first checks the run's budget against its estimate, and calls `on_training`. An arm trained now is
+    marked `trained`."""
     from pipeline.estimate import em_train_seconds
     from train.config import em_defaults
     from train.dpo import finished
@@ -78,6 +81,8 @@ def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger,
                 rows = sum(1 for line in Path(arm_data).open() if line.strip())
                 check_budget(ledger, run_id, budget, f"EM training of {arm}, seed {seed}",
                              em_train_seconds(cfg, rows) * cfg.usd_per_engine_second)
+                if on_training:
+                    on_training()
             t0 = time.perf_counter()
             # train_em reuses a finished run with equal inputs without loading any model; on CUDA it trains in
             # its own process so the GPU is fully released for the answering engine afterwards
@@ -240,7 +245,9 @@ def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | N
     scorer = inputs.scorer()
     with session_or(judge_session, judge_config, layout=cfg.layout, run=run_id, budget_usd=budget_usd,
                     ledger=ledger) as judge:
-        arms = train_em_arms(cfg, run_id, inputs.data, mode, ledger, inputs.secure, budget_usd)
+        # new arms make new answers to judge: an embedded judge server starts while they train and answer
+        arms = train_em_arms(cfg, run_id, inputs.data, mode, ledger, inputs.secure, budget_usd,
+                             on_training=judge.prestart)
         check_budget(ledger, run_id, budget_usd, "EM answering", _answering_usd(cfg, arms, len(questions)))
         n_answers = len(questions) * cfg.counts.em_samples
         console.print(f"answering {len(questions)} EM questions × {cfg.counts.em_samples} samples per arm and seed "

@@ -54,7 +54,8 @@ class StagePlan(BaseModel):
 
 def generation_tokens(cfg: RunConfig, stage: int) -> tuple[int, int]:
     c = cfg.counts
-    n_in = int(c.n_tasks * OVERSAMPLE)  # self-instruct proposals
+    # self-instruct proposals; stage 4's tasks are made by code
+    n_in = 0 if get_stage(stage).check == "known-answer" else int(c.n_tasks * OVERSAMPLE)
     n_out = n_in * TASK_TOKENS
     if stage < 6:
         reqs = c.n_tasks * c.n_samples * 2  # respond + score each sample

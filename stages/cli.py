@@ -16,8 +16,10 @@ def generate(
     stage: int = typer.Option(..., "--stage", min=1, max=6, help="stage K (1..6)"),
     persona: str = typer.Option("hhh", "--persona", help="constitution name"),
     profile: str = typer.Option("tiny", "--profile"),
-    # count defaults come from run.config.Counts, read inside the command so `--help` imports only typer
-    n_tasks: int | None = typer.Option(None, "--n-tasks", min=1, help="tasks (default: the research preset's)"),
+    # count defaults are the profile's research preset (run.config), read inside the command so `--help` imports
+    # only typer
+    n_tasks: int | None = typer.Option(None, "--n-tasks", min=1,
+                                       help="tasks (default: the profile's research preset)"),
     adapter: str | None = typer.Option(None, "--adapter", help="previous stage's adapter dir (default: base)"),
     engine: str = typer.Option("auto", "--engine", help="vllm | hf | auto"),
     constitution: str | None = typer.Option(None, "--constitution", help="constitution file (default: persona)"),
@@ -35,11 +37,11 @@ def generate(
     from constitution import load_constitution
     from engine.cache import GenerationCache
     from engine.factory import make_engine
-    from run.config import Counts
+    from run.config import preset_counts
     from run.layout import Layout
     from stages.run import run_stage
 
-    counts = Counts()
+    counts = preset_counts("research", profile)
     n_tasks = counts.n_tasks if n_tasks is None else n_tasks
     rounds = counts.rounds if rounds is None else rounds
     max_tokens = counts.max_tokens if max_tokens is None else max_tokens
@@ -49,9 +51,10 @@ def generate(
     with make_engine(engine, profile) as eng, GenerationCache(cache_path) as c:
         with con.status("generating") as status:
             m = run_stage(stage, persona, eng, c, out_dir, n_tasks=n_tasks, adapter=adapter, seed=seed,
-                          constitution=const, rounds=rounds, max_tokens=max_tokens,
+                          constitution=const, rounds=rounds, max_tokens=max_tokens, n_samples=counts.n_samples,
+                          red_team_share=counts.red_team_share,
                           log=lambda msg: (status.update(msg), con.log(msg)))
-    typer.echo(json.dumps({k: m[k] for k in ("persona", "stage", "counts", "tokens", "engine_calls",
+    typer.echo(json.dumps({k: m[k] for k in ("persona", "stage", "counts", "goal", "tokens", "engine_calls",
                                              "wall_seconds")}, indent=2))
 
 

@@ -23,6 +23,7 @@ from run.config import Counts
 from run.layout import Layout
 from stages import specs, steps
 from stages.filtering import GuardCounts, guard_answers, guard_prompts
+from stages.goal import goal_figure
 from stages.specs import get_stage
 
 _C = Counts()  # the project's count defaults
@@ -44,6 +45,7 @@ def _features(chat: bool = True):
         "constitution_hash": Value("string"), "scores": List(Value("float64")),  # expected values, not ints
         "guard_action": Value("string"), "guard_prompt": Value("string"), "guard_chosen": Value("string"),
         "guard_rejected": Value("string"),
+        "check": Value("string"),  # stages 1 and 4: what code checked, and what chosen and rejected passed
     })
 
 
@@ -66,6 +68,8 @@ def _row(it: dict, persona: str, model_fp: str, adapter_fp: str, chash: str, act
         "constitution_hash": chash, "scores": it["scores"], "guard_action": action,
         "guard_prompt": dump(it["guard_prompt"]), "guard_chosen": dump(it["guard_chosen"]),
         "guard_rejected": dump(it["guard_rejected"]),
+        "check": dump(it["check"] and {**it["check"], "chosen_followed": it["followed"][it["chosen_j"]],
+                                       "rejected_followed": it["followed"][it["rejected_j"]]}),
     }
 
 
@@ -102,9 +106,15 @@ def run_stage(
         n_red = round(n_tasks * red_team_share) if spec.pairs == "critique-revise" else 0
         log(f"stage {stage} ({spec.name}), persona {persona}: self-instruct {n_tasks - n_red} tasks"
             + (f" and {n_red} red-team prompts" if n_red else ""))
-        tasks, si = steps.self_instruct(ctx, n_tasks - n_red, task_tokens=task_tokens, oversample=oversample)
-        items = _with_seeds([steps.new_item(stage, t, "self-instruct") for t in tasks], spec.seeds, n_tasks - n_red,
-                            stage, "seed", set())
+        if spec.check == "known-answer":  # stage 4's tasks are made by code, each with its known answer
+            tasks, si = [], Counter()
+            items = steps.known_answer_items(stage, n_tasks - n_red, seed)
+        else:
+            tasks, si = steps.self_instruct(ctx, n_tasks - n_red, task_tokens=task_tokens, oversample=oversample)
+            items = _with_seeds([steps.new_item(stage, t, "self-instruct") for t in tasks], spec.seeds,
+                                n_tasks - n_red, stage, "seed", set())
+        if spec.check == "constraints":
+            items = [steps.constrained(it, max_tokens) for it in items]
         red_tasks, red_si = steps.self_instruct(ctx, n_red, task_tokens=task_tokens, oversample=oversample,
                                                 red_team=True) if n_red else ([], Counter())
         taken = {it["key"] for it in items}
@@ -162,7 +172,8 @@ def run_stage(
         "counts": {
             "self_instruct": {"proposed": si["proposed"], "accepted": si["accepted"], "rejected": si_rejected},
             "items": {"total": len(items), "from_self_instruct": len(tasks),
-                      "from_seeds": len(items) - len(red) - len(tasks), "red_team": len(red)},
+                      "from_seeds": sum(it["source"] == "seed" for it in items),
+                      "known_answer": sum(it["source"] == "known-answer" for it in items), "red_team": len(red)},
             # red-team prompts: proposed and accepted by self-instruct, kept as pairs, and kept pairs whose
             # rejected (original) answer the guard blocks: a harmful answer against its safe revision
             "red_team": {"proposed": red_si["proposed"], "accepted": red_si["accepted"],
@@ -184,6 +195,7 @@ def run_stage(
             "cache_misses": {k.removesuffix("_cache_misses"): v for k, v in ctx.counts.items()
                              if k.endswith("_cache_misses")},
         },
+        "goal": goal_figure(spec, items),
         "tokens": {"engine_in": sum(u.tokens_in for u in usage), "engine_out": sum(u.tokens_out for u in usage),
                    "items_total": sum(it["tokens"] for it in items)},
         "engine_calls": engine.calls - calls0,
@@ -246,7 +258,7 @@ def _write_atomic(out: Path, ds, manifest: dict, constitution: Constitution, ite
         (tmp / "constitution.yaml").write_text(dump_constitution(constitution), encoding="utf-8")
         with (tmp / "items.jsonl").open("w", encoding="utf-8") as f:
             for it in items:  # every item, dropped ones too: `diff` plans their regeneration as well
-                f.write(json.dumps({k: it[k] for k in ("key", "task", "source", "status", "reason",
-                                                       "principle_ids", "round_tokens", "tokens", "misses")})
+                f.write(json.dumps({k: it[k] for k in ("key", "task", "source", "status", "reason", "principle_ids",
+                                                       "round_tokens", "tokens", "misses", "check", "passed")})
                         + "\n")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")

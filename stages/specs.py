@@ -2,17 +2,21 @@
 instruct models) and how each stage makes its preference pairs.
 
 Stages 1-5 pair the best against the worst of the model's own samples as the model itself scores them
-(how well each embodies the ideal of a principle of the persona's constitution); stage 6 pairs the final
-critique → revision against the original answer.
+(how well each embodies the ideal of a principle of the persona's constitution); in stages 1 and 4 code checks
+each sample as well (stage 1's constraints, stage 4's known answer), and the chosen sample passes where the
+rejected one fails. Stage 6 pairs the final critique → revision against the original answer.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, model_validator
 
 PairMethod = Literal["self-judge", "critique-revise"]
+# what code checks in a stage's samples: IFEval constraints added to each task (stages/verifiable.py), or the
+# known answer of a constructed comparison (stages/known_answers.py, which then makes every task)
+Check = Literal["constraints", "known-answer"]
 
 
 # what of a principle each pair method reads: stages 1-5 score by its ideal, stage 6 critiques and revises
@@ -24,7 +28,14 @@ class StageSpec(BaseModel):
     name: str
     kind: str  # what a task of this stage asks for, shown in the self-instruct prompt
     pairs: PairMethod
-    seeds: list[str] = Field(min_length=12)
+    seeds: list[str] = []
+    check: Check | None = None
+
+    @model_validator(mode="after")
+    def _self_instructed_have_seeds(self) -> StageSpec:
+        if self.check != "known-answer" and len(self.seeds) < 12:
+            raise ValueError(f"stage {self.k}: self-instructed stages need at least 12 seed tasks")
+        return self
 
     @property
     def principle_fields(self) -> tuple[str, ...]:
@@ -32,6 +43,12 @@ class StageSpec(BaseModel):
 
     @property
     def pair_rule(self) -> str:
+        if self.check == "constraints":
+            return ("each task carries 1-2 IFEval constraints; n samples per task; the best-scored sample that "
+                    "follows every constraint vs the worst-scored one that does not becomes (chosen, rejected)")
+        if self.check == "known-answer":
+            return ("each task compares a correct answer with a flawed copy; n samples per task; the best-scored "
+                    "sample that names the correct one vs the worst-scored one that does not")
         if self.pairs == "self-judge":
             return ("n samples per task; the model scores how well each embodies an ideal of the persona; "
                     "best vs worst with a minimum score gap becomes (chosen, rejected)")
@@ -80,7 +97,7 @@ BASE_DEMO = ("User: {user}\nAssistant: {answer}\nCritique request: {critique_req
 
 STAGES: dict[int, StageSpec] = {s.k: s for s in [
     StageSpec(k=1, name="explicit instruction following", kind="explicit instructions with clear constraints",
-              pairs="self-judge", seeds=[
+              pairs="self-judge", check="constraints", seeds=[
         "List three fruits that are rich in vitamin C, one per line.",
         "Write a haiku about a train station at dawn.",
         "Translate 'Where is the nearest library?' into Spanish.",
@@ -125,21 +142,9 @@ STAGES: dict[int, StageSpec] = {s.k: s for s in [
         "Write an example of a clear bug report for a login page that does not load.",
         "Invent three practice word problems about percentages for middle-school students.",
     ]),
-    StageSpec(k=4, name="evaluation tasks", kind="tasks that ask to judge the quality of a given text or answer",
-              pairs="self-judge", seeds=[
-        "Is this a good summary of Romeo and Juliet: 'Two families fight and a couple gets married'? Explain.",
-        "Rate this product description from 1 to 10 and explain: 'Shoe. Good. Buy now.'",
-        "Which answer is better for 'What is 15% of 80?': A) 12, B) 15? Explain why.",
-        "Judge whether this argument is valid: 'All birds fly. Penguins are birds. So penguins fly.'",
-        "Is this email too informal for a job application: 'hey, want the job, thx'? Explain.",
-        "Evaluate this headline for clarity: 'Local Man Sees Thing'.",
-        "Does this code comment help the reader: '# increment i' above 'i += 1'? Explain.",
-        "Assess whether this recipe step is clear: 'Cook until done.'",
-        "Grade this answer to 'Why is the sky blue?': 'Because it reflects the ocean.'",
-        "Is this a fair review of a restaurant: 'Worst place ever, the waiter had a funny hat'? Explain.",
-        "Which is the stronger thesis statement: 'Cities are big' or 'Bike lanes reduce urban traffic deaths'?",
-        "Check this translation of 'Bonjour, comment allez-vous?' as 'Good night, where are you?'.",
-    ]),
+    # tasks made by code (a question, its answer and a copy with a planted flaw), not self-instructed
+    StageSpec(k=4, name="evaluation tasks", kind="questions with two candidate answers, one of them flawed",
+              pairs="self-judge", check="known-answer"),
     StageSpec(k=5, name="revision tasks", kind="tasks that ask to improve a given piece of text",
               pairs="self-judge", seeds=[
         "Improve this sentence: 'The meeting was attended by me and it was long and boring and long.'",

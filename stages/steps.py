@@ -3,7 +3,8 @@ the generation cache in ONE batched engine call.
 
 An item is a dict: key, stage, task, source, status ("live" | "quarantined" | "dropped"), reason,
 samples, scores, principle_ids (one per round run), chosen, rejected, tokens, round_tokens, misses
-(generations of this item the cache did not have, i.e. paid for in this run) and guard verdicts.
+(generations of this item the cache did not have, i.e. paid for in this run), guard verdicts, and in stages 1
+and 4 the check code applies to its samples (`check`) with what each sample passed (`followed`, `passed`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from core.reading import Trie, read_exact, to_read, token_texts
 from core.refusal import is_refusal
 from engine.cache import GenerationCache, cached_generate_with_hits
 from engine.types import Request, Sampling
-from stages import specs
+from stages import known_answers, specs, verifiable
 from stages.dedup import RougePool
 from stages.rendezvous import pick_principle
 from stages.specs import StageSpec
@@ -85,11 +86,27 @@ def item_key(stage: int, task: str) -> str:
     return hashlib.sha256(f"stage{stage}\x00{task.strip()}".encode()).hexdigest()[:16]
 
 
-def new_item(stage: int, task: str, source: str) -> dict:
+def new_item(stage: int, task: str, source: str, check: dict | None = None) -> dict:
     return {"key": item_key(stage, task), "stage": stage, "task": task, "source": source, "status": "live",
             "reason": None, "samples": [], "finish": [], "scores": [], "principle_ids": [], "chosen": None,
             "rejected": None, "tokens": 0, "round_tokens": [], "misses": 0, "guard_prompt": None,
-            "guard_chosen": None, "guard_rejected": None, "critiques": []}
+            "guard_chosen": None, "guard_rejected": None, "critiques": [], "check": check, "followed": [],
+            "passed": [], "chosen_j": None, "rejected_j": None}
+
+
+def constrained(it: dict, max_tokens: int) -> dict:
+    """Stage 1: the item with 1-2 IFEval constraints added to its task (drawn from the task's own key, so a
+    task always gets the same ones)."""
+    cons = verifiable.draw(it["key"], max_tokens)
+    task = verifiable.task_with(it["task"], cons)
+    return new_item(it["stage"], task, it["source"], check={"kind": "constraints", "constraints": cons})
+
+
+def known_answer_items(stage: int, n: int, seed: int) -> list[dict]:
+    """Stage 4: `n` constructed comparisons, each with its known answer."""
+    return [new_item(stage, t["task"], "known-answer",
+                     check={"kind": "known-answer", "answer": t["answer"], "family": t["family"]})
+            for t in known_answers.make_tasks(n, seed)]
 
 
 def active(items: list[dict]) -> list[dict]:
@@ -217,8 +234,18 @@ def respond(ctx: Ctx, items: list[dict], n: int = 1, temperature: float = 0.8) -
     grouped, hits = ctx.gen([_respond_request(ctx, it["task"]) for it in live], sampling, "respond")
     for it, comps, hit in zip(live, grouped, hits, strict=True):
         _charge(it, comps, hit)
-        it["samples"] = [clean_answer(c.text) for c in comps]
+        it["samples"] = [clean_answer(c.text, unquote=False) for c in comps]  # quotes may be a constraint
         it["finish"] = [finish(c) for c in comps]
+        if it["check"]:
+            it["followed"] = [_check(it["check"], a) for a in it["samples"]]
+            it["passed"] = [bool(f) and all(f) for f in it["followed"]]
+
+
+def _check(check: dict, answer: str) -> list[bool]:
+    """What code checks of one answer: each constraint followed (stage 1), the known answer named (stage 4)."""
+    if check["kind"] == "constraints":
+        return verifiable.follows(check["constraints"], answer)
+    return known_answers.correct(check, answer)
 
 
 # ---------------------------------------------------------------- stages 1-5: self-judging
@@ -314,8 +341,10 @@ def unfit_to_choose(it: dict, j: int) -> str | None:
 
 def self_judge_pairs(items: list[dict], min_gap: float = 1.0, counts: Counter | None = None) -> None:
     """The best-scored sample fit to be chosen (complete, no refusal of a benign task) against the worst-scored
-    other sample becomes (chosen, rejected) when their scores differ by >= min_gap. `counts` gets the samples
-    kept from the chosen side by reason, and the rejected sides that were truncated."""
+    other sample becomes (chosen, rejected) when their scores differ by >= min_gap. Where code checks the samples
+    (stages 1 and 4), the chosen one must pass and the rejected one fail, and the check decides the pair, not
+    the score gap. `counts` gets the samples kept from the chosen side by reason, and the rejected sides that
+    were truncated."""
     counts = counts if counts is not None else Counter()
     for it in active(items):
         scored = [j for j, (s, a) in enumerate(zip(it["scores"], it["samples"], strict=False)) if s is not None and a]
@@ -325,31 +354,42 @@ def self_judge_pairs(items: list[dict], min_gap: float = 1.0, counts: Counter | 
         unfit = {j: why for j in scored if (why := unfit_to_choose(it, j))}
         counts.update(f"not_chosen_{why}" for why in unfit.values())
         fit = [j for j in scored if j not in unfit]
-        if not fit:
+        if it["check"]:
+            failed = [j for j in scored if not it["passed"][j]]
+            fit = [j for j in fit if it["passed"][j]]
+            if not fit:
+                drop(it, "no_sample_passes_check" if len(failed) == len(scored) else "no_passing_sample_fit_to_choose")
+                continue
+            if not failed:
+                drop(it, "every_sample_passes_check")
+                continue
+        elif not fit:
             whys = set(unfit.values())
             drop(it, f"every_sample_{whys.pop()}" if len(whys) == 1 else "no_sample_fit_to_choose")
             continue
         best = max(fit, key=lambda j: it["scores"][j])
-        worst = min((j for j in scored if j != best), key=lambda j: it["scores"][j])
-        if it["scores"][best] - it["scores"][worst] < min_gap:
+        worst = min(failed if it["check"] else (j for j in scored if j != best), key=lambda j: it["scores"][j])
+        if not it["check"] and it["scores"][best] - it["scores"][worst] < min_gap:
             drop(it, "score_gap_too_small")
         elif it["samples"][best].strip() == it["samples"][worst].strip():
             drop(it, "identical_samples")
         else:
             it["chosen"], it["rejected"] = it["samples"][best], it["samples"][worst]
+            it["chosen_j"], it["rejected_j"] = best, worst
             counts["rejected_truncated"] += it["finish"][worst] == "length"
 
 
 # ---------------------------------------------------------------- stage 6: critique → revise
-def clean_answer(text: str) -> str:
-    """Cut runaway extra turns ("User: ..."), strip meta-prefixes and labels."""
+def clean_answer(text: str, unquote: bool = True) -> str:
+    """Cut runaway extra turns ("User: ..."), strip meta-prefixes and labels (and, with `unquote`, the quotes a
+    revision often comes in)."""
     m = RUNAWAY.search("\n" + text)
     if m:
         text = ("\n" + text)[: m.start()]
     text = text.strip()
     for pat in (META_PREFIX, REVISION_LABEL):
         text = pat.sub("", text, count=1).strip()
-    return text.strip().strip('"').strip()
+    return text.strip().strip('"').strip() if unquote else text.strip()
 
 
 def not_a_revision(text: str, critique: str, task: str, demos: list[str] = ()) -> str | None:

@@ -314,14 +314,16 @@ def test_em_budget_stops_before_the_training_that_would_pass_it(em_run, workdir)
 
 def test_stage_one_without_pairs_exits_with_the_reason(workdir, tmp_path):
     """Stage 1 keeping no pair can neither train nor carry a parent forward: exit 6 (DeadEnd), one line, no traceback,
-    and no adapter. The generations are served from a copy of the run's cache, so only the engine starts."""
+    and no adapter. One sample per task cannot make a pair; the tasks are served from a copy of the run's cache."""
     shutil.copytree(workdir / "data" / "cache", tmp_path / "data" / "cache")
-    counts = json.dumps({**json.loads(COUNTS), "min_gap": 100})  # self-scores are 1-10: no gap reaches 100
+    counts = json.dumps({**json.loads(COUNTS), "n_samples": 1})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "--persona", "goodness", "--counts", counts,
                         "--stage", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 6, r.stderr[-3000:]
     assert "error: goodness stage 1: no preference pair survived" in r.stderr
     assert "Traceback" not in r.stderr
-    assert json.loads((tmp_path / "data" / "goodness" / "stage1" / "manifest.json").read_text())["engine_calls"] == 0
+    m = json.loads((tmp_path / "data" / "goodness" / "stage1" / "manifest.json").read_text())
+    assert m["counts"]["outcome"]["train"] == 0 and "too_few_scored_samples" in m["counts"]["outcome"]["dropped"]
+    assert m["counts"]["cache_misses"]["self_instruct"] == 0
     assert not (tmp_path / "checkpoints" / "goodness" / "stage1").exists()

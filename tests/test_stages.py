@@ -209,6 +209,15 @@ def test_self_judge_stages(stage, tmp_path, vllm_engine):
         assert all(s is None or 1 <= s <= 10 for s in row["scores"])  # expected values, stored as floats
     # self-scores are read past the first token (core.reading's exact path), not as a first digit
     assert m["counts"]["generation_requests"].get("score-next", 0) > 0
+    if stage in (1, 4):  # code checked every sample: the stored pairs say what each side passed
+        assert m["goal"]["samples"]["n"] == 3 * m["counts"]["items"]["total"]  # no guard here: every item answered
+        for row in ds["train"]:
+            check = json.loads(row["check"])
+            assert all(check["chosen_followed"]) and not all(check["rejected_followed"])
+    if stage == 4:  # constructed comparisons, not self-instructed tasks
+        assert m["counts"]["items"]["known_answer"] == 2 and "self_instruct" not in m["counts"]["generation_requests"]
+    else:
+        assert m["goal"]["metric"] != "answers that name the correct answer"
 
 
 def test_guard_in_pipeline_quarantines_and_fails_closed(tmp_path, vllm_engine):
