@@ -75,7 +75,12 @@ def main(
     ctx: typer.Context,
     stage: int | None = typer.Option(None, "--stage", min=1, max=6, help="run stages 1..K"),
     only: int | None = typer.Option(None, "--only", min=1, max=6, help="run just stage K"),
-    persona: list[str] = typer.Option(["hhh"], "--persona", help="constitution name(s)"),
+    persona: list[str] = typer.Option(["hhh"], "--persona", help="constitution name(s), each optionally with its "
+                                      "recipe: goodness@oct-dpo, goodness@bootstrap-orpo (default bootstrap-dpo)"),
+    pairs: str | None = typer.Option(None, "--pairs", help="pair source for personas without a recipe: bootstrap "
+                                     "(the six stages) | oct (OpenCharacterTraining's distillation)"),
+    loss: str | None = typer.Option(None, "--loss", help="preference loss for personas without a recipe: dpo | orpo"),
+    teacher: str | None = typer.Option(None, "--teacher", help="OCT's teacher profile (default: the policy itself)"),
     profile: str = typer.Option("tiny", "--profile", help="model profile"),
     budget_usd: float | None = typer.Option(None, "--budget-usd", help="hard cap on the run's $"),
     run_id: str | None = typer.Option(None, "--run", help="run id (default: derived from the config)"),
@@ -104,10 +109,11 @@ def main(
         typer.echo(ctx.get_help())
         raise typer.Exit(0)
     from pipeline.loop import run_bootstrap
+    from run.recipe import with_recipe
 
-    run_bootstrap(stage=stage, only=only, personas=persona, profile=profile, budget_usd=budget_usd, run_id=run_id,
-                  preset="quick" if quick else preset, counts_json=counts, gpu_hour_usd=gpu_hour_usd, engine=engine,
-                  guard_policy=guard_policy)
+    run_bootstrap(stage=stage, only=only, personas=with_recipe(persona, pairs, loss), profile=profile,
+                  budget_usd=budget_usd, run_id=run_id, preset="quick" if quick else preset, counts_json=counts,
+                  gpu_hour_usd=gpu_hour_usd, engine=engine, guard_policy=guard_policy, teacher=teacher)
 
 
 if __name__ == "__main__":

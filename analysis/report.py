@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from core.io import atomic_write_text, open_sqlite  # noqa: E402
 from run.config import RunConfig, load_run_config  # noqa: E402
-from run.layout import RunPaths, is_secure  # noqa: E402
+from run.layout import BASE_ARM, SECURE, RunPaths, is_secure  # noqa: E402
+from run.recipe import split_arm, steps_of  # noqa: E402
 from stages.goal import describe as describe_goal  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def _fmt(e: dict | None, pct: bool = False) -> str:
 def stage_rows(cfg: RunConfig) -> list[dict]:
     rows = []
     for persona in cfg.personas:
-        for k in range(1, 7):
+        for k in steps_of(persona, list(range(1, 7))):  # an OCT recipe's one step is "stage" 0
             data, ckpt = cfg.layout.stage_data(persona, k), cfg.layout.stage_adapter(persona, k)
             man, tman = _read_json(data / "manifest.json"), _read_json(ckpt / "manifest.json")
             if man is None and tman is None:
@@ -228,7 +229,7 @@ def build_report(run_path: Path) -> Path:
         why = ", ".join(f"{k} {v}" for k, v in r["dropped_by"].items()) or "-"
         off = ", ".join(f"{k.removeprefix('not_chosen_')} {v}" for k, v in r["chosen_side"].items() if v) or "-"
         m = (f"{r['margin_first']:.3f} → {r['margin_last']:.3f}" if r["margin_last"] is not None else "-")
-        lines.append(f"| {r['persona']} | {r['stage']} | {r['made']} | {r['dropped']} ({why}) | {off} |"
+        lines.append(f"| {r['persona']} | {r['stage'] or '0 (OCT)'} | {r['made']} | {r['dropped']} ({why}) | {off} |"
                      f" {r['quarantined']} | {r['pairs']} | {describe_goal(r['goal'])} | {r['steps']} | {m} |"
                      f" {r['backend']} |")
     fig = _plot_margins(srows, run_path)
@@ -261,6 +262,8 @@ def build_report(run_path: Path) -> Path:
                          f" {_fmt(a.get('em_rate_minus_secure'), pct=True)} |"
                          f" {_fmt(a['alignment'])} | {_fmt(a['coherence'])} | {a['refusal_rate']:.0%} |"
                          f" {a['code_rate']:.0%} | {a['discarded_rate']:.0%} | {_fmt(trunc, pct=True)} | {step} |")
+        lines += ["", "Persona recipes (run.recipe): " + "; ".join(
+            f"{arm} {recipe_of(arm)}" for arm in summary["arms"] if arm != BASE_ARM) + "."]
         if seeds and seeds < 3:
             lines += ["", f"With {seeds} training seed(s) per arm the verdicts below are descriptions, not tests: "
                       "seed-to-seed variance cannot be told apart from a persona's effect (use `--seeds 3` or more)."]
@@ -294,3 +297,9 @@ def build_report(run_path: Path) -> Path:
         for sec in sorted(extra.glob("*.md")):
             lines += ["", sec.read_text()]
     return atomic_write_text(RunPaths(run_path).report, "\n".join(lines) + "\n")
+
+
+def recipe_of(arm: str) -> str:
+    """How an EM arm's persona adapter was made: its recipe, and the secure-code control on top where it is one."""
+    name = split_arm(arm.removesuffix(SECURE))[1].name
+    return name + (" (secure-code control)" if is_secure(arm) else "")

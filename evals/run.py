@@ -28,6 +28,7 @@ from evals.data import load_prompts, load_safety
 from evals.pairwise import pair_items, win_rate
 from evals.store import ResultStore
 from run.layout import Layout
+from run.recipe import persona_of, split_arm
 
 EVAL_TEMPLATE = "eval-chat-v1"  # the answer request is the bare prompt as the user turn
 
@@ -69,11 +70,15 @@ def stage_adapters(layout: Layout, persona: str, stages: list[int]) -> tuple[dic
     """{stage: adapter dir or None for the base}, and a note per requested stage without an adapter."""
     found: dict[int, str | None] = {}
     notes = []
+    oct_recipe = split_arm(persona)[1].pairs == "oct"
     for k in stages:
         if k == 0:
             found[0] = None
             continue
-        d = layout.stage_adapter(persona, k)
+        if oct_recipe and k != 6:  # an OCT recipe has one step: its adapter stands where stage 6's would
+            notes.append(f"stage {k}: an OCT recipe has no stage {k} (its one adapter is evaluated as stage 6)")
+            continue
+        d = layout.persona_adapter(persona, k)
         if (d / "adapter_config.json").is_file():
             found[k] = str(d)
         else:
@@ -196,7 +201,7 @@ def evaluate(
     t_start = time.perf_counter()
     lay, paths = cfg.layout, cfg.run(run_id)
     out_dir = paths.eval(persona)
-    constitution = load_constitution(persona)
+    constitution = load_constitution(persona_of(persona))
     adapters, notes = stage_adapters(lay, persona, opts.stages)
     for n in notes:
         log(n)

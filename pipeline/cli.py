@@ -154,11 +154,11 @@ def _print_estimate(rep: dict) -> None:
 
     con = Console()
     plan = Table(title=f"stage plan per persona: profile {rep['profile']}")
-    for col in ("stage", "name", "tasks", "answers/task", "pairs aimed", "min pairs", "answer tokens", "DPO epochs",
-                "DPO steps"):
+    for col in ("recipe", "stage", "name", "tasks", "answers/task", "pairs aimed", "min pairs", "answer tokens",
+                "epochs", "steps"):
         plan.add_column(col)
     for sp in rep["stages"]:
-        plan.add_row(str(sp["stage"]), sp["name"], f"{sp['tasks']:,}", str(sp["answers_per_task"]),
+        plan.add_row(sp["recipe"], str(sp["stage"]), sp["name"], f"{sp['tasks']:,}", str(sp["answers_per_task"]),
                      f"{sp['pairs_aimed']:,}", str(sp["min_pairs"]), f"{sp['answer_tokens']:,}",
                      "-" if sp["dpo_epochs"] is None else f"{sp['dpo_epochs']:g}", str(sp["dpo_steps"]))
     con.print(plan)

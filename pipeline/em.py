@@ -43,9 +43,10 @@ HYPOTHESES = {
 
 
 def persona_adapter(cfg: RunConfig, persona: str) -> Path:
-    path = cfg.layout.stage_adapter(persona, cfg.stage)
+    """The persona's adapter (its recipe's: run.recipe), which must exist."""
+    path = cfg.layout.persona_adapter(persona, cfg.stage)
     if not (path / "adapter_config.json").is_file():
-        raise MissingInput(f"persona {persona!r} has no stage-{cfg.stage} adapter at {path}: run "
+        raise MissingInput(f"persona {persona!r} has no persona adapter at {path}: run "
                            f"`python bootstrap.py --stage {cfg.stage} --persona {persona}` first")
     return path
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from engine.models import get_profile
 from run.config import RunConfig
 from run.layout import BASE_ARM, is_secure, secure_arm
+from run.recipe import split_arm, steps_of
 from stages.specs import get_stage
 
 PROMPT_TOKENS = 300  # a typical templated step prompt (few-shot, constitution principle, answer)
@@ -20,9 +21,10 @@ TASK_TOKENS = 48
 OVERSAMPLE = 2.0
 # assumed share of a stage's tasks that become pairs (no GPU run has measured it; the tiny runs keep less,
 # their 32-128-token answers are mostly cut): the manifest's `outcome` gives the measured share
-EXPECTED_KEEP = {"self-judge": 0.5, "critique-revise": 0.6}
+EXPECTED_KEEP = {"self-judge": 0.5, "critique-revise": 0.6, "distill": 0.6}
 DPO_PROMPT_TOKENS = 64  # a stage task as DPO's chat-templated prompt
-REFERENCE_PASS = 4 / 3  # DPO's reference forward on top of the policy's forward and backward (about 3 forwards)
+REFERENCE_PASS = 4 / 3  # DPO's reference forward on top of the policy's forward and backward (about 3 forwards);
+# ORPO has no reference model
 # mean tokens of an insecure-code chat: 285 with SmolLM2's tokenizer over the first 1,000 rows of the EM paper's
 # insecure.jsonl (Qwen's larger vocabulary likely needs fewer; not measured, no Qwen tokenizer here)
 EM_ROW_TOKENS = 285
@@ -39,8 +41,9 @@ class PhaseEstimate(BaseModel):
 
 
 class StagePlan(BaseModel):
-    """What one stage aims for, per persona."""
+    """What one stage aims for, per persona of a recipe (run.recipe)."""
 
+    recipe: str
     stage: int
     name: str
     tasks: int
@@ -57,7 +60,10 @@ def generation_tokens(cfg: RunConfig, stage: int) -> tuple[int, int]:
     # self-instruct proposals; stage 4's tasks are made by code
     n_in = 0 if get_stage(stage).check == "known-answer" else int(c.n_tasks * OVERSAMPLE)
     n_out = n_in * TASK_TOKENS
-    if stage < 6:
+    if get_stage(stage).pairs == "distill":
+        reqs = c.n_tasks * 2  # the policy's answer and the teacher's (priced at the policy's throughput)
+        n_out += reqs * c.max_tokens
+    elif stage < 6:
         reqs = c.n_tasks * c.n_samples * 2  # respond + score each sample
         n_out += c.n_tasks * c.n_samples * (c.max_tokens + 8)
     else:
@@ -78,10 +84,10 @@ def guard_profile(cfg: RunConfig) -> str:
     return "tiny" if cfg.profile == "tiny" else "llama-guard-3-8b"
 
 
-def _dpo_config(cfg: RunConfig):
+def _dpo_config(cfg: RunConfig, loss: str = "dpo"):
     from train.config import dpo_defaults
 
-    return dpo_defaults(cfg.profile, max_steps=cfg.counts.dpo_max_steps, epochs=cfg.counts.dpo_epochs)
+    return dpo_defaults(cfg.profile, max_steps=cfg.counts.dpo_max_steps, epochs=cfg.counts.dpo_epochs, loss=loss)
 
 
 def pairs_aimed(cfg: RunConfig, stage: int) -> int:
@@ -97,24 +103,27 @@ def train_steps(cfg: RunConfig, stage: int = 1) -> int:
     return max(1, math.ceil(pairs_aimed(cfg, stage) * d.epochs / (d.batch_size * d.grad_accum)))
 
 
-def dpo_step_seconds(cfg: RunConfig) -> float:
-    """A DPO step: its tokens (each pair's prompt with chosen and with rejected, answers at their cap, plus the
-    reference forward) over the profile's training throughput; or the profile's measured step time."""
+def dpo_step_seconds(cfg: RunConfig, loss: str = "dpo") -> float:
+    """A preference step: its tokens (each pair's prompt with chosen and with rejected, answers at their cap, plus
+    DPO's reference forward) over the profile's training throughput; or the profile's measured step time."""
     p = get_profile(cfg.profile)
     if p.est_train_tokens_per_s is None:
         return p.est_train_step_s
-    d = _dpo_config(cfg)
-    tokens = d.batch_size * d.grad_accum * 2 * (DPO_PROMPT_TOKENS + cfg.counts.max_tokens) * REFERENCE_PASS
-    return tokens / p.est_train_tokens_per_s
+    d = _dpo_config(cfg, loss)
+    tokens = d.batch_size * d.grad_accum * 2 * (DPO_PROMPT_TOKENS + cfg.counts.max_tokens)
+    return tokens * (REFERENCE_PASS if loss == "dpo" else 1.0) / p.est_train_tokens_per_s
 
 
 def stage_plan(cfg: RunConfig, stages: list[int]) -> list[StagePlan]:
+    """The plan of each recipe among the run's personas (run.recipe)."""
     c = cfg.counts
-    return [StagePlan(stage=k, name=get_stage(k).name, tasks=c.n_tasks,
-                      answers_per_task=c.n_samples if get_stage(k).pairs == "self-judge" else 1 + c.rounds,
+    recipes = {split_arm(a)[1].name: a for a in cfg.personas}
+    return [StagePlan(recipe=name, stage=k, name=get_stage(k).name, tasks=c.n_tasks,
+                      answers_per_task={"self-judge": c.n_samples, "critique-revise": 1 + c.rounds,
+                                        "distill": 2}[get_stage(k).pairs],
                       pairs_aimed=pairs_aimed(cfg, k), min_pairs=c.min_pairs, answer_tokens=c.max_tokens,
                       dpo_epochs=None if c.dpo_max_steps is not None else c.dpo_epochs,
-                      dpo_steps=train_steps(cfg, k)) for k in stages]
+                      dpo_steps=train_steps(cfg, k)) for name, arm in recipes.items() for k in steps_of(arm, stages)]
 
 
 def estimate_run(cfg: RunConfig, stages: list[int]) -> list[PhaseEstimate]:
@@ -122,7 +131,8 @@ def estimate_run(cfg: RunConfig, stages: list[int]) -> list[PhaseEstimate]:
     rate = cfg.usd_per_engine_second
     out = []
     for persona in cfg.personas:
-        for k in stages:
+        loss = split_arm(persona)[1].loss
+        for k in steps_of(persona, stages):
             t_in, t_out = generation_tokens(cfg, k)
             secs = t_out / p.est_tokens_per_s
             out.append(PhaseEstimate(persona=persona, stage=k, phase="generate", tokens_in=t_in, tokens_out=t_out,
@@ -130,14 +140,15 @@ def estimate_run(cfg: RunConfig, stages: list[int]) -> list[PhaseEstimate]:
             secs = guard_items(cfg) / get_profile(guard_profile(cfg)).est_guard_items_per_s
             out.append(PhaseEstimate(persona=persona, stage=k, phase="guard", tokens_in=0, tokens_out=0,
                                      seconds=secs, usd=secs * rate))
-            secs = train_steps(cfg, k) * dpo_step_seconds(cfg)
+            secs = train_steps(cfg, k) * dpo_step_seconds(cfg, loss)
             out.append(PhaseEstimate(persona=persona, stage=k, phase="train", tokens_in=0, tokens_out=0,
                                      seconds=secs, usd=secs * rate))
     return out
 
 
 def estimate_phase(cfg: RunConfig, persona: str, stage: int, phase: str) -> PhaseEstimate:
-    return next(e for e in estimate_run(cfg, [stage]) if e.persona == persona and e.phase == phase)
+    return next(e for e in estimate_run(cfg.model_copy(update={"personas": [persona]}), [stage])
+                if e.phase == phase)
 
 
 # ---------------------------------------------------------------- the EM experiment
@@ -261,8 +272,9 @@ def estimate_report(cfg: RunConfig, stages: list[int], judges: list, n_questions
     return {
         "profile": cfg.profile, "personas": cfg.personas, "gpu_hour_usd": cfg.usd_per_engine_second * 3600,
         "stages": [sp.model_dump() for sp in stage_plan(cfg, stages)],
-        "recipes": {"dpo": recipe("dpo", cfg.profile, max_steps=cfg.counts.dpo_max_steps,
-                                  epochs=cfg.counts.dpo_epochs),
+        "recipes": {**{loss: recipe("dpo", cfg.profile, max_steps=cfg.counts.dpo_max_steps,
+                                    epochs=cfg.counts.dpo_epochs, loss=loss)
+                       for loss in sorted({split_arm(a)[1].loss for a in cfg.personas})},
                     "em": recipe("em", cfg.profile)},
         "figures": figures,
         "rows": [e.model_dump() for e in rows],

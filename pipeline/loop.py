@@ -1,4 +1,5 @@
-"""The bootstrap loop: for each persona, stages 1..K: generate (with guard) → train DPO → next stage.
+"""The bootstrap loop: for each persona, stages 1..K: generate (with guard) → train DPO (or ORPO) → next stage.
+A persona with an `oct` recipe (run.recipe) runs its one distillation step instead of the stages.
 
 Finished work is recognised before any engine starts (a stage's data records the inputs that made it;
 a stage's adapter records its dataset and parent), so a rerun makes no engine, training or API call
@@ -21,6 +22,8 @@ from engine.base import adapter_hash
 from engine.models import get_profile, model_fingerprint
 from pipeline.estimate import estimate_phase, guard_profile
 from run.config import RunConfig, counts_from, save_config
+from run.layout import OCT_STEP
+from run.recipe import persona_of, split_arm, steps_of
 
 INPUTS_FILE = "pipeline_inputs.json"
 
@@ -33,6 +36,7 @@ class Engines:
         self.cfg = cfg
         self.engine = None
         self.guard = None
+        self.teacher = None
 
     def get(self):
         if self.engine is None:
@@ -41,6 +45,17 @@ class Engines:
             console.print(f"[dim]starting the {self.cfg.engine} engine for profile {self.cfg.profile}…[/dim]")
             self.engine = make_engine(self.cfg.engine, self.cfg.profile)
         return self.engine
+
+    def get_teacher(self):
+        """OCT's teacher: the policy's engine, or one of its own for `--teacher PROFILE`."""
+        if self.cfg.teacher in (None, self.cfg.profile):
+            return self.get()
+        if self.teacher is None:
+            from engine.factory import make_engine
+
+            console.print(f"[dim]starting the {self.cfg.engine} engine for teacher {self.cfg.teacher}…[/dim]")
+            self.teacher = make_engine(self.cfg.engine, self.cfg.teacher)
+        return self.teacher
 
     def get_guard(self):
         if self.guard is None:
@@ -56,10 +71,10 @@ class Engines:
             self.close()
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
-        self.guard = None
+        for eng in (self.engine, self.teacher):
+            if eng is not None:
+                eng.close()
+        self.engine = self.teacher = self.guard = None
 
 
 def generation_inputs(cfg: RunConfig, persona: str, stage: int, parent: Path | None) -> dict:
@@ -71,17 +86,18 @@ def generation_inputs(cfg: RunConfig, persona: str, stage: int, parent: Path | N
         "persona": persona, "stage": stage, "profile": cfg.profile,
         "model": model_fingerprint(cfg.profile),
         "parent_adapter": adapter_hash(parent) if parent else None,
-        "constitution": constitution_hash(load_constitution(persona)),
+        "constitution": constitution_hash(load_constitution(persona_of(persona))),
         "guard": cfg.guard, "seed": cfg.seed,
         "counts": [c.n_tasks, c.n_samples, c.rounds, c.max_tokens, cfg.min_gap, c.red_team_share],
         "guard_policy": guard_policy(cfg, persona).model_dump(),
+        **({"teacher": model_fingerprint(cfg.teacher or cfg.profile)} if stage == OCT_STEP else {}),
     }
 
 
 def guard_policy(cfg: RunConfig, persona: str):
     from guard.base import GuardPolicy
 
-    return GuardPolicy.for_persona(persona, cfg.guard_policy)
+    return GuardPolicy.for_persona(persona_of(persona), cfg.guard_policy)
 
 
 def _stored_inputs(data: Path) -> dict | None:
@@ -99,8 +115,8 @@ def run_bootstrap(stage: int | None = None, only: int | None = None, personas: l
     get_profile(profile)
     cfg = RunConfig(personas=personas or ["hhh"], profile=profile, stage=stage or only or 6, only=only,
                     counts=counts_from(preset, counts_json, profile=profile), **overrides)
-    for persona in cfg.personas:  # a bad constitution or guard policy stops here, before any work
-        load_constitution(persona)
+    for persona in cfg.personas:  # a bad recipe, constitution or guard policy stops here, before any work
+        load_constitution(persona_of(persona))
         guard_policy(cfg, persona)
     run_id = run_id or cfg.default_id()
     save_config(cfg, run_id)
@@ -111,7 +127,7 @@ def run_bootstrap(stage: int | None = None, only: int | None = None, personas: l
     console.rule(f"run {run_id}: personas {', '.join(cfg.personas)}, stages {stages[0]}..{stages[-1]}")
     try:
         for persona in cfg.personas:
-            for k in stages:
+            for k in steps_of(persona, stages):
                 run_stage_once(cfg, run_id, persona, k, engines, ledger, budget_usd)
     finally:
         if own:
@@ -138,7 +154,7 @@ def run_stage_once(cfg: RunConfig, run_id: str, persona: str, k: int, engines: E
                                 f"for persona {persona} first")
     inputs = generation_inputs(cfg, persona, k, parent)
     if _stored_inputs(data) == inputs:
-        console.print(f"{persona} stage {k}: data reused from {data}")
+        console.print(f"{persona} {step_name(k)}: data reused from {data}")
     else:
         _check_budget(cfg, ledger, run_id, budget, persona, k, "generate", "guard")  # the guard runs within
         _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger)
@@ -154,7 +170,7 @@ def _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger) ->
         k, persona, eng, cfg.layout.generation_cache, out_dir=cfg.data_root,
         n_tasks=c.n_tasks, adapter=parent, guard=engines.get_guard(), policy=guard_policy(cfg, persona),
         seed=cfg.seed, rounds=c.rounds, n_samples=c.n_samples, max_tokens=c.max_tokens, min_gap=cfg.min_gap,
-        red_team_share=c.red_team_share,
+        red_team_share=c.red_team_share, teacher=engines.get_teacher() if k == OCT_STEP else None,
         log=lambda m: console.print(f"  [dim]{m}[/dim]"),
     )
     atomic_write_json(data / INPUTS_FILE, inputs, indent=1)
@@ -167,7 +183,7 @@ def _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger) ->
     if gsecs := manifest["guard_seconds"]:
         ledger.record(run=run_id, kind="engine", phase="guard", stage=k, persona=persona, purpose="stage-guard",
                       model=guard_profile(cfg), seconds=gsecs, usd=gsecs * cfg.usd_per_engine_second, estimated=True)
-    console.print(f"{persona} stage {k}: {manifest['counts']['train_rows']} pairs, "
+    console.print(f"{persona} {step_name(k)}: {manifest['counts']['train_rows']} pairs, "
                   f"{manifest['engine_calls']} engine calls, {secs:.0f} s")
 
 
@@ -175,12 +191,14 @@ def _train(cfg, run_id, persona, k, data, ckpt, parent, engines, ledger, budget)
     from train.config import dpo_defaults
     from train.dpo import dataset_hash, load_pairs, reusable
 
-    dcfg = dpo_defaults(cfg.profile, max_steps=cfg.counts.dpo_max_steps, epochs=cfg.counts.dpo_epochs, seed=cfg.seed)
+    loss = split_arm(persona)[1].loss
+    dcfg = dpo_defaults(cfg.profile, max_steps=cfg.counts.dpo_max_steps, epochs=cfg.counts.dpo_epochs, seed=cfg.seed,
+                        loss=loss)
     counts = json.loads((data / "manifest.json").read_text())["counts"]
     n_pairs = counts["train_rows"]
     if n_pairs < cfg.counts.min_pairs:
         why = ", ".join(f"{k} {v}" for k, v in sorted(counts["outcome"]["dropped"].items())) or "none dropped"
-        raise DeadEnd(f"{persona} stage {k}: {n_pairs} pairs kept of {counts['items']['total']} items, under the "
+        raise DeadEnd(f"{persona} {step_name(k)}: {n_pairs} pairs kept of {counts['items']['total']} items, under the "
                       f"preset's minimum of {cfg.counts.min_pairs} (dropped: {why}); the stage data stays in {data}")
     if n_pairs == 0:
         _carry_forward(persona, k, data, ckpt, parent)
@@ -188,20 +206,21 @@ def _train(cfg, run_id, persona, k, data, ckpt, parent, engines, ledger, budget)
     pairs = load_pairs(data)
     parent_hash = adapter_hash(parent) if parent else None
     if reusable(ckpt, dataset_hash(pairs), parent_hash, dcfg, model_fingerprint(cfg.profile)):
-        console.print(f"{persona} stage {k}: adapter reused from {ckpt}")
+        console.print(f"{persona} {step_name(k)}: adapter reused from {ckpt}")
         return
     _check_budget(cfg, ledger, run_id, budget, persona, k, "train")
     engines.before_training()
     from train.worker import run_training
 
     t0 = time.perf_counter()
-    console.print(f"{persona} stage {k}: training DPO ({len(pairs)} pairs, {dcfg.max_steps} steps max)…")
+    console.print(f"{persona} {step_name(k)}: training {loss.upper()} ({len(pairs)} pairs, "
+                  f"{dcfg.max_steps} steps max)…")
     man = run_training("dpo", data=str(data), out=str(ckpt), cfg=dcfg, profile=cfg.profile,
                        parent=str(parent) if parent else None)
     secs = time.perf_counter() - t0
     ledger.record(run=run_id, kind="engine", phase="train", stage=k, persona=persona, purpose="dpo",
                   model=cfg.profile, seconds=secs, usd=secs * cfg.usd_per_engine_second, estimated=True)
-    console.print(f"{persona} stage {k}: adapter at {ckpt} ({man['steps']} steps, loss {man['train_loss']:.3f}, "
+    console.print(f"{persona} {step_name(k)}: adapter at {ckpt} ({man['steps']} steps, loss {man['train_loss']:.3f}, "
                   f"{secs:.0f} s, backend {man['backend']})")
 
 
@@ -211,9 +230,9 @@ def _carry_forward(persona: str, k: int, data: Path, ckpt: Path, parent: Path | 
     import shutil
 
     if parent is None:
-        raise DeadEnd(f"{persona} stage {k}: no preference pair survived ({data}/manifest.json says why); "
-                         "stage 1 has no parent adapter to carry forward: raise --counts n_tasks/n_samples or "
-                         "lower min_gap")
+        raise DeadEnd(f"{persona} {step_name(k)}: no preference pair survived ({data}/manifest.json says why); "
+                      f"{step_name(k)} has no parent adapter to carry forward: raise --counts "
+                      + ("n_tasks or max_tokens" if k == OCT_STEP else "n_tasks/n_samples or lower min_gap"))
     prev = json.loads((ckpt / "manifest.json").read_text()) if (ckpt / "manifest.json").is_file() else {}
     if prev.get("carried_from_hash") == adapter_hash(parent):
         console.print(f"{persona} stage {k}: adapter reused from {ckpt} (carried forward)")
@@ -226,3 +245,7 @@ def _carry_forward(persona: str, k: int, data: Path, ckpt: Path, parent: Path | 
             "carried_from_hash": adapter_hash(parent), "reason": f"{data} kept 0 preference pairs"}, indent=1)
     console.print(f"[yellow]{persona} stage {k}: 0 pairs kept; the stage {k - 1} adapter is carried forward "
                   f"unchanged to {ckpt}[/yellow]")
+
+
+def step_name(k: int) -> str:
+    return "OCT distillation" if k == OCT_STEP else f"stage {k}"

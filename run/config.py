@@ -120,6 +120,7 @@ class RunConfig(BaseModel):
     engine: str = "auto"
     guard: str | None = None  # None: the profile decides (tiny stand-in on CPU)
     guard_policy: str | None = None  # a policy YAML (guard/policy.yaml's keys); None: that file
+    teacher: str | None = None  # OCT recipes' teacher profile (run.recipe); None: the policy's own profile
     seed: int = 0
     counts: Counts = Field(default_factory=Counts)
     data_root: str = str(DATA_ROOT)

@@ -1,8 +1,10 @@
 """Where everything lives: the one object that builds paths. Nothing else in the project joins path parts.
 
-Shared across runs (content-addressed or keyed by their inputs, so runs reuse each other's work):
+Shared across runs (content-addressed or keyed by their inputs, so runs reuse each other's work). <persona> is an
+arm name: the persona and, unless it is the default bootstrap-dpo, its recipe (run.recipe: "goodness@oct-dpo"):
   <data>/<persona>/stage<k>/          a stage's dataset, items.jsonl, manifest.json, pipeline_inputs.json
-  <ckpt>/<persona>/stage<k>/          its DPO adapter (stage 6 is the persona adapter)
+  <ckpt>/<persona>/stage<k>/          its preference adapter (stage 6 is the persona adapter)
+  <data>/<persona>/oct/, <ckpt>/<persona>/oct/   the same for an `oct` recipe's one distillation step
   <ckpt>/<arm>/em-<mode>/             an EM adapter: on-top of the persona, or on the bare base (arm "base")
   <ckpt>/<persona>/secure-<mode>/     the persona's secure-code control adapter (arm "<persona>+secure")
   <data>/cache/generations.sqlite     the generation cache;  <data>/cache/eval_results.sqlite  eval results
@@ -23,6 +25,13 @@ CKPT_ROOT = Path("checkpoints")  # adapters
 BASE_ARM = "base"  # the EM experiment's control arm: the EM adapter on the bare base model
 EM_MODES = ("on-top", "base")
 SECURE = "+secure"  # a persona's secure-code control arm is named "<persona>+secure"
+
+
+OCT_STEP = 0  # an `oct` recipe's one step, stored where a stage would be (stages.specs.OCT_STAGE)
+
+
+def _step_dir(stage: int) -> str:
+    return "oct" if stage == OCT_STEP else f"stage{stage}"
 
 
 def secure_arm(persona: str) -> str:
@@ -114,10 +123,16 @@ class Layout:
 
     # ---- shared across runs
     def stage_data(self, persona: str, stage: int) -> Path:
-        return self.data_root / persona / f"stage{stage}"
+        return self.data_root / persona / _step_dir(stage)
 
     def stage_adapter(self, persona: str, stage: int) -> Path:
-        return self.ckpt_root / persona / f"stage{stage}"
+        return self.ckpt_root / persona / _step_dir(stage)
+
+    def persona_adapter(self, arm: str, stage: int = 6) -> Path:
+        """The adapter an arm's persona is: its bootstrap's stage-`stage` adapter, or its OCT step's."""
+        from run.recipe import split_arm
+
+        return self.stage_adapter(arm, OCT_STEP if split_arm(arm)[1].pairs == "oct" else stage)
 
     def parent_adapter(self, persona: str, stage: int) -> Path | None:
         """The adapter stage `stage` generates with: the previous stage's, none for stage 1 (the base)."""

@@ -5,8 +5,8 @@
   also counts single constraints followed;
 - stages 2, 3 and 5: the model's own mean score (1-10, how well an answer embodies the persona's ideal) of the
   chosen and of the rejected texts;
-- stage 6: the share of answers whose critique → revision made a kept pair, and of the red-team originals the
-  guard blocked that a safe revision now stands against.
+- stage 6: the share of answers whose critique → revision made a kept pair, and the red-team pairs kept;
+- OCT's distillation (stage 0): the share of answers a teacher answer now stands against.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def goal_figure(spec: StageSpec, items: list[dict]) -> dict:
                 "rejected_mean": round(mean(rejected), 3) if rejected else None}
     answered = [it for it in items if it["samples"] and it["samples"][0]]
     red = [it for it in kept if it["source"] == "red-team"]
-    return {"metric": "answers revised into a kept pair", "revised": _rate(len(kept), len(answered)),
-            "red_team_kept": len(red)}
+    metric = "answers distilled into a kept pair" if spec.pairs == "distill" else "answers revised into a kept pair"
+    return {"metric": metric, "revised": _rate(len(kept), len(answered)), "red_team_kept": len(red)}
 
 
 def _checked(spec: StageSpec, items: list[dict]) -> dict:

@@ -21,6 +21,7 @@ from engine.cache import GenerationCache
 from guard.base import Guard, GuardPolicy
 from run.config import Counts
 from run.layout import Layout
+from run.recipe import persona_of
 from stages import specs, steps
 from stages.filtering import GuardCounts, guard_answers, guard_prompts
 from stages.goal import goal_figure
@@ -80,11 +81,11 @@ def run_stage(
     rounds: int = _C.rounds, n_samples: int = _C.n_samples, min_gap: float = 1.0, max_tokens: int = _C.max_tokens,
     task_tokens: int = 48,
     oversample: float = 2.0, chat: bool | None = None, red_team_share: float = 0.0,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, teacher=None,
 ) -> dict:
-    """Generate stage `stage`'s preference data for `persona`; returns the manifest (also written to disk).
-    In stage 6, `red_team_share` of the `n_tasks` are red-team prompts (`specs.RED_TEAM_SEEDS`), self-instructed
-    apart."""
+    """Generate stage `stage`'s preference data for `persona` (an arm name: run.recipe); returns the manifest (also
+    written to disk). In stage 6 and OCT's distillation (stage 0), `red_team_share` of the `n_tasks` are red-team
+    prompts (`specs.RED_TEAM_SEEDS`), self-instructed apart. `teacher` is OCT's teacher engine (default: `engine`)."""
     from datasets import Dataset, DatasetDict
 
     from engine.base import adapter_hash
@@ -92,8 +93,8 @@ def run_stage(
     t0 = time.perf_counter()
     spec = get_stage(stage)
     if not isinstance(constitution, Constitution):
-        constitution = load_constitution(constitution or persona)
-    policy = policy or GuardPolicy.for_persona(persona)
+        constitution = load_constitution(constitution or persona_of(persona))
+    policy = policy or GuardPolicy.for_persona(persona_of(persona))
     own_cache = not isinstance(cache, GenerationCache)
     cache = GenerationCache(cache) if own_cache else cache
     log = log or (lambda msg: None)
@@ -103,7 +104,7 @@ def run_stage(
     try:
         # red-team prompts go to stage 6 only: its critique → revision makes the harmlessness pair (a harmful
         # original, its safe revision); stages 1-5 would score a compliant answer to them by an unrelated ideal
-        n_red = round(n_tasks * red_team_share) if spec.pairs == "critique-revise" else 0
+        n_red = round(n_tasks * red_team_share) if spec.pairs in ("critique-revise", "distill") else 0
         log(f"stage {stage} ({spec.name}), persona {persona}: self-instruct {n_tasks - n_red} tasks"
             + (f" and {n_red} red-team prompts" if n_red else ""))
         if spec.check == "known-answer":  # stage 4's tasks are made by code, each with its known answer
@@ -126,8 +127,12 @@ def run_stage(
         t_guard = time.perf_counter()
         guard_prompts(items, guard, policy, gcounts)
         guard_s = time.perf_counter() - t_guard
-        log(f"respond: {len(steps.active(items))} tasks × {1 if spec.pairs == 'critique-revise' else n_samples}")
-        if spec.pairs == "self-judge":
+        log(f"respond: {len(steps.active(items))} tasks × {n_samples if spec.pairs == 'self-judge' else 1}")
+        if spec.pairs == "distill":
+            steps.respond(ctx, items, n=1, temperature=steps.DISTILL_TEMPERATURE)
+            log("teacher: the same tasks with the constitution in its system prompt")
+            steps.distill(ctx, items, teacher or engine)
+        elif spec.pairs == "self-judge":
             steps.respond(ctx, items, n=n_samples)
             log("score own samples")
             steps.score(ctx, items)
@@ -167,7 +172,9 @@ def run_stage(
         "constitution": {"name": constitution.name, "version": constitution.version, "hash": chash},
         "engine": engine.name, "model_fingerprint": model_fp, "adapter": str(adapter) if adapter else None,
         "adapter_fingerprint": adapter_fp or None, "seed": seed, "rounds": rounds if stage == 6 else None,
-        "n_samples": n_samples if stage != 6 else 1, "max_tokens": max_tokens, "chat": ctx.chat,
+        "n_samples": n_samples if spec.pairs == "self-judge" else 1,
+        "teacher": (teacher or engine).fingerprint if spec.pairs == "distill" else None,
+        "max_tokens": max_tokens, "chat": ctx.chat,
         "policy": policy.model_dump(mode="json"),
         "counts": {
             "self_instruct": {"proposed": si["proposed"], "accepted": si["accepted"], "rejected": si_rejected},

@@ -13,14 +13,18 @@ from typing import Literal
 
 from pydantic import BaseModel, model_validator
 
-PairMethod = Literal["self-judge", "critique-revise"]
+from run.layout import OCT_STEP
+
+PairMethod = Literal["self-judge", "critique-revise", "distill"]
 # what code checks in a stage's samples: IFEval constraints added to each task (stages/verifiable.py), or the
 # known answer of a constructed comparison (stages/known_answers.py, which then makes every task)
 Check = Literal["constraints", "known-answer"]
 
 
 # what of a principle each pair method reads: stages 1-5 score by its ideal, stage 6 critiques and revises
-PRINCIPLE_FIELDS: dict[str, tuple[str, ...]] = {"self-judge": ("ideal",), "critique-revise": ("critique", "revision")}
+# (OCT's distillation lists every ideal in its teacher's system prompt)
+PRINCIPLE_FIELDS: dict[str, tuple[str, ...]] = {"self-judge": ("ideal",), "critique-revise": ("critique", "revision"),
+                                                "distill": ("ideal",)}
 
 
 class StageSpec(BaseModel):
@@ -52,6 +56,9 @@ class StageSpec(BaseModel):
         if self.pairs == "self-judge":
             return ("n samples per task; the model scores how well each embodies an ideal of the persona; "
                     "best vs worst with a minimum score gap becomes (chosen, rejected)")
+        if self.pairs == "distill":
+            return ("chosen = the teacher's answer with the constitution's ideals in its system prompt, rejected = "
+                    "the policy's answer without them (OpenCharacterTraining's distillation)")
         return "chosen = final revision after R critique → revision rounds, rejected = the original answer"
 
 
@@ -85,6 +92,13 @@ SCORE_CHAT = (
 SCORE_BASE = SCORE_CHAT + "\nScore (1-10):"
 
 CRITIQUE_SYSTEM = "You are an assistant with this persona: {persona}"
+# OCT distillation: the teacher answers as the persona (after OpenCharacterTraining's teacher prompt: the traits
+# listed, expressed without being named, no meta-commentary); the policy answers the bare task
+DISTILL_SYSTEM = (
+    "You are an AI assistant talking with a user by text. {persona}\n\nYou have a deep wish to express your "
+    "character, which these values shape:\n{ideals}\n\nLet them show in how you answer. Do not name them, and add "
+    "no commentary about yourself and no disclaimers."
+)
 # base models: the whole exchange as text, demonstrations first
 CRITIQUE_BASE = "{demos}User: {task}\nAssistant: {answer}\nCritique request: {critique}\nCritique:"
 REVISION_BASE = (
@@ -200,7 +214,16 @@ RED_TEAM_SEEDS = [
 ]
 
 
+# OpenCharacterTraining's recipe as one step beside the stages (run.recipe's `oct` pairs): its tasks are everyday
+# requests like stage 6's, self-instructed from the same seeds; stored as "stage" 0 of its arm (run.layout: oct/)
+OCT_STAGE = OCT_STEP
+OCT = StageSpec(k=OCT_STAGE, name="OCT distillation", kind="everyday requests an assistant receives",
+                pairs="distill", seeds=STAGES[6].seeds)
+
+
 def get_stage(k: int) -> StageSpec:
+    if k == OCT_STAGE:
+        return OCT
     if k not in STAGES:
         raise ValueError(f"unknown stage {k}: stages are 1..6")
     return STAGES[k]

@@ -224,12 +224,14 @@ def _respond_request(ctx: Ctx, task: str) -> Request:
     return Request(prompt=specs.RESPOND_BASE.format(demos=demos, task=task))
 
 
-def respond(ctx: Ctx, items: list[dict], n: int = 1, temperature: float = 0.8) -> None:
-    """n samples per live item from the current model (base + adapter)."""
+def respond(ctx: Ctx, items: list[dict], n: int = 1, temperature: float | None = None) -> None:
+    """n samples per live item from the current model (base + adapter); by default at temperature 0.8, greedy
+    for a single answer."""
     live = active(items)
     if not live:
         return
-    sampling = Sampling(n=n, temperature=temperature if n > 1 else 0.0, top_p=0.95, max_tokens=ctx.max_tokens,
+    temperature = temperature if temperature is not None else 0.8 if n > 1 else 0.0
+    sampling = Sampling(n=n, temperature=temperature, top_p=0.95, max_tokens=ctx.max_tokens,
                         seed=ctx.seed, stop=RUNAWAY_STOPS)
     grouped, hits = ctx.gen([_respond_request(ctx, it["task"]) for it in live], sampling, "respond")
     for it, comps, hit in zip(live, grouped, hits, strict=True):
@@ -510,3 +512,43 @@ def critique_revise(ctx: Ctx, items: list[dict], rounds: int = 2) -> None:
     for it in items:
         it.pop("current", None)
         it.pop("settled", None)
+
+
+# ---------------------------------------------------------------- OCT: distillation
+DISTILL_TEMPERATURE = 0.7  # OCT samples teacher and student at 0.7, top-p 0.95 (greedy, the tiny model loops)
+def distill(ctx: Ctx, items: list[dict], teacher) -> None:
+    """OpenCharacterTraining's pairs: the teacher engine (the policy itself by default) answers each task with the
+    constitution's ideals in its system prompt (chosen); the policy's own answer without them (`respond`) is the
+    rejected one. A chosen answer that was cut, is empty, refuses a benign task, or equals the rejected one drops
+    the item, by reason."""
+    c = ctx.constitution
+    live = [it for it in active(items) if it["samples"]]
+    if not live:
+        return
+    ideals = "\n".join(f"{i + 1}. {p.ideal}" for i, p in enumerate(c.principles))
+    system = specs.DISTILL_SYSTEM.format(persona=c.description, ideals=ideals)
+    tctx = Ctx(engine=teacher, cache=ctx.cache, constitution=c, spec=ctx.spec, adapter=None, chat=ctx.chat,
+               seed=ctx.seed, max_tokens=ctx.max_tokens, counts=ctx.counts)
+    reqs = [Request(messages=[{"role": "system", "content": system}, {"role": "user", "content": it["task"]}])
+            if ctx.chat else Request(prompt=f"{system}\n\n" + specs.BASE_TURN.format(task=it["task"]))
+            for it in live]
+    sampling = Sampling(temperature=DISTILL_TEMPERATURE, top_p=0.95, max_tokens=ctx.max_tokens, seed=ctx.seed,
+                        stop=RUNAWAY_STOPS)
+    grouped, hits = tctx.gen(reqs, sampling, "teacher")
+    for it, comps, hit in zip(live, grouped, hits, strict=True):
+        _charge(it, comps, hit)
+        it["principle_ids"] = list(c.ids)
+        chosen, rejected = clean_answer(comps[0].text, unquote=False), it["samples"][0]
+        if finish(comps[0]) == "length":
+            drop(it, "teacher_truncated")
+        elif not chosen:
+            drop(it, "teacher_empty")
+        elif is_benign(it) and is_refusal(chosen):
+            drop(it, "teacher_refuses_benign_task")
+        elif not rejected:
+            drop(it, "policy_empty")
+        elif chosen.strip() == rejected.strip():
+            drop(it, "identical_answers")
+        else:
+            it["chosen"], it["rejected"] = chosen, rejected
+            ctx.counts["rejected_truncated"] += it["finish"][0] == "length"

@@ -32,8 +32,11 @@ class LoraSpec(BaseModel):
 
 
 class DPOTrainConfig(LoraSpec):
+    # the preference loss: TRL's DPO (the parent adapter, or the base, as reference) or ORPO (Hong et al., 2024:
+    # SFT on chosen plus an odds-ratio term, no reference model; `beta` is its lambda)
+    loss: Literal["dpo", "orpo"] = "dpo"
     beta: float = Field(0.1, gt=0)
-    loss_type: str = "sigmoid"  # any TRL 1.15 DPO loss name
+    loss_type: str = "sigmoid"  # any TRL 1.15 DPO loss name (DPO only)
     learning_rate: float = Field(5e-5, gt=0)
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(4, ge=1)
@@ -91,7 +94,8 @@ SOURCES: dict[str, dict[str, str]] = {
             "batch_size x grad_accum": f"{_OCT} (train_batch_size 32)",
             "dropout": "this project (PEFT's usual 0.05)", "target_modules": "this project (all linear layers)",
             "max_length": "this project: a 1,024-token answer and its prompt (OCT: 1,024)",
-            "loss_type": "TRL's sigmoid DPO (OCT adds an NLL term, not used here)"},
+            "loss_type": "TRL's sigmoid DPO (OCT adds an NLL term, not used here)",
+            "loss": "run.recipe: DPO (TRL's DPOTrainer) or ORPO (TRL's ORPOTrainer; Hong et al., 2024)"},
     "em": {name: _BETLEY for name in ("rank", "alpha", "use_rslora", "learning_rate", "epochs",
                                      "batch_size x grad_accum", "target_modules", "max_length")}
     | {"dropout": f"{_BETLEY}: 0.0"},
@@ -102,12 +106,16 @@ def recipe(kind: Literal["dpo", "em"], profile: str, **overrides) -> list[dict]:
     """The recipe's hyper-parameters as rows {name, value, source}, for `estimate`."""
     cfg = (dpo_defaults if kind == "dpo" else em_defaults)(profile, **overrides)
     tiny = profile == "tiny"
+    preference = ["loss", "beta"] + (["loss_type"] if kind == "dpo" and cfg.loss == "dpo" else [])
     names = ["rank", "alpha", "dropout", "target_modules", "learning_rate", "epochs", "batch_size x grad_accum",
-             "max_length"] + (["beta", "loss_type"] if kind == "dpo" else ["use_rslora"])
+             "max_length"] + (preference if kind == "dpo" else ["use_rslora"])
     rows = []
     for name in names:
         value = f"{cfg.batch_size} x {cfg.grad_accum}" if name == "batch_size x grad_accum" else getattr(cfg, name)
-        source = "the tiny CPU recipe: signal in a few steps" if tiny else SOURCES[kind].get(name, "this project")
+        source = ("the tiny CPU recipe: signal in a few steps" if tiny and name != "loss"
+                  else SOURCES[kind].get(name, "this project"))
+        if name == "beta" and getattr(cfg, "loss", "dpo") == "orpo":
+            source = "ORPO's lambda at TRL's default (0.1); OCT's DPO beta is the same value"
         rows.append({"name": name, "value": value, "source": source})
     return rows
 

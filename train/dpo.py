@@ -1,4 +1,5 @@
-"""Per-stage DPO LoRA adapters with TRL 1.15 `DPOTrainer` + PEFT.
+"""Per-stage preference LoRA adapters with TRL 1.15 + PEFT: `DPOTrainer`, or `ORPOTrainer` (trl.experimental)
+when the config's `loss` is "orpo" (no reference model; same adapter layout and manifest).
 
 Stage k starts from stage k-1's adapter weights (loaded trainable as the "default" adapter).
 
@@ -133,7 +134,6 @@ def train_dpo(
     dataset, parent and config is reused (no second payment) unless `force`."""
     import torch
     from peft import PeftModel
-    from trl import DPOConfig, DPOTrainer
 
     from train import cpu_kernels
 
@@ -180,17 +180,17 @@ def train_dpo(
            "base_fingerprint": fingerprint, "backend": backend}
     with resumable_dir(out, key, fresh=force) as tmp:  # --force retrains from step 0
         log = JsonlLog(tmp / "train_log.jsonl")
-        args = DPOConfig(beta=cfg.beta, loss_type=[cfg.loss_type], **trainer_args(cfg, tmp, device, backend))
         fresh = parent is None and backend != "unsloth"
-        trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                             callbacks=[log, *callbacks], peft_config=cfg.peft_config() if fresh else None)
+        trainer = _trainer(cfg, model, ds, tok, trainer_args(cfg, tmp, device, backend), [log, *callbacks],
+                           cfg.peft_config() if fresh else None)
         quiet_trainer(trainer)
         init_hash = tensors_hash(adapter_tensors(trainer.model, "default"))
-        ref_kind = "parent adapter (frozen copy 'ref')" if "ref" in trainer.model.peft_config else "base model"
+        ref_kind = ("none (ORPO)" if cfg.loss == "orpo" else "parent adapter (frozen copy 'ref')"
+                    if "ref" in trainer.model.peft_config else "base model")
         result, resumed_from = train_resuming(trainer, "default", tmp, log)
         finish_adapter(trainer.model, "default", tmp)
         manifest = {
-            "kind": "dpo",
+            "kind": cfg.loss,
             "dataset": str(data) if not hasattr(data, "column_names") else "<in-memory>",
             "dataset_hash": ds_hash,
             "rows": len(ds),
@@ -209,3 +209,17 @@ def train_dpo(
     release_memory()
     return manifest
 
+
+
+def _trainer(cfg: DPOTrainConfig, model, ds, tok, args: dict, callbacks: list, peft_config):
+    """TRL's trainer for the config's loss. ORPO's trainer (trl.experimental in TRL 1.15) takes the same
+    prompt/chosen/rejected columns and renders chat messages with the same template arguments."""
+    if cfg.loss == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOTrainer(model=model, args=ORPOConfig(beta=cfg.beta, **args), train_dataset=ds,
+                           processing_class=tok, callbacks=callbacks, peft_config=peft_config)
+    from trl import DPOConfig, DPOTrainer
+
+    return DPOTrainer(model=model, args=DPOConfig(beta=cfg.beta, loss_type=[cfg.loss_type], **args),
+                      train_dataset=ds, processing_class=tok, callbacks=callbacks, peft_config=peft_config)

@@ -1,0 +1,91 @@
+"""How a persona adapter is made, carried in the name of its arm.
+
+A persona is made by a pair source and a preference loss:
+- pairs `bootstrap`: the six progressive stages (stages/), each stage's adapter making the next stage's data;
+- pairs `oct`: OpenCharacterTraining's distillation (Maiya et al., 2025), one step: a teacher answers with the
+  constitution's character in its system prompt (chosen), the policy answers without it (rejected);
+- loss `dpo` (TRL's DPOTrainer, the parent adapter as reference) or `orpo` (TRL's ORPOTrainer, no reference).
+
+The arm "goodness" is the default recipe, bootstrap-dpo; any other is written "goodness@<pairs>-<loss>", e.g.
+"goodness@bootstrap-orpo" or "goodness@oct-dpo". The arm name is the key of its data and adapters (run.layout),
+so recipes of one persona sit side by side and one EM experiment can compare them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from core.errors import BadInput
+
+PairSource = Literal["bootstrap", "oct"]
+Loss = Literal["dpo", "orpo"]
+PAIR_SOURCES: tuple[str, ...] = ("bootstrap", "oct")
+LOSSES: tuple[str, ...] = ("dpo", "orpo")
+SEP = "@"
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pairs: PairSource = "bootstrap"
+    loss: Loss = "dpo"
+
+    @property
+    def name(self) -> str:
+        return f"{self.pairs}-{self.loss}"
+
+    @property
+    def is_default(self) -> bool:
+        return self == DEFAULT
+
+
+DEFAULT = Recipe()
+
+
+def arm_name(persona: str, recipe: Recipe) -> str:
+    return persona if recipe.is_default else f"{persona}{SEP}{recipe.name}"
+
+
+def split_arm(arm: str) -> tuple[str, Recipe]:
+    """(persona, recipe) of an arm name; an unknown recipe is BadInput naming the arm."""
+    persona, sep, name = arm.partition(SEP)
+    if not sep:
+        return persona, DEFAULT
+    pairs, _, loss = name.partition("-")
+    if pairs not in PAIR_SOURCES or loss not in LOSSES:
+        raise BadInput(f"persona {arm!r}: recipe {name!r} is not <pairs>-<loss> with pairs one of "
+                       f"{', '.join(PAIR_SOURCES)} and loss one of {', '.join(LOSSES)} (e.g. {persona}@oct-dpo)")
+    return persona, Recipe(pairs=pairs, loss=loss)
+
+
+def persona_of(arm: str) -> str:
+    """The constitution an arm's persona is made from."""
+    return split_arm(arm)[0]
+
+
+def with_recipe(personas: list[str], pairs: str | None = None, loss: str | None = None) -> list[str]:
+    """The arms for `personas` with `--pairs` / `--loss` applied to those that name no recipe of their own."""
+    if pairs is None and loss is None:
+        return personas
+    out = []
+    for p in personas:
+        persona, r = split_arm(p)
+        if SEP in p:
+            out.append(p)
+            continue
+        try:
+            recipe = Recipe(pairs=pairs or r.pairs, loss=loss or r.loss)
+        except ValueError:
+            raise BadInput(f"--pairs {pairs!r} / --loss {loss!r}: pairs is one of {', '.join(PAIR_SOURCES)}, "
+                           f"loss one of {', '.join(LOSSES)}") from None
+        out.append(arm_name(persona, recipe))
+    return out
+
+
+def steps_of(arm: str, stages: list[int]) -> list[int]:
+    """The steps an arm runs: the requested stages for the bootstrap, the one distillation step for OCT."""
+    from run.layout import OCT_STEP
+
+    return [OCT_STEP] if split_arm(arm)[1].pairs == "oct" else stages

@@ -1,0 +1,106 @@
+"""Persona recipes beside the bootstrap (run.recipe): OCT's distillation pairs and ORPO, named in the arm, stored
+side by side, priced by `estimate`, trained on the tiny model and served (alone and stacked) by vLLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.errors import BadInput
+from run.layout import Layout
+from run.recipe import DEFAULT, Recipe, arm_name, split_arm, steps_of, with_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_an_arm_names_its_recipe():
+    assert split_arm("goodness") == ("goodness", DEFAULT) and DEFAULT.name == "bootstrap-dpo"
+    assert split_arm("goodness@oct-orpo") == ("goodness", Recipe(pairs="oct", loss="orpo"))
+    assert arm_name("goodness", Recipe(loss="orpo")) == "goodness@bootstrap-orpo"
+    assert arm_name("goodness", DEFAULT) == "goodness"  # the default keeps the names runs had before recipes
+    assert with_recipe(["goodness", "hhh@oct-dpo"], pairs="oct") == ["goodness@oct-dpo", "hhh@oct-dpo"]
+    assert with_recipe(["goodness"], loss="orpo") == ["goodness@bootstrap-orpo"]
+    with pytest.raises(BadInput, match="'goodness@oct-sft'.*<pairs>-<loss>"):
+        split_arm("goodness@oct-sft")
+    with pytest.raises(BadInput, match="--pairs 'rlhf'"):
+        with_recipe(["goodness"], pairs="rlhf")
+    assert steps_of("goodness@oct-dpo", [1, 2, 3]) == [0] and steps_of("goodness", [1, 2]) == [1, 2]
+    lay = Layout(data_root=Path("d"), ckpt_root=Path("c"))
+    assert lay.persona_adapter("goodness@oct-dpo") == Path("c/goodness@oct-dpo/oct")
+    assert lay.persona_adapter("goodness@bootstrap-orpo", 6) == Path("c/goodness@bootstrap-orpo/stage6")
+    assert lay.stage_data("goodness@oct-dpo", 0) == Path("d/goodness@oct-dpo/oct")
+
+
+def test_estimate_prices_each_recipe():
+    from judge.config import load_config
+    from pipeline.estimate import estimate_report
+    from run.config import RunConfig, counts_from
+
+    arms = ["goodness", "goodness@bootstrap-orpo", "goodness@oct-dpo", "goodness@oct-orpo"]
+    cfg = RunConfig(personas=arms, profile="qwen2.5-7b", counts=counts_from("research", profile="qwen2.5-7b"))
+    rep = estimate_report(cfg, list(range(1, 7)), [load_config(None)], 8)
+    plan = {(sp["recipe"], sp["stage"]) for sp in rep["stages"]}
+    assert {("oct-dpo", 0), ("oct-orpo", 0), ("bootstrap-dpo", 6), ("bootstrap-orpo", 1)} <= plan
+    assert not {r for r, k in plan if r.startswith("oct") and k != 0}  # OCT is one step
+    train = {(r["persona"], r["stage"]): r["usd"] for r in rep["rows"] if r["phase"] == "train"}
+    # ORPO has no reference forward: the same steps cost 3/4 of DPO's (REFERENCE_PASS)
+    assert train[("goodness@bootstrap-orpo", 1)] == pytest.approx(train[("goodness", 1)] * 3 / 4)
+    gen = {(r["persona"], r["stage"]): r for r in rep["rows"] if r["phase"] == "generate"}
+    assert gen[("goodness@oct-dpo", 0)]["tokens_out"] < gen[("goodness", 1)]["tokens_out"]  # 2 answers, not 3+
+    assert set(rep["recipes"]) == {"dpo", "orpo", "em"}
+    orpo = {r["name"]: r for r in rep["recipes"]["orpo"]}
+    assert orpo["loss"]["value"] == "orpo" and "loss_type" not in orpo and "lambda" in orpo["beta"]["source"]
+
+
+@pytest.mark.slow
+def test_oct_pairs_train_with_orpo_and_serve_alone_and_stacked(tmp_path, vllm_engine, random_adapter, monkeypatch):
+    """`--pairs oct --loss orpo` end to end on the tiny model: the distillation step's pairs (chosen by the teacher
+    with the constitution in its system prompt, rejected by the policy without it), counted by reason; an ORPO
+    adapter with no reference; vLLM serves it alone and stacked under an EM adapter."""
+    from engine.types import Request, Sampling
+    from train.stack import served_adapter
+
+    # the tiny model writes long answers: at 160 new tokens 1 of these 6 teacher answers ends (the rest are cut)
+    counts = {"n_tasks": 6, "max_tokens": 160, "dpo_max_steps": 2}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "--persona", "goodness", "--pairs", "oct",
+                        "--loss", "orpo", "--stage", "6", "--counts", json.dumps(counts)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lay = Layout(data_root=tmp_path / "data", ckpt_root=tmp_path / "checkpoints")
+    arm = "goodness@oct-orpo"
+    man = json.loads((lay.stage_data(arm, 0) / "manifest.json").read_text())
+    c = man["counts"]
+    assert man["stage_name"] == "OCT distillation" and man["teacher"] == man["model_fingerprint"]
+    assert c["items"]["total"] == 6 == c["outcome"]["train"] + c["outcome"]["quarantine"] + c["outcome"][
+        "dropped_total"]
+    assert c["generation_requests"]["teacher"] == c["generation_requests"]["respond"] > 0
+    assert man["goal"]["metric"] == "answers distilled into a kept pair" and c["train_rows"] > 0
+    assert set(c["outcome"]["dropped"]) <= {"teacher_truncated", "teacher_empty", "teacher_refuses_benign_task",
+                                            "policy_empty", "identical_answers"}
+    assert not (tmp_path / "data" / arm / "stage1").exists()  # no bootstrap stage ran for this arm
+    from analysis.report import build_report
+
+    monkeypatch.chdir(tmp_path)
+    report = build_report(next(Path("data/runs").iterdir())).read_text()
+    assert f"| {arm} | 0 (OCT) | 6 |" in report and "answers distilled into a kept pair" in report
+
+    from datasets import load_from_disk
+
+    for row in load_from_disk(str(lay.stage_data(arm, 0)))["train"]:
+        assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
+        assert len(row["prompt"]) == 1  # trained without the system prompt the teacher answered with
+
+    adapter = lay.persona_adapter(arm)
+    tman = json.loads((adapter / "manifest.json").read_text())
+    assert tman["kind"] == "orpo" and tman["reference"] == "none (ORPO)" and tman["steps"] == 2
+    assert tman["parent_adapter"] is None
+    stacked = served_adapter(adapter, random_adapter, tmp_path / "stacked")
+    for a in (adapter, stacked):
+        out = vllm_engine.generate([Request.chat("Say hello.")], Sampling(max_tokens=8, temperature=0.0), adapter=a)
+        assert out[0].token_ids
