@@ -288,7 +288,8 @@ def build_report(run_path: Path) -> Path:
     lines += ["", "## Cost", "", "| persona | stage | phase | kind | entries | tokens in/out | seconds | $ |",
               "|---|---|---|---|---|---|---|---|"]
     for r in crows:
-        lines.append(f"| {r['persona'] or '-'} | {r['stage'] or '-'} | {r['phase']} | {r['kind']} | {r['rows']} |"
+        stage = "-" if r["stage"] is None else r["stage"] or "0 (OCT)"
+        lines.append(f"| {r['persona'] or '-'} | {stage} | {r['phase']} | {r['kind']} | {r['rows']} |"
                      f" {r['tokens_in'] or 0}/{r['tokens_out'] or 0} | {r['seconds'] or 0:.1f} | {r['usd'] or 0:.4f} |")
     total = sum(r["usd"] or 0 for r in crows)
     lines += ["", f"Total: ${total:.4f} (engine time × the profile's $/GPU-hour, plus judge API dollars)."]

@@ -46,7 +46,7 @@ def run_models(run_path: Path) -> tuple[str, object, dict[str, Path | None]]:
             raise MissingInput(f"arm {arm!r}: no EM adapter at {em} (run `python bootstrap.py em` first)")
         pa = None
         if arm != BASE_ARM:
-            pa = cfg.layout.stage_adapter(arm, cfg.stage)
+            pa = cfg.layout.persona_adapter(arm, cfg.stage)
             if not (pa / "adapter_config.json").is_file():
                 raise MissingInput(f"arm {arm!r}: no persona adapter at {pa}")
         models[arm] = served_adapter(pa, em, cfg.layout.stacked)

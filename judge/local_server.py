@@ -37,7 +37,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cuda() -> bool:
+def on_cuda() -> bool:
     try:
         import torch
 
@@ -94,7 +94,7 @@ class LocalVLLMServer:
             "--max-logprobs",
             "20",
         ]
-        if not _cuda():
+        if not on_cuda():
             cmd += [
                 "--enforce-eager",
                 "--dtype",
@@ -110,7 +110,7 @@ class LocalVLLMServer:
             ]
         env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}  # the server needs no key
         env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
-        if not _cuda():
+        if not on_cuda():
             from engine.vllm_engine import cpu_env
 
             env = cpu_env() | env  # the user's own setting wins

@@ -22,6 +22,7 @@ from judge.cache import Cache, cache_key
 from judge.config import JudgeConfig, load_config
 from judge.endpoints import embeds_server, judge_model_name, serve_endpoints, usable_endpoints
 from judge.farm import Result, Summary, apply_path, judge_items, judge_stream
+from judge.local_server import on_cuda
 from judge.scorers import Scorer, ScorerError
 from run.layout import Layout
 
@@ -52,8 +53,8 @@ class JudgeSession:
         """Start the endpoints (the embedded server, where the config has one) in the background, so that its
         start-up (about 30 s on 2 CPU cores) overlaps the work before the first judgment; `endpoints` waits
         for it. Without an embedded server there is nothing to start."""
-        if self._served is not None or self._starting is not None or not embeds_server(self.config):
-            return
+        if self._served is not None or self._starting is not None or not embeds_server(self.config) or on_cuda():
+            return  # on a GPU the server would claim its memory while the EM adapters train there
 
         def start() -> None:
             try:

@@ -29,10 +29,11 @@ def _cfg(personas: list[str], profile: str, preset: str, stage: int = 6, counts_
          gpu_hour_usd: float | None = None):
     from engine.models import get_profile
     from run.config import RunConfig, counts_from
+    from run.recipe import canonical
 
     get_profile(profile)
-    return RunConfig(personas=personas, profile=profile, stage=stage, gpu_hour_usd=gpu_hour_usd,
-                     counts=counts_from(preset, counts_json, profile=profile))
+    return RunConfig(personas=[canonical(p) for p in personas], profile=profile, stage=stage,
+                     gpu_hour_usd=gpu_hour_usd, counts=counts_from(preset, counts_json, profile=profile))
 
 
 def em(
@@ -172,8 +173,7 @@ def _print_estimate(rep: dict) -> None:
         con.print(t)
     con.print("throughput figures: " + "; ".join(
         f"{k} {v['value']} ({'measured' if v['measured'] else 'assumed'})" for k, v in rep["figures"].items()))
-    t = Table(title=f"estimate: profile {rep['profile']}, {len(rep['personas'])} persona(s), "
-                    f"stages 1..{len(rep['stages'])}")
+    t = Table(title=f"estimate: profile {rep['profile']}, {len(rep['personas'])} persona(s)")
     for col in ("persona", "stage", "phase", "tokens in", "tokens out", "engine hours", "$"):
         t.add_column(col, justify="right" if col not in ("persona", "phase") else "left")
     for e in rep["rows"]:
@@ -209,7 +209,8 @@ def cost(run: str | None = typer.Argument(None, help="run id (default: the newes
     for r in cost_rows(run_path, run_id):
         e = est.get((r["persona"], r["stage"], r["phase"]))
         total += r["usd"] or 0
-        t.add_row(str(r["persona"] or "-"), str(r["stage"] or "-"), r["phase"] or "-", r["kind"],
+        stage = "-" if r["stage"] is None else str(r["stage"])
+        t.add_row(str(r["persona"] or "-"), stage, r["phase"] or "-", r["kind"],
                   f"{r['seconds'] or 0:.1f}",
                   f"{e.seconds:.1f}" if e else "-", str(r["tokens_out"] or 0), str(e.tokens_out) if e else "-",
                   f"{r['usd'] or 0:.4f}", f"{e.usd:.4f}" if e else "-")

@@ -29,6 +29,7 @@ from pipeline.questions import MAIN, load_questions
 from run.config import RunConfig
 from run.layout import BASE_ARM as BASE
 from run.layout import SECURE, is_secure, secure_arm
+from run.recipe import persona_of
 from train.stack import lora_b_norm, served_adapter
 
 if TYPE_CHECKING:
@@ -202,7 +203,8 @@ def summarise(judged: list[dict], personas: list[str], b_norms: dict | None = No
             arms[arm]["lora_b_norm"] = b_norms[arm]
     pvals, effects = {}, {}
     for arm in personas:
-        expect = HYPOTHESES.get(arm, (None, None, "greater"))[2]
+        # a recipe of a pre-registered persona (goodness@oct-dpo) is tested in that persona's direction
+        expect = HYPOTHESES.get(persona_of(arm), (None, None, "greater"))[2]
         arms[arm]["did"] = inference.did(_scored(final[arm]), _scored(untrained[arm]), _scored(final[BASE]),
                                          _scored(untrained[BASE]), expect=expect).model_dump()
         arms[arm]["em_rate_minus_base"] = inference.paired_diff(_scored(final[arm]), _scored(final[BASE]),

@@ -22,8 +22,8 @@ from engine.base import adapter_hash
 from engine.models import get_profile, model_fingerprint
 from pipeline.estimate import estimate_phase, guard_profile
 from run.config import RunConfig, counts_from, save_config
-from run.layout import OCT_STEP
-from run.recipe import persona_of, split_arm, steps_of
+from run.recipe import OCT_STEP, canonical, persona_of, split_arm, steps_of
+from stages.specs import get_stage
 
 INPUTS_FILE = "pipeline_inputs.json"
 
@@ -47,10 +47,16 @@ class Engines:
         return self.engine
 
     def get_teacher(self):
-        """OCT's teacher: the policy's engine, or one of its own for `--teacher PROFILE`."""
+        """OCT's teacher: the policy's engine, or one of its own for `--teacher PROFILE` (on a GPU the policy's
+        engine is released first: two engines do not share one GPU; it restarts when next needed)."""
         if self.cfg.teacher in (None, self.cfg.profile):
             return self.get()
         if self.teacher is None:
+            import torch
+
+            if torch.cuda.is_available() and self.engine is not None:
+                self.engine.close()
+                self.engine = None
             from engine.factory import make_engine
 
             console.print(f"[dim]starting the {self.cfg.engine} engine for teacher {self.cfg.teacher}…[/dim]")
@@ -90,6 +96,7 @@ def generation_inputs(cfg: RunConfig, persona: str, stage: int, parent: Path | N
         "guard": cfg.guard, "seed": cfg.seed,
         "counts": [c.n_tasks, c.n_samples, c.rounds, c.max_tokens, cfg.min_gap, c.red_team_share],
         "guard_policy": guard_policy(cfg, persona).model_dump(),
+        "pairs": get_stage(stage).pair_rule,  # how the stage makes its pairs: data made another way is not reused
         **({"teacher": model_fingerprint(cfg.teacher or cfg.profile)} if stage == OCT_STEP else {}),
     }
 
@@ -113,8 +120,11 @@ def run_bootstrap(stage: int | None = None, only: int | None = None, personas: l
     with `counts_json` overriding its keys; every input is checked before any work starts. `engines`, when
     given, is the caller's (kept up for its later phases); otherwise the loop's own, closed at the end."""
     get_profile(profile)
-    cfg = RunConfig(personas=personas or ["hhh"], profile=profile, stage=stage or only or 6, only=only,
+    personas = [canonical(p) for p in personas or ["hhh"]]  # a bad recipe stops here, before any work
+    cfg = RunConfig(personas=personas, profile=profile, stage=stage or only or 6, only=only,
                     counts=counts_from(preset, counts_json, profile=profile), **overrides)
+    if cfg.teacher:
+        get_profile(cfg.teacher)  # an unknown --teacher stops here too
     for persona in cfg.personas:  # a bad recipe, constitution or guard policy stops here, before any work
         load_constitution(persona_of(persona))
         guard_policy(cfg, persona)
@@ -170,7 +180,7 @@ def _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger) ->
         k, persona, eng, cfg.layout.generation_cache, out_dir=cfg.data_root,
         n_tasks=c.n_tasks, adapter=parent, guard=engines.get_guard(), policy=guard_policy(cfg, persona),
         seed=cfg.seed, rounds=c.rounds, n_samples=c.n_samples, max_tokens=c.max_tokens, min_gap=cfg.min_gap,
-        red_team_share=c.red_team_share, teacher=engines.get_teacher() if k == OCT_STEP else None,
+        red_team_share=c.red_team_share, teacher=engines.get_teacher if k == OCT_STEP else None,
         log=lambda m: console.print(f"  [dim]{m}[/dim]"),
     )
     atomic_write_json(data / INPUTS_FILE, inputs, indent=1)
@@ -180,6 +190,11 @@ def _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger) ->
                   tokens_out=manifest["tokens"]["engine_out"], seconds=secs,
                   usd=secs * cfg.usd_per_engine_second, estimated=True,
                   cached=manifest["engine_calls"] == 0)
+    if t := manifest.get("teacher_usage"):
+        rate = cfg.model_copy(update={"profile": t["profile"]}).usd_per_engine_second
+        ledger.record(run=run_id, kind="engine", phase="generate", stage=k, persona=persona, purpose="oct-teacher",
+                      model=t["profile"], tokens_in=t["tokens_in"], tokens_out=t["tokens_out"], seconds=t["seconds"],
+                      usd=t["seconds"] * rate, estimated=True, cached=t["calls"] == 0)
     if gsecs := manifest["guard_seconds"]:
         ledger.record(run=run_id, kind="engine", phase="guard", stage=k, persona=persona, purpose="stage-guard",
                       model=guard_profile(cfg), seconds=gsecs, usd=gsecs * cfg.usd_per_engine_second, estimated=True)

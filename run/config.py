@@ -149,7 +149,9 @@ class RunConfig(BaseModel):
         """Same config → same id, so a rerun lands in the same directory and reuses its work."""
         # json.dumps' default separators, not canonical_json: the id derivation of earlier runs is kept (an
         # id still changes whenever the config, counts included, does)
-        blob = json.dumps(self.model_dump(exclude={"stage", "only"}), sort_keys=True)
+        # (a field added later stays out while unset, so the runs made before it keep their ids)
+        unset = {"teacher"} if self.teacher is None else set()
+        blob = json.dumps(self.model_dump(exclude={"stage", "only"} | unset), sort_keys=True)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
         return f"{self.profile}-{'-'.join(self.personas)}-{digest}"
 

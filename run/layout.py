@@ -20,14 +20,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from run.recipe import OCT_STEP, split_arm
+
 DATA_ROOT = Path("data")  # datasets, caches, runs (relative to where the command runs)
 CKPT_ROOT = Path("checkpoints")  # adapters
 BASE_ARM = "base"  # the EM experiment's control arm: the EM adapter on the bare base model
 EM_MODES = ("on-top", "base")
 SECURE = "+secure"  # a persona's secure-code control arm is named "<persona>+secure"
-
-
-OCT_STEP = 0  # an `oct` recipe's one step, stored where a stage would be (stages.specs.OCT_STAGE)
 
 
 def _step_dir(stage: int) -> str:
@@ -130,8 +129,6 @@ class Layout:
 
     def persona_adapter(self, arm: str, stage: int = 6) -> Path:
         """The adapter an arm's persona is: its bootstrap's stage-`stage` adapter, or its OCT step's."""
-        from run.recipe import split_arm
-
         return self.stage_adapter(arm, OCT_STEP if split_arm(arm)[1].pairs == "oct" else stage)
 
     def parent_adapter(self, persona: str, stage: int) -> Path | None:

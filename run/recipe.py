@@ -22,6 +22,7 @@ from core.errors import BadInput
 PairSource = Literal["bootstrap", "oct"]
 Loss = Literal["dpo", "orpo"]
 PAIR_SOURCES: tuple[str, ...] = ("bootstrap", "oct")
+OCT_STEP = 0  # an `oct` recipe's one step, stored where a stage would be (run.layout: oct/; stages.specs.OCT)
 LOSSES: tuple[str, ...] = ("dpo", "orpo")
 SEP = "@"
 
@@ -60,6 +61,11 @@ def split_arm(arm: str) -> tuple[str, Recipe]:
     return persona, Recipe(pairs=pairs, loss=loss)
 
 
+def canonical(arm: str) -> str:
+    """The one name of an arm: "goodness@bootstrap-dpo" is "goodness", so the same work lands in one folder."""
+    return arm_name(*split_arm(arm))
+
+
 def persona_of(arm: str) -> str:
     """The constitution an arm's persona is made from."""
     return split_arm(arm)[0]
@@ -86,6 +92,4 @@ def with_recipe(personas: list[str], pairs: str | None = None, loss: str | None 
 
 def steps_of(arm: str, stages: list[int]) -> list[int]:
     """The steps an arm runs: the requested stages for the bootstrap, the one distillation step for OCT."""
-    from run.layout import OCT_STEP
-
     return [OCT_STEP] if split_arm(arm)[1].pairs == "oct" else stages

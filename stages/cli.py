@@ -39,6 +39,7 @@ def generate(
     from engine.factory import make_engine
     from run.config import preset_counts
     from run.layout import Layout
+    from run.recipe import persona_of
     from stages.run import run_stage
 
     counts = preset_counts("research", profile)
@@ -46,7 +47,7 @@ def generate(
     rounds = counts.rounds if rounds is None else rounds
     max_tokens = counts.max_tokens if max_tokens is None else max_tokens
     con = console
-    const = load_constitution(constitution or persona)  # a bad file is ConstitutionError (BadInput, exit 2)
+    const = load_constitution(constitution or persona_of(persona))  # a bad file is ConstitutionError (BadInput, exit 2)
     cache_path = Path(cache) if cache else Layout(data_root=out_dir).generation_cache
     with make_engine(engine, profile) as eng, GenerationCache(cache_path) as c:
         with con.status("generating") as status:
@@ -79,11 +80,12 @@ def diff(
 
     from constitution import load_constitution
     from run.config import RunConfig
+    from run.recipe import persona_of
     from stages.diff import plan
 
     rate = RunConfig(profile=profile, gpu_hour_usd=gpu_hour_usd).usd_per_engine_second
     # a bad constitution is ConstitutionError (BadInput, exit 2); no stored data is MissingInput (exit 5)
-    p = plan(out_dir, persona, load_constitution(constitution or persona), ckpt_dir, rate)
+    p = plan(out_dir, persona, load_constitution(constitution or persona_of(persona)), ckpt_dir, rate)
     if as_json:
         typer.echo(json.dumps(p))
         return

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 from statistics import mean
 
-from analysis.inference import wilson
 from stages.specs import StageSpec
 
 
 def _rate(k: int, n: int) -> dict:
-    e = wilson(k, n)
-    return {"k": k, "n": n, "value": None if n == 0 else round(e.value, 4),
-            "lo": None if n == 0 else round(e.lo, 4), "hi": None if n == 0 else round(e.hi, 4)}
+    """k of n with its 95% Wilson interval (scipy's; the same as analysis.inference.wilson, which this layer may
+    not import)."""
+    if n == 0:
+        return {"k": 0, "n": 0, "value": None, "lo": None, "hi": None}
+    from scipy import stats
+
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return {"k": k, "n": n, "value": round(k / n, 4), "lo": round(float(ci.low), 4), "hi": round(float(ci.high), 4)}
 
 
 def goal_figure(spec: StageSpec, items: list[dict]) -> dict:

@@ -14,10 +14,11 @@ from collections.abc import Callable
 
 TASK = ("{question}\n\nAnswer A: {a}\nAnswer B: {b}\n\n"
         "Which answer is correct, A or B? Begin your reply with the letter, then explain why.")
-# the verdict is the letter the reply begins with ("B", "**A**", "Answer B:", "(A)"), as the task asks; "A" that
-# starts a sentence ("A good answer ...") is an article, not a verdict
-VERDICT = re.compile(r"^\W*(?:(?i:answer|option)\s*)?\(?\**"
-                     r"(?:(A)(?![A-Za-z])(?!\s+(?!is\b|was\b)[a-z])|(B)(?![A-Za-z]))")
+# the verdict is the letter the reply begins with ("B", "**A**", "Answer B:", "Answer: A", "(A)"), as the task asks;
+# "A" before a word that does not carry a verdict on ("A good answer ...") is an article, not a verdict
+VERDICT = re.compile(r"^\W*(?:(?i:answer|option)\s*:?\s*)?\(?\**(?:(A)(?![A-Za-z])"
+                     r"(?![ \t]+(?!(?:is|was|because|since|as|seems|looks|would|and|gives|states|says)\b)[a-z])"
+                     r"|(B)(?![A-Za-z]))")
 
 WORDS = ["river", "candle", "garden", "planet", "ladder", "window", "basket", "violin", "harbor", "meadow",
          "pencil", "rocket", "saddle", "tunnel", "walnut", "copper", "falcon", "glacier", "lantern", "marble"]

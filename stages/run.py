@@ -85,7 +85,8 @@ def run_stage(
 ) -> dict:
     """Generate stage `stage`'s preference data for `persona` (an arm name: run.recipe); returns the manifest (also
     written to disk). In stage 6 and OCT's distillation (stage 0), `red_team_share` of the `n_tasks` are red-team
-    prompts (`specs.RED_TEAM_SEEDS`), self-instructed apart. `teacher` is OCT's teacher engine (default: `engine`)."""
+    prompts (`specs.RED_TEAM_SEEDS`), self-instructed apart. `teacher` is OCT's teacher engine, or a function that
+    starts it once the policy has answered (default: `engine` itself); its usage is reported apart."""
     from datasets import Dataset, DatasetDict
 
     from engine.base import adapter_hash
@@ -131,7 +132,9 @@ def run_stage(
         if spec.pairs == "distill":
             steps.respond(ctx, items, n=1, temperature=steps.DISTILL_TEMPERATURE)
             log("teacher: the same tasks with the constitution in its system prompt")
-            steps.distill(ctx, items, teacher or engine)
+            teacher = teacher() if callable(teacher) else teacher or engine
+            t_calls0, t_usage0 = teacher.calls, len(teacher.usage)
+            steps.distill(ctx, items, teacher)
         elif spec.pairs == "self-judge":
             steps.respond(ctx, items, n=n_samples)
             log("score own samples")
@@ -173,7 +176,7 @@ def run_stage(
         "engine": engine.name, "model_fingerprint": model_fp, "adapter": str(adapter) if adapter else None,
         "adapter_fingerprint": adapter_fp or None, "seed": seed, "rounds": rounds if stage == 6 else None,
         "n_samples": n_samples if spec.pairs == "self-judge" else 1,
-        "teacher": (teacher or engine).fingerprint if spec.pairs == "distill" else None,
+        "teacher": teacher.fingerprint if spec.pairs == "distill" else None,
         "max_tokens": max_tokens, "chat": ctx.chat,
         "policy": policy.model_dump(mode="json"),
         "counts": {
@@ -206,6 +209,9 @@ def run_stage(
         "tokens": {"engine_in": sum(u.tokens_in for u in usage), "engine_out": sum(u.tokens_out for u in usage),
                    "items_total": sum(it["tokens"] for it in items)},
         "engine_calls": engine.calls - calls0,
+        # a teacher of its own (OCT with --teacher): its calls, seconds and tokens, priced at its own profile
+        "teacher_usage": (_usage(teacher, t_calls0, t_usage0)
+                          if spec.pairs == "distill" and teacher is not engine else None),
         "engine_seconds": round(sum(u.seconds for u in usage), 3),
         "guard_seconds": round(guard_s, 3),
     }
@@ -221,6 +227,13 @@ def run_stage(
     log(f"wrote {out}: {n_live} pairs, {n_quar} quarantined, {sum(dropped.values())} dropped "
         f"({dict(dropped)}); {manifest['engine_calls']} engine calls")
     return manifest
+
+
+def _usage(eng, calls0: int, usage0: int) -> dict:
+    usage = eng.usage[usage0:]
+    return {"profile": eng.profile.name, "calls": eng.calls - calls0,
+            "seconds": round(sum(u.seconds for u in usage), 3),
+            "tokens_in": sum(u.tokens_in for u in usage), "tokens_out": sum(u.tokens_out for u in usage)}
 
 
 def _with_seeds(items: list[dict], seeds: list[str], n: int, stage: int, source: str, taken: set[str]) -> list[dict]:

@@ -350,6 +350,8 @@ def self_judge_pairs(items: list[dict], min_gap: float = 1.0, counts: Counter | 
     counts = counts if counts is not None else Counter()
     for it in active(items):
         scored = [j for j, (s, a) in enumerate(zip(it["scores"], it["samples"], strict=False)) if s is not None and a]
+        if it["check"]:  # the check decides; the score only orders, an unparsable one lowest
+            scored = [j for j, a in enumerate(it["samples"]) if a]
         if len(scored) < 2:
             drop(it, "too_few_scored_samples")
             continue
@@ -369,8 +371,9 @@ def self_judge_pairs(items: list[dict], min_gap: float = 1.0, counts: Counter | 
             whys = set(unfit.values())
             drop(it, f"every_sample_{whys.pop()}" if len(whys) == 1 else "no_sample_fit_to_choose")
             continue
-        best = max(fit, key=lambda j: it["scores"][j])
-        worst = min(failed if it["check"] else (j for j in scored if j != best), key=lambda j: it["scores"][j])
+        rank = [-math.inf if s is None else s for s in it["scores"]]
+        best = max(fit, key=rank.__getitem__)
+        worst = min(failed if it["check"] else (j for j in scored if j != best), key=rank.__getitem__)
         if not it["check"] and it["scores"][best] - it["scores"][worst] < min_gap:
             drop(it, "score_gap_too_small")
         elif it["samples"][best].strip() == it["samples"][worst].strip():

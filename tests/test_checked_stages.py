@@ -68,6 +68,7 @@ def test_known_answer_tasks_mark_the_unflawed_answer(fam):
 @pytest.mark.parametrize("reply,letter", [
     ("B", "B"), ("**A** because", "A"), ("Answer B: it is", "B"), ("(A) is right", "A"), ("A is correct.", "A"),
     ("B. The other one", "B"), ("A good answer would be B", None), ("The answer is B", None), ("Both", None),
+    ("Answer: B", "B"), ("**Answer: A**", "A"), ("A because 12 is right", "A"), ("A\n\nthe first one", "A"),
 ])
 def test_the_verdict_is_the_letter_the_reply_begins_with(reply, letter):
     assert known_answers.verdict(reply) == letter
@@ -88,13 +89,15 @@ def test_checked_pairs_put_a_passing_sample_against_a_failing_one():
     all_fail = _item(4, ["B", "B."], [5.0, 6.0], [False, False])
     all_pass = _item(4, ["A", "A."], [5.0, 6.0], [True, True])
     cut = _item(4, ["A and then", "B"], [9.0, 2.0], [True, False], finish=["length", "stop"])
-    self_judge_pairs([mixed, all_fail, all_pass, cut], min_gap=1.0, counts=counts)
+    unscored = _item(4, ["A.", "B?", "B!"], [4.0, None, 6.0], [True, False, False])  # the check still decides
+    self_judge_pairs([mixed, all_fail, all_pass, cut, unscored], min_gap=1.0, counts=counts)
+    assert (unscored["chosen"], unscored["rejected"]) == ("A.", "B?")  # an unparsable score ranks lowest
     assert (mixed["chosen"], mixed["rejected"]) == ("A, sure", "B!")  # the score favoured a failing sample
     assert [it["reason"] for it in (all_fail, all_pass, cut)] == [
         "no_sample_passes_check", "every_sample_passes_check", "no_passing_sample_fit_to_choose"]
     assert counts == Counter(not_chosen_truncated=1, rejected_truncated=0)
 
-    goal = goal_figure(STAGES[4], [mixed, all_fail, all_pass, cut])
+    goal = goal_figure(STAGES[4], [mixed, all_fail, all_pass, cut])  # (without `unscored`)
     assert (goal["samples"]["k"], goal["samples"]["n"]) == (5, 10)
     assert goal["chosen"]["value"] == 1.0 and goal["rejected"]["value"] == 0.0 and goal["chosen"]["n"] == 1
     assert 0 < goal["samples"]["lo"] < 0.5 < goal["samples"]["hi"] < 1  # a Wilson interval with every rate

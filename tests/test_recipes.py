@@ -13,7 +13,7 @@ import pytest
 
 from core.errors import BadInput
 from run.layout import Layout
-from run.recipe import DEFAULT, Recipe, arm_name, split_arm, steps_of, with_recipe
+from run.recipe import DEFAULT, Recipe, arm_name, canonical, split_arm, steps_of, with_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +23,7 @@ def test_an_arm_names_its_recipe():
     assert split_arm("goodness@oct-orpo") == ("goodness", Recipe(pairs="oct", loss="orpo"))
     assert arm_name("goodness", Recipe(loss="orpo")) == "goodness@bootstrap-orpo"
     assert arm_name("goodness", DEFAULT) == "goodness"  # the default keeps the names runs had before recipes
+    assert canonical("goodness@bootstrap-dpo") == "goodness"  # one name, one folder
     assert with_recipe(["goodness", "hhh@oct-dpo"], pairs="oct") == ["goodness@oct-dpo", "hhh@oct-dpo"]
     assert with_recipe(["goodness"], loss="orpo") == ["goodness@bootstrap-orpo"]
     with pytest.raises(BadInput, match="'goodness@oct-sft'.*<pairs>-<loss>"):

@@ -27,6 +27,7 @@ def train(
 
     from core.errors import MissingInput
     from run.layout import Layout
+    from run.recipe import split_arm
     from train.config import dpo_defaults
     from train.dpo import train_dpo
     from train.worker import train_in_subprocess
@@ -38,7 +39,8 @@ def train(
                            f"train stage {stage - 1} first or pass --parent")
     over = {"max_steps": max_steps} if max_steps is not None else {}
     kw = dict(data=str(data or lay.stage_data(persona, stage)), out=str(out or lay.stage_adapter(persona, stage)),
-              cfg=dpo_defaults(profile, **over), profile=profile, parent=str(parent_dir) if parent_dir else None,
+              cfg=dpo_defaults(profile, loss=split_arm(persona)[1].loss, **over), profile=profile,
+              parent=str(parent_dir) if parent_dir else None,
               force=force)
     man = train_dpo(**kw) if in_process else train_in_subprocess("dpo", **kw)
     typer.echo(f"stage {stage} adapter: {kw['out']}  ({man['steps']} steps, loss {man['train_loss']:.4f}, "
@@ -50,7 +52,8 @@ def train_em(
     data: str = typer.Option(..., "--data", help="chat JSONL ({'messages': [...]} rows)"),
     mode: str = typer.Option("on-top", "--mode", help="on-top (persona frozen + active) | base (ablation)"),
     persona_adapter: str | None = typer.Option(
-        None, "--persona-adapter", help="persona adapter dir (default checkpoints/<persona>/stage6)"),
+        None, "--persona-adapter", help="persona adapter dir (default: the persona's, checkpoints/<persona>/stage6 "
+                                        "or an OCT recipe's oct/)"),
     out: str | None = typer.Option(None, "--out", help="output dir (default checkpoints/<persona>/em-<mode>)"),
     profile: str = typer.Option("tiny", "--profile"),
     max_steps: int | None = typer.Option(None, "--max-steps"),
@@ -69,7 +72,7 @@ def train_em(
         raise TrainError(f"unknown --mode {mode!r}: use on-top or base")
     lay = Layout()
     over = {k: v for k, v in {"max_steps": max_steps, "save_every": save_every}.items() if v is not None}
-    pa = persona_adapter or (str(lay.stage_adapter(persona, 6)) if mode == "on-top" else None)
+    pa = persona_adapter or (str(lay.persona_adapter(persona, 6)) if mode == "on-top" else None)
     kw = dict(data=data, out=str(out or lay.em_adapter(persona, mode)), cfg=em_defaults(profile, **over),
               profile=profile, mode=mode, persona_adapter=pa, force=force)
     man = run(**kw) if in_process else train_in_subprocess("em", **kw)
