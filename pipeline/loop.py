@@ -134,7 +134,9 @@ def run_bootstrap(stage: int | None = None, only: int | None = None, personas: l
     own = engines is None
     engines = engines or Engines(cfg)
     ledger = Ledger(cfg.run(run_id).ledger)
-    console.rule(f"run {run_id}: personas {', '.join(cfg.personas)}, stages {stages[0]}..{stages[-1]}")
+    octs = [p for p in cfg.personas if steps_of(p, stages) != stages]
+    console.rule(f"run {run_id}: personas {', '.join(cfg.personas)}, stages {stages[0]}..{stages[-1]}"
+                 + (f" ({', '.join(octs)}: the OCT distillation step)" if octs else ""))
     try:
         for persona in cfg.personas:
             for k in steps_of(persona, stages):

@@ -519,6 +519,8 @@ def critique_revise(ctx: Ctx, items: list[dict], rounds: int = 2) -> None:
 
 # ---------------------------------------------------------------- OCT: distillation
 DISTILL_TEMPERATURE = 0.7  # OCT samples teacher and student at 0.7, top-p 0.95 (greedy, the tiny model loops)
+
+
 def distill(ctx: Ctx, items: list[dict], teacher) -> None:
     """OpenCharacterTraining's pairs: the teacher engine (the policy itself by default) answers each task with the
     constitution's ideals in its system prompt (chosen); the policy's own answer without them (`respond`) is the
