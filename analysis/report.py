@@ -66,19 +66,38 @@ def stage_samples(cfg: RunConfig, stage: int = 6, width: int = 400) -> list[str]
         if not (path / "dataset_dict.json").is_file():
             continue
         rows = load_from_disk(str(path))["train"]
-        if len(rows) == 0:  # say why, rather than leave the persona out
+        cut = lambda t: t if len(t) <= width else t[:width] + " […]"  # noqa: E731
+        if len(rows) == 0:  # say why, and show what the model wrote, rather than leave the persona out
             dropped = (_read_json(path / "manifest.json") or {}).get("counts", {}).get("outcome", {}).get("dropped")
             why = ", ".join(f"{k} {v}" for k, v in sorted((dropped or {}).items())) or "no item"
             lines += [f"**{persona}**, stage {stage}: no pair kept (dropped: {why}); the adapter of stage "
                       f"{stage - 1} is carried forward.", ""]
+            lines += _dropped_item(path, cut)
             continue
         # the last message of a chat pair; a base model's pair is text throughout
         prompt, chosen, rejected = (v if isinstance(v, str) else v[-1]["content"]
                                     for v in (rows[0][c] for c in ("prompt", "chosen", "rejected")))
-        cut = lambda t: t if len(t) <= width else t[:width] + " […]"  # noqa: E731
         lines += [f"**{persona}**, stage {stage}, pair 1 of {len(rows)}: {cut(prompt)!r}", "",
                   f"- chosen: {cut(chosen.strip())!r}", f"- rejected: {cut(rejected.strip())!r}", ""]
     return lines
+
+
+def _dropped_item(path: Path, cut) -> list[str]:
+    """The texts of the first dropped item that got as far as a revision (else an answer), from the stage's
+    items.jsonl: what the model wrote and the filter that kept it out of training."""
+    items = [json.loads(x) for x in (path / "items.jsonl").read_text().splitlines()] \
+        if (path / "items.jsonl").is_file() else []
+    dropped = [it for it in items if it.get("status") == "dropped" and it.get("samples")]
+    if not dropped:
+        return []
+    it = next((it for it in dropped if it.get("revisions")), dropped[0])
+    lines = [f"A dropped item, not trained on ({it['reason']}): {cut(it['task'])!r}", "",
+             f"- answer: {cut(it['samples'][0].strip())!r}"]
+    if it.get("critiques"):
+        lines.append(f"- critique: {cut(it['critiques'][-1].strip())!r}")
+    if it.get("revisions"):
+        lines.append(f"- revision attempt: {cut(it['revisions'][-1].strip())!r}")
+    return [*lines, ""]
 
 
 def _margins(log: Path) -> list[float]:

@@ -28,6 +28,10 @@ from stages.goal import goal_figure
 from stages.specs import get_stage
 
 _C = Counts()  # the project's count defaults
+# what items.jsonl keeps of every item, dropped ones too: its identity and outcome, and the texts it made
+# (answers, critiques, every revision attempt, the pair), so a drop can be read, not only counted
+ITEM_FIELDS = ("key", "task", "source", "status", "reason", "principle_ids", "round_tokens", "tokens", "misses",
+               "check", "passed", "samples", "finish", "scores", "critiques", "revisions", "chosen", "rejected")
 
 
 class CountsError(CaiError, AssertionError):
@@ -277,8 +281,6 @@ def _write_atomic(out: Path, ds, manifest: dict, constitution: Constitution, ite
         ds.save_to_disk(str(tmp), num_shards={s: 1 for s in ds})  # 0 shards of an empty split do not load
         (tmp / "constitution.yaml").write_text(dump_constitution(constitution), encoding="utf-8")
         with (tmp / "items.jsonl").open("w", encoding="utf-8") as f:
-            for it in items:  # every item, dropped ones too: `diff` plans their regeneration as well
-                f.write(json.dumps({k: it[k] for k in ("key", "task", "source", "status", "reason", "principle_ids",
-                                                       "round_tokens", "tokens", "misses", "check", "passed")})
-                        + "\n")
+            for it in items:  # every item, dropped ones too: `diff` plans their regeneration, a reader audits drops
+                f.write(json.dumps({k: it.get(k) for k in ITEM_FIELDS}) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")

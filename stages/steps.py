@@ -90,8 +90,8 @@ def new_item(stage: int, task: str, source: str, check: dict | None = None) -> d
     return {"key": item_key(stage, task), "stage": stage, "task": task, "source": source, "status": "live",
             "reason": None, "samples": [], "finish": [], "scores": [], "principle_ids": [], "chosen": None,
             "rejected": None, "tokens": 0, "round_tokens": [], "misses": 0, "guard_prompt": None,
-            "guard_chosen": None, "guard_rejected": None, "critiques": [], "check": check, "followed": [],
-            "passed": [], "chosen_j": None, "rejected_j": None}
+            "guard_chosen": None, "guard_rejected": None, "critiques": [], "revisions": [], "check": check,
+            "followed": [], "passed": [], "chosen_j": None, "rejected_j": None}
 
 
 def constrained(it: dict, max_tokens: int) -> dict:
@@ -499,6 +499,7 @@ def critique_revise(ctx: Ctx, items: list[dict], rounds: int = 2) -> None:
         for it, comps, hit in zip(live, grouped, hits, strict=True):
             it["round_tokens"][-1] += _charge(it, comps, hit)
             text = clean_answer(comps[0].text)
+            it["revisions"].append(text)  # every attempt, kept or not: items.jsonl shows what a drop dropped
             why = revision_fault(it, comps[0], text, demos)
             if why is None:
                 it["current"] = text

@@ -49,5 +49,7 @@ def test_quick_demo_runs_every_phase_on_one_engine(tmp_path):
     for section in ("## Stages", "### Stage 6 sample", "## Emergent misalignment", "## Cost"):
         assert section in report, section
     assert f"the project's 6 of its {em['anchors']['of']} anchors" in report
+    sample = report.split("### Stage 6 sample")[1].split("\n## ")[0]  # real texts: a pair, or a dropped item's
+    assert "- chosen: '" in sample or ("- answer: '" in sample and "not trained on" in sample), sample
     assert (run / "run.log").stat().st_size > 0  # the libraries' output, off the console
     assert "Loading safetensors" not in r.stderr and "Loading safetensors" in (run / "run.log").read_text()

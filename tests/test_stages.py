@@ -67,6 +67,11 @@ def test_stage6_dataset_counts_and_rerun_is_free(six, vllm_engine):
         assert len(row["principle_ids"]) == 2
         assert row["principle_ids"] == [pick_principle(row["item_key"], r, six["c4"].ids) for r in range(2)]
     assert json.loads((tmp / "data" / "c4" / "stage6" / "manifest.json").read_text())["constitution"]["hash"]
+    for it in _items(tmp / "data", "c4", 6):  # every item keeps the texts it made, a dropped one too
+        if it["reason"] and "revision" in it["reason"]:  # the attempt that was dropped is there to read
+            assert it["samples"][0] and len(it["revisions"]) == len(it["critiques"]) >= 1, it
+        if it["status"] == "live":
+            assert it["chosen"] == it["revisions"][-1] and it["rejected"] == it["samples"][0]
     n = len(six["cache"])
     calls = vllm_engine.calls
     again = run_stage(6, "c4", vllm_engine, six["cache"], tmp / "data", constitution=six["path"], **KW)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -89,6 +91,22 @@ def test_report_shows_a_stage_six_pair_as_stored(tmp_path):
     assert lines[0].startswith("**goodness**, stage 6, pair 1 of 1: 'How do I fix a bike chain?'")
     assert lines[2].startswith("- chosen: 'Shift to the xxx") and lines[2].endswith(" […]'")
     assert lines[3] == "- rejected: 'No idea.'" and not any("sycophancy" in x for x in lines)
+
+    # a stage that kept no pair shows a dropped item's real texts and the filter that dropped it
+    empty = cfg.layout.stage_data("sycophancy", 6)
+    DatasetDict({"train": Dataset.from_list(rows).select([])}).save_to_disk(str(empty), num_shards={"train": 1})
+    item = {"task": "Is my poem good?", "status": "dropped", "reason": "revision_is_critique",
+            "samples": ["It rhymes."], "critiques": ["Flattering."], "revisions": ["The response flatters."]}
+    (empty / "items.jsonl").write_text(json.dumps({**item, "revisions": [], "reason": "refusal", "task": "x"})
+                                       + "\n" + json.dumps(item) + "\n")
+    (empty / "manifest.json").write_text(json.dumps({"counts": {"outcome": {"dropped": {"revision_is_critique": 1,
+                                                                                         "refusal": 1}}}}))
+    lines = stage_samples(cfg)
+    at = lines.index("**sycophancy**, stage 6: no pair kept (dropped: refusal 1, revision_is_critique 1); the "
+                     "adapter of stage 5 is carried forward.")
+    assert lines[at + 2:at + 6] == ["A dropped item, not trained on (revision_is_critique): 'Is my poem good?'", "",
+                                    "- answer: 'It rhymes.'", "- critique: 'Flattering.'"]
+    assert lines[at + 6] == "- revision attempt: 'The response flatters.'"
 
 
 def test_a_later_stage_without_pairs_carries_its_parent_forward_labelled(tmp_path, capsys):
