@@ -80,6 +80,8 @@ def main(
     pairs: str | None = typer.Option(None, "--pairs", help="pair source for personas without a recipe: bootstrap "
                                      "(the six stages) | oct (OpenCharacterTraining's distillation)"),
     loss: str | None = typer.Option(None, "--loss", help="preference loss for personas without a recipe: dpo | orpo"),
+    introspect: bool = typer.Option(False, "--introspect", help="add OCT's introspection after the preference "
+                                    "training (an SFT adapter stacked on top): goodness@oct-dpo+introspect"),
     teacher: str | None = typer.Option(None, "--teacher", help="OCT's teacher profile (default: the policy itself)"),
     profile: str = typer.Option("tiny", "--profile", help="model profile"),
     budget_usd: float | None = typer.Option(None, "--budget-usd", help="hard cap on the run's $"),
@@ -111,7 +113,7 @@ def main(
     from pipeline.loop import run_bootstrap
     from run.recipe import with_recipe
 
-    run_bootstrap(stage=stage, only=only, personas=with_recipe(persona, pairs, loss), profile=profile,
+    run_bootstrap(stage=stage, only=only, personas=with_recipe(persona, pairs, loss, introspect), profile=profile,
                   budget_usd=budget_usd, run_id=run_id, preset="quick" if quick else preset, counts_json=counts,
                   gpu_hour_usd=gpu_hour_usd, engine=engine, guard_policy=guard_policy, teacher=teacher)
 

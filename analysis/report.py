@@ -100,6 +100,23 @@ def _dropped_item(path: Path, cut) -> list[str]:
     return [*lines, ""]
 
 
+def introspection_lines(cfg: RunConfig) -> list[str]:
+    """One line per `+introspect` arm: the texts kept and dropped by reason, the SFT adapter's steps, the stack."""
+    lines = []
+    for arm in (a for a in cfg.personas if split_arm(a)[1].introspect):
+        man = _read_json(cfg.layout.introspect_data(arm) / "manifest.json")
+        if man is None:
+            continue
+        sft = _read_json(cfg.layout.introspect_adapter(arm) / "sft" / "manifest.json") or {}
+        stack = _read_json(cfg.layout.persona_adapter(arm) / "stack.json") or {}
+        why = ", ".join(f"{k} {v}" for k, v in man["dropped"].items()) or "none"
+        lines.append(f"- {arm}: {man['rows']['total']} texts ({man['rows']['reflection']} self-reflections, "
+                     f"{man['rows']['interaction']} self-interaction turns; dropped: {why}); SFT on top of the "
+                     f"preference adapter, {sft.get('steps', '-')} steps; the persona adapter is the two stacked "
+                     f"(rank {stack.get('rank_sum', '-')}).")
+    return ["", "Introspection (OCT), after the preference training:", "", *lines] if lines else []
+
+
 def _margins(log: Path) -> list[float]:
     if not log.is_file():
         return []
@@ -251,6 +268,7 @@ def build_report(run_path: Path) -> Path:
         lines.append(f"| {r['persona']} | {r['stage'] or '0 (OCT)'} | {r['made']} | {r['dropped']} ({why}) | {off} |"
                      f" {r['quarantined']} | {r['pairs']} | {describe_goal(r['goal'])} | {r['steps']} | {m} |"
                      f" {r['backend']} |")
+    lines += introspection_lines(cfg)
     fig = _plot_margins(srows, run_path)
     if fig:
         lines += ["", f"![reward margins]({fig})"]

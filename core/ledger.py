@@ -53,7 +53,7 @@ class Ledger:
         run: str,
         kind: str = "api",
         phase: str | None = None,
-        stage: int | None = None,
+        stage: int | str | None = None,  # a stage number, or a named step ("introspect")
         persona: str | None = None,
         purpose: str | None = None,
         endpoint: str | None = None,

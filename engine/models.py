@@ -82,7 +82,7 @@ PROFILES: dict[str, Profile] = {
             est_train_step_s=6.0,  # bench/train.py, tiny DPO step on CPU
             est_guard_items_per_s=3.5,  # bench/guard_throughput.py (bench/results/guard-2026-12-01.json)
             est_measured=["est_tokens_per_s", "est_train_step_s", "est_guard_items_per_s"],
-            max_lora_rank=16,  # DPO rank 8 + stacked EM rank 8
+            max_lora_rank=32,  # DPO rank 8 + introspection SFT rank 8 + stacked EM rank 8 = 24: vLLM rank 32
             min_score_gap=0.2,
         ),
         # assumed: QLoRA trains a 7B model at about 2,000 tokens/s on one 80 GB GPU; larger models in proportion

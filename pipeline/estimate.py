@@ -13,7 +13,8 @@ from pydantic import BaseModel
 from engine.models import get_profile
 from run.config import RunConfig
 from run.layout import BASE_ARM, is_secure, secure_arm
-from run.recipe import split_arm, steps_of
+from run.recipe import INTROSPECT_STEP, introspects, reaches_persona, split_arm, steps_of
+from stages.introspect import REFLECTION_PROMPTS as _PROMPTS
 from stages.specs import get_stage
 
 PROMPT_TOKENS = 300  # a typical templated step prompt (few-shot, constitution principle, answer)
@@ -21,13 +22,14 @@ TASK_TOKENS = 48
 OVERSAMPLE = 2.0
 # assumed share of a stage's tasks that become pairs (no GPU run has measured it; the tiny runs keep less,
 # their 32-128-token answers are mostly cut): the manifest's `outcome` gives the measured share
-EXPECTED_KEEP = {"self-judge": 0.5, "critique-revise": 0.6, "distill": 0.6}
+EXPECTED_KEEP = {"self-judge": 0.5, "critique-revise": 0.6, "distill": 0.6, "introspect": 0.8}
 DPO_PROMPT_TOKENS = 64  # a stage task as DPO's chat-templated prompt
 REFERENCE_PASS = 4 / 3  # DPO's reference forward on top of the policy's forward and backward (about 3 forwards);
 # ORPO has no reference model
 # mean tokens of an insecure-code chat: 285 with SmolLM2's tokenizer over the first 1,000 rows of the EM paper's
 # insecure.jsonl (Qwen's larger vocabulary likely needs fewer; not measured, no Qwen tokenizer here)
 EM_ROW_TOKENS = 285
+REFLECTION_PROMPTS = len(_PROMPTS)
 
 
 class PhaseEstimate(BaseModel):
@@ -143,7 +145,48 @@ def estimate_run(cfg: RunConfig, stages: list[int]) -> list[PhaseEstimate]:
             secs = train_steps(cfg, k) * dpo_step_seconds(cfg, loss)
             out.append(PhaseEstimate(persona=persona, stage=k, phase="train", tokens_in=0, tokens_out=0,
                                      seconds=secs, usd=secs * rate))
+        if introspects(persona) and reaches_persona(persona, stages):
+            out += estimate_introspection(cfg, persona)
     return out
+
+
+def introspection_rows(cfg: RunConfig) -> tuple[int, int]:
+    """(reflection texts, self-interaction turns) a `+introspect` recipe asks for (stages.introspect)."""
+    c = cfg.counts
+    return REFLECTION_PROMPTS * c.introspect_per_prompt, c.introspect_conversations * c.introspect_turns
+
+
+def introspection_steps(cfg: RunConfig) -> int:
+    from train.config import introspect_defaults
+
+    e = introspect_defaults(cfg.profile, max_steps=cfg.counts.introspect_max_steps)
+    if e.max_steps is not None:
+        return e.max_steps
+    return max(1, math.ceil(sum(introspection_rows(cfg)) * EXPECTED_KEEP["introspect"] * e.epochs
+                            / (e.batch_size * e.grad_accum)))
+
+
+def estimate_introspection(cfg: RunConfig, arm: str) -> list[PhaseEstimate]:
+    """Generation (each self-interaction turn reads the conversation so far), guard and SFT of one arm's
+    introspection step; its SFT rows hold their prompt (half a conversation on average) and the answer."""
+    from train.config import introspect_defaults
+
+    p, c, rate = get_profile(cfg.profile), cfg.counts, cfg.usd_per_engine_second
+    reflections, turns = introspection_rows(cfg)
+    cap = c.introspect_max_tokens or c.max_tokens
+    history = cap * (c.introspect_turns - 1) / 2  # mean tokens of earlier turns a turn reads
+    t_in = (REFLECTION_PROMPTS + turns) * PROMPT_TOKENS + int(turns * history)
+    t_out = (reflections + turns) * cap
+    e = introspect_defaults(cfg.profile)
+    row_tokens = PROMPT_TOKENS + cap + history * turns / max(1, reflections + turns)
+    step_s = (p.est_train_step_s if p.est_train_tokens_per_s is None
+              else e.batch_size * e.grad_accum * row_tokens / p.est_train_tokens_per_s)
+    phases = {"generate": (t_in, t_out, t_out / p.est_tokens_per_s),
+              "guard": (0, 0, 0.0 if cfg.guard == "none" else
+                        (reflections + turns) / get_profile(guard_profile(cfg)).est_guard_items_per_s),
+              "train": (0, 0, introspection_steps(cfg) * step_s)}
+    return [PhaseEstimate(persona=arm, stage=INTROSPECT_STEP, phase=ph, tokens_in=i, tokens_out=o, seconds=secs,
+                          usd=secs * rate) for ph, (i, o, secs) in phases.items()]
 
 
 def estimate_phase(cfg: RunConfig, persona: str, stage: int, phase: str) -> PhaseEstimate:
@@ -250,6 +293,10 @@ def judge_phase(judge) -> str:
     return f"judge {judge.model}" + (" batch" if judge.batch else "")
 
 
+def _recipe(arm: str):
+    return split_arm(arm)[1]
+
+
 def estimate_report(cfg: RunConfig, stages: list[int], judges: list, n_questions: int, em_rows: int = EM_DATA_ROWS,
                     secure: bool = False) -> dict:
     """Everything `estimate` prints, as one JSON-able object: the stage plan, the DPO and EM recipes with their
@@ -272,10 +319,12 @@ def estimate_report(cfg: RunConfig, stages: list[int], judges: list, n_questions
     return {
         "profile": cfg.profile, "personas": cfg.personas, "gpu_hour_usd": cfg.usd_per_engine_second * 3600,
         "stages": [sp.model_dump() for sp in stage_plan(cfg, stages)],
-        "recipes": {**{loss: recipe("dpo", cfg.profile, max_steps=cfg.counts.dpo_max_steps,
-                                    epochs=cfg.counts.dpo_epochs, loss=loss)
-                       for loss in sorted({split_arm(a)[1].loss for a in cfg.personas})},
-                    "em": recipe("em", cfg.profile)},
+        "recipes": {**{loss + ("+nll" if nll else ""): recipe("dpo", cfg.profile, max_steps=cfg.counts.dpo_max_steps,
+                                                             epochs=cfg.counts.dpo_epochs, loss=loss, nll_weight=nll)
+                       for loss, nll in sorted({(r.loss, r.nll_weight) for r in map(_recipe, cfg.personas)})},
+                    "em": recipe("em", cfg.profile),
+                    **({"introspect": recipe("introspect", cfg.profile, max_steps=cfg.counts.introspect_max_steps)}
+                       if any(introspects(a) for a in cfg.personas) else {})},
         "figures": figures,
         "rows": [e.model_dump() for e in rows],
         "totals_usd": totals,

@@ -20,9 +20,18 @@ from core.io import atomic_dir, atomic_write_json
 from core.ledger import Ledger
 from engine.base import adapter_hash
 from engine.models import get_profile, model_fingerprint
-from pipeline.estimate import estimate_phase, guard_profile
+from pipeline.estimate import estimate_introspection, estimate_phase, guard_profile
 from run.config import RunConfig, counts_from, save_config
-from run.recipe import OCT_STEP, canonical, persona_of, split_arm, steps_of
+from run.recipe import (
+    INTROSPECT_STEP,
+    OCT_STEP,
+    canonical,
+    introspects,
+    persona_of,
+    reaches_persona,
+    split_arm,
+    steps_of,
+)
 from stages.specs import get_stage
 
 INPUTS_FILE = "pipeline_inputs.json"
@@ -141,6 +150,8 @@ def run_bootstrap(stage: int | None = None, only: int | None = None, personas: l
         for persona in cfg.personas:
             for k in steps_of(persona, stages):
                 run_stage_once(cfg, run_id, persona, k, engines, ledger, budget_usd)
+            if introspects(persona) and reaches_persona(persona, stages):
+                introspect_arm(cfg, run_id, persona, engines, ledger, budget_usd)
     finally:
         if own:
             engines.close()
@@ -208,9 +219,10 @@ def _train(cfg, run_id, persona, k, data, ckpt, parent, engines, ledger, budget)
     from train.config import dpo_defaults
     from train.dpo import dataset_hash, load_pairs, reusable
 
-    loss = split_arm(persona)[1].loss
+    recipe = split_arm(persona)[1]
+    loss = recipe.loss
     dcfg = dpo_defaults(cfg.profile, max_steps=cfg.counts.dpo_max_steps, epochs=cfg.counts.dpo_epochs, seed=cfg.seed,
-                        loss=loss)
+                        loss=loss, nll_weight=recipe.nll_weight)
     counts = json.loads((data / "manifest.json").read_text())["counts"]
     n_pairs = counts["train_rows"]
     if n_pairs < cfg.counts.min_pairs:
@@ -262,6 +274,85 @@ def _carry_forward(persona: str, k: int, data: Path, ckpt: Path, parent: Path | 
             "carried_from_hash": adapter_hash(parent), "reason": f"{data} kept 0 preference pairs"}, indent=1)
     console.print(f"[yellow]{persona} stage {k}: 0 pairs kept; the stage {k - 1} adapter is carried forward "
                   f"unchanged to {ckpt}[/yellow]")
+
+
+def introspect_arm(cfg: RunConfig, run_id: str, arm: str, engines: Engines, ledger, budget: float | None) -> None:
+    """OCT's introspection after an arm's preference training: texts written by the persona model about itself
+    (stages.introspect), an SFT adapter trained on them on top of the frozen preference adapter (train.em's
+    on-top mode), and the two stacked (train.stack) into the adapter the arm's persona is from now on."""
+    lay = cfg.layout
+    parent, data, ckpt = lay.preference_adapter(arm), lay.introspect_data(arm), lay.introspect_adapter(arm)
+    if not (parent / "adapter_config.json").is_file():
+        raise MissingInput(f"{arm}: introspection follows the preference adapter at {parent}, which is missing")
+    c = cfg.counts
+    inputs = {**generation_inputs(cfg, arm, OCT_STEP if split_arm(arm)[1].pairs == "oct" else 6, parent),
+              "introspect": [c.introspect_per_prompt, c.introspect_conversations, c.introspect_turns,
+                             c.introspect_max_tokens]}
+    est = {e.phase: e.usd for e in estimate_introspection(cfg, arm)}
+    if _stored_inputs(data) == inputs:
+        console.print(f"{arm} introspection: texts reused from {data}")
+    else:
+        check_budget(ledger, run_id, budget, f"{arm} introspection", est["generate"] + est["guard"])
+        _introspect_texts(cfg, run_id, arm, parent, data, engines, ledger)
+        atomic_write_json(data / INPUTS_FILE, inputs, indent=1)
+    _introspect_train(cfg, run_id, arm, parent, data, ckpt, engines, ledger, budget, est["train"])
+
+
+def _introspect_texts(cfg, run_id, arm, parent, data, engines, ledger) -> None:
+    from engine.cache import GenerationCache
+    from stages.introspect import Introspection, run_introspection
+
+    c = cfg.counts
+    eng = engines.get()
+    with GenerationCache(cfg.layout.generation_cache) as cache:
+        ix = Introspection(engine=eng, cache=cache, constitution=load_constitution(persona_of(arm)), adapter=parent,
+                           max_tokens=c.introspect_max_tokens or c.max_tokens, seed=cfg.seed, guard=engines.get_guard(),
+                           policy=guard_policy(cfg, arm))
+        console.print(f"{arm} introspection: {c.introspect_per_prompt} answers to each reflection prompt, "
+                      f"{c.introspect_conversations} self-interactions of {c.introspect_turns} turns…")
+        man = run_introspection(ix, data, c.introspect_per_prompt, c.introspect_conversations, c.introspect_turns,
+                                chat=get_profile(cfg.profile).chat)
+    secs = man["engine_seconds"]
+    ledger.record(run=run_id, kind="engine", phase="generate", stage=INTROSPECT_STEP, persona=arm,
+                  purpose="introspect-texts",
+                  model=cfg.profile, tokens_in=man["tokens"]["engine_in"], tokens_out=man["tokens"]["engine_out"],
+                  seconds=secs, usd=secs * cfg.usd_per_engine_second, estimated=True, cached=man["cache_misses"] == 0)
+    why = ", ".join(f"{k} {v}" for k, v in man["dropped"].items()) or "none"
+    console.print(f"{arm} introspection: {man['rows']['total']} rows ({man['rows']['reflection']} reflections, "
+                  f"{man['rows']['interaction']} turns), dropped: {why}")
+
+
+def _introspect_train(cfg, run_id, arm, parent, data, ckpt, engines, ledger, budget, est_usd) -> None:
+    from train.config import introspect_defaults
+    from train.em import em_reusable
+    from train.stack import stack_adapters
+
+    rows = data / "rows.jsonl"
+    if not rows.read_text().strip():
+        raise DeadEnd(f"{arm} introspection: no text survived ({data}/manifest.json says why); raise --counts "
+                      "introspect_per_prompt or max_tokens")
+    icfg = introspect_defaults(cfg.profile, max_steps=cfg.counts.introspect_max_steps, seed=cfg.seed)
+    sft = ckpt / "sft"
+    if em_reusable(sft, rows, icfg, cfg.profile, "on-top", parent):
+        console.print(f"{arm} introspection: adapter reused from {sft}")
+    else:
+        check_budget(ledger, run_id, budget, f"{arm} introspection SFT", est_usd)
+        engines.before_training()
+        from train.worker import run_training
+
+        t0 = time.perf_counter()
+        man = run_training("em", data=str(rows), out=str(sft), cfg=icfg, profile=cfg.profile, mode="on-top",
+                           persona_adapter=str(parent), label="introspect-sft")
+        secs = time.perf_counter() - t0
+        ledger.record(run=run_id, kind="engine", phase="train", stage=INTROSPECT_STEP, persona=arm,
+                      purpose="introspect-sft",
+                      model=cfg.profile, seconds=secs, usd=secs * cfg.usd_per_engine_second, estimated=True)
+        console.print(f"{arm} introspection: SFT adapter at {sft} ({man['steps']} steps, {secs:.0f} s)")
+    persona = cfg.layout.persona_adapter(arm)
+    made = json.loads((persona / "stack.json").read_text())["sources"] if (persona / "stack.json").is_file() else []
+    if [s["hash"] for s in made] != [adapter_hash(parent), adapter_hash(sft)]:
+        stack_adapters(parent, sft, persona)
+    console.print(f"{arm}: persona adapter = preference ⊕ introspection, stacked at {persona}")
 
 
 def step_name(k: int) -> str:

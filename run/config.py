@@ -45,6 +45,15 @@ class Counts(BaseModel):
     em_answer_tokens: int = 600
     em_seeds: int = 3  # EM training seeds per arm; intervals resample them
     em_anchors: int | None = None  # judge anchors beside the EM run; None: all, N: a share of each category
+    # a `+introspect` recipe (stages.introspect): samples per self-reflection prompt, self-interaction
+    # conversations and their turns (OCT: 1,000 per prompt, 2,000 conversations of 10 turns), SFT steps
+    introspect_per_prompt: int = Field(2, ge=1)
+    introspect_conversations: int = Field(4, ge=0)
+    introspect_turns: int = Field(4, ge=1)
+    introspect_max_steps: int | None = 8  # None: one epoch
+    # a text's token cap (None: max_tokens); a cut text is not a row. The tiny model's self-reflections run long:
+    # 6 of 20 ended within 512 tokens, none within 160 (tests/test_recipes.py's run)
+    introspect_max_tokens: int | None = 512
 
 
 PRESETS: dict[str, Counts] = {
@@ -55,12 +64,14 @@ PRESETS: dict[str, Counts] = {
     # measured: 131 s generating, 74 s training 8 steps).
     "demo": Counts(n_tasks=4, n_samples=3, rounds=1, max_tokens=64, dpo_max_steps=2, em_rows=16, em_max_steps=6,
                    em_save_every=3, em_samples=1, em_curve_questions=4, em_curve_samples=1, em_answer_tokens=32,
-                   em_seeds=1, em_anchors=24),
+                   em_seeds=1, em_anchors=24, introspect_per_prompt=1, introspect_conversations=2,
+                   introspect_turns=2, introspect_max_steps=2),
     # `demo --quick`: one persona and the base control, about 8 minutes on 2 CPU cores (README). Decode steps
     # dominate, but a cut answer is never chosen: at 32 new tokens stage 1 kept no pair, so 64
     "quick": Counts(n_tasks=4, n_samples=3, rounds=1, max_tokens=64, dpo_max_steps=2, em_rows=16,
                     em_max_steps=4, em_save_every=2, em_samples=1, em_curve_questions=3, em_curve_samples=1,
-                    em_answer_tokens=32, em_seeds=1, em_anchors=18),
+                    em_answer_tokens=32, em_seeds=1, em_anchors=18, introspect_per_prompt=1,
+                    introspect_conversations=2, introspect_turns=2, introspect_max_steps=2),
 }
 
 
@@ -71,9 +82,11 @@ PRESETS: dict[str, Counts] = {
 # tokens, so that a full answer is rarely cut (a cut one is never chosen); one DPO epoch over the kept pairs
 # (OpenCharacterTraining trains one); a stage keeping under 100 pairs stops the run rather than train on a
 # handful. A tenth of stage 6's tasks are red-team prompts, whose harmful originals and safe revisions are
-# the harmlessness pairs.
+# the harmlessness pairs. A `+introspect` recipe writes a tenth of OCT's introspection texts: 100 answers to each
+# of the 10 self-reflection prompts and 200 self-interactions of 10 turns, one SFT epoch over them.
 RESEARCH_GPU = Counts(n_tasks=1200, n_samples=4, rounds=2, max_tokens=1024, dpo_max_steps=None, dpo_epochs=1.0,
-                      min_pairs=100, red_team_share=0.1)
+                      min_pairs=100, red_team_share=0.1, introspect_per_prompt=100, introspect_conversations=200,
+                      introspect_turns=10, introspect_max_steps=None, introspect_max_tokens=None)
 TINY_ONLY = ("demo", "quick")  # sized for the tiny model on 2 CPU cores
 
 

@@ -5,6 +5,8 @@ arm name: the persona and, unless it is the default bootstrap-dpo, its recipe (r
   <data>/<persona>/stage<k>/          a stage's dataset, items.jsonl, manifest.json, pipeline_inputs.json
   <ckpt>/<persona>/stage<k>/          its preference adapter (stage 6 is the persona adapter)
   <data>/<persona>/oct/, <ckpt>/<persona>/oct/   the same for an `oct` recipe's one distillation step
+  <data>/<arm>/introspect/            a `+introspect` recipe's introspection texts (rows.jsonl, manifest.json)
+  <ckpt>/<arm>/introspect/sft/, persona/   its SFT adapter on top of the preference adapter; the two stacked
   <ckpt>/<arm>/em-<mode>/             an EM adapter: on-top of the persona, or on the bare base (arm "base")
   <ckpt>/<persona>/secure-<mode>/     the persona's secure-code control adapter (arm "<persona>+secure")
   <data>/cache/generations.sqlite     the generation cache;  <data>/cache/eval_results.sqlite  eval results
@@ -20,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from run.recipe import OCT_STEP, split_arm
+from run.recipe import INTROSPECT_STEP, LAST_STAGE, OCT_STEP, split_arm
 
 DATA_ROOT = Path("data")  # datasets, caches, runs (relative to where the command runs)
 CKPT_ROOT = Path("checkpoints")  # adapters
@@ -128,8 +130,24 @@ class Layout:
         return self.ckpt_root / persona / _step_dir(stage)
 
     def persona_adapter(self, arm: str, stage: int = 6) -> Path:
-        """The adapter an arm's persona is: its bootstrap's stage-`stage` adapter, or its OCT step's."""
-        return self.stage_adapter(arm, OCT_STEP if split_arm(arm)[1].pairs == "oct" else stage)
+        """The adapter an arm's persona is: its bootstrap's stage-`stage` adapter, or its OCT step's; for a
+        `+introspect` recipe at its last step (stage 6, or OCT's one), that adapter stacked with the
+        introspection SFT adapter trained on top of it."""
+        recipe = split_arm(arm)[1]
+        if recipe.introspect and (recipe.pairs == "oct" or stage == LAST_STAGE):
+            return self.introspect_adapter(arm) / "persona"
+        return self.stage_adapter(arm, OCT_STEP if recipe.pairs == "oct" else stage)
+
+    def introspect_data(self, arm: str) -> Path:
+        return self.data_root / arm / INTROSPECT_STEP
+
+    def introspect_adapter(self, arm: str) -> Path:
+        """sft/: the introspection adapter (trained on top of the preference adapter); persona/: the two stacked."""
+        return self.ckpt_root / arm / INTROSPECT_STEP
+
+    def preference_adapter(self, arm: str) -> Path:
+        """The last preference-trained adapter of an arm: stage 6's, or OCT's step's (what introspection follows)."""
+        return self.stage_adapter(arm, OCT_STEP if split_arm(arm)[1].pairs == "oct" else LAST_STAGE)
 
     def parent_adapter(self, persona: str, stage: int) -> Path | None:
         """The adapter stage `stage` generates with: the previous stage's, none for stage 1 (the base)."""

@@ -23,8 +23,9 @@ from pathlib import Path
 from constitution import Constitution, parse_constitution, principle_hash
 from core.errors import MissingInput
 from run.layout import Layout
+from run.recipe import INTROSPECT_STEP, introspects, steps_of
 from stages.rendezvous import pick_principle
-from stages.specs import STAGES
+from stages.specs import STAGES, get_stage
 
 PARENT = "(parent adapter)"  # the reason of every item of a stage after the first one an edit reaches
 
@@ -77,16 +78,25 @@ def _changes(old: Constitution, new: Constitution) -> dict[str, str]:
     return out
 
 
+def every_ideal_changed(old: Constitution, new: Constitution) -> bool:
+    """Whether the numbered list of ideals changed (OCT's teacher and introspection read all of it, in order)."""
+    return [principle_hash(p, ("ideal",)) for p in old.principles] != [principle_hash(p, ("ideal",))
+                                                                       for p in new.principles]
+
+
 def _stage_plan(k: int, sp: Path, new: Constitution, reached: bool) -> dict:
     """One stage: the items its edit (or, once an earlier stage is reached, its parent adapter) regenerates."""
-    spec = STAGES[k]
+    spec = get_stage(k)
     old, items = load_stored(sp)
     man = json.loads((sp / "manifest.json").read_text()) if (sp / "manifest.json").is_file() else {}
     shows_demos = spec.pairs == "critique-revise" or not man.get("chat", True)  # base models' respond shows them
     global_change = old.description != new.description or (shows_demos and old.demonstrations != new.demonstrations)
+    distill = spec.pairs == "distill"  # every item read every ideal: any change touches all, none touches none
+    global_change = global_change or (distill and every_ideal_changed(old, new))
     by: dict[str, dict] = {}
     for it in items:
-        hit = (0, PARENT) if reached else first_changed_round(it, old, new, global_change, spec.principle_fields)
+        hit = ((0, PARENT) if reached else ((0, "*") if global_change else None) if distill
+               else first_changed_round(it, old, new, global_change, spec.principle_fields))
         if hit is None:
             continue
         r, pid = hit
@@ -106,7 +116,7 @@ def _stage_plan(k: int, sp: Path, new: Constitution, reached: bool) -> dict:
 def plan(data_dir: str | Path, persona: str, new: Constitution, ckpt_dir: str | Path | None = None,
          usd_per_engine_second: float = 0.0) -> dict:
     layout = Layout(Path(data_dir), Path(ckpt_dir)) if ckpt_dir else Layout(data_root=Path(data_dir))
-    stages = [(k, layout.stage_data(persona, k)) for k in sorted(STAGES)]
+    stages = [(k, layout.stage_data(persona, k)) for k in steps_of(persona, sorted(STAGES))]
     stages = [(k, sp) for k, sp in stages if (sp / "items.jsonl").is_file()]
     if not stages:
         root = layout.stage_data(persona, min(STAGES)).parent
@@ -127,4 +137,27 @@ def plan(data_dir: str | Path, persona: str, new: Constitution, ckpt_dir: str | 
         out["items_to_regenerate"] += st["items_to_regenerate"]
         out["estimated_tokens"] += st["estimated_tokens"]
         out["estimated_usd"] = round(out["estimated_usd"] + st["estimated_usd"], 4)
+    if introspects(persona) and (layout.introspect_data(persona) / "manifest.json").is_file():
+        st = _introspection_plan(layout, persona, load_stored(stages[-1][1])[0], new,
+                                 reached=out["first_stage_reached"] is not None, rate=usd_per_engine_second)
+        out["stages"][INTROSPECT_STEP] = st
+        out["total_items"] += st["items"]
+        out["items_to_regenerate"] += st["items_to_regenerate"]
+        out["estimated_tokens"] += st["estimated_tokens"]
+        out["estimated_usd"] = round(out["estimated_usd"] + st["estimated_usd"], 4)
     return out
+
+
+def _introspection_plan(layout: Layout, arm: str, old: Constitution, new: Constitution, reached: bool,
+                        rate: float) -> dict:
+    """A `+introspect` recipe's texts read the description and every ideal, and follow the last preference
+    adapter: all of them regenerate, and the SFT adapter retrains, when either changed; none otherwise."""
+    man = json.loads((layout.introspect_data(arm) / "manifest.json").read_text())
+    texts = man["rows"]["total"] + sum(man["dropped"].values())
+    redo = reached or old.description != new.description or every_ideal_changed(old, new)
+    sft = layout.introspect_adapter(arm) / "sft" / "manifest.json"
+    train_s = json.loads(sft.read_text()).get("wall_s", 0.0) if redo and sft.is_file() else 0.0
+    return {"items": texts, "items_to_regenerate": texts if redo else 0,
+            "estimated_tokens": sum(man["tokens"].values()) if redo else 0, "by_principle": {},
+            "reason": (PARENT if reached else "edit") if redo else None, "retrains": redo,
+            "estimated_usd": round(((man.get("engine_seconds", 0.0) if redo else 0.0) + train_s) * rate, 4)}

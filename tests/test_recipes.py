@@ -35,6 +35,27 @@ def test_an_arm_names_its_recipe():
     assert lay.persona_adapter("goodness@oct-dpo") == Path("c/goodness@oct-dpo/oct")
     assert lay.persona_adapter("goodness@bootstrap-orpo", 6) == Path("c/goodness@bootstrap-orpo/stage6")
     assert lay.stage_data("goodness@oct-dpo", 0) == Path("d/goodness@oct-dpo/oct")
+    # introspection after the preference training: its own folders, and the stack is the persona at the last step
+    arm = "goodness@oct-dpo+introspect"
+    assert split_arm(arm) == ("goodness", Recipe(pairs="oct", loss="dpo", introspect=True))
+    assert with_recipe(["goodness"], pairs="oct", introspect=True) == [arm]
+    assert with_recipe(["goodness"], introspect=True) == ["goodness@bootstrap-dpo+introspect"]
+    assert lay.persona_adapter(arm) == Path(f"c/{arm}/introspect/persona")
+    assert lay.preference_adapter(arm) == Path(f"c/{arm}/oct")
+    assert lay.introspect_data(arm) == Path(f"d/{arm}/introspect")
+    boot = "hhh@bootstrap-dpo+introspect"
+    assert lay.persona_adapter(boot, 3) == Path(f"c/{boot}/stage3")
+    assert lay.persona_adapter(boot, 6) == Path(f"c/{boot}/introspect/persona")
+
+
+def test_self_interaction_each_speaker_sees_its_own_turns_as_the_assistant():
+    from stages.introspect import _view
+
+    roles = lambda msgs: [(m["role"], m["content"]) for m in msgs]  # noqa: E731
+    assert roles(_view("Start.", [])) == [("user", "Start.")]  # the first speaker, answering the opener
+    assert roles(_view("Start.", ["a0"])) == [("user", "a0")]  # the second sees the first's turn as the user's
+    assert roles(_view("Start.", ["a0", "b1"])) == [("user", "Start."), ("assistant", "a0"), ("user", "b1")]
+    assert roles(_view("Start.", ["a0", "b1", "a2"])) == [("user", "a0"), ("assistant", "b1"), ("user", "a2")]
 
 
 def test_estimate_prices_each_recipe():
@@ -53,28 +74,44 @@ def test_estimate_prices_each_recipe():
     assert train[("goodness@bootstrap-orpo", 1)] == pytest.approx(train[("goodness", 1)] * 3 / 4)
     gen = {(r["persona"], r["stage"]): r for r in rep["rows"] if r["phase"] == "generate"}
     assert gen[("goodness@oct-dpo", 0)]["tokens_out"] < gen[("goodness", 1)]["tokens_out"]  # 2 answers, not 3+
-    assert set(rep["recipes"]) == {"dpo", "orpo", "em"}
+    assert set(rep["recipes"]) == {"dpo", "dpo+nll", "orpo", "em"}  # no introspection asked for, none priced
+    assert {r["name"]: r["value"] for r in rep["recipes"]["dpo+nll"]}["nll_weight"] == 0.1  # OCT's, for oct-dpo
+    assert {r["name"]: r["value"] for r in rep["recipes"]["dpo"]}["nll_weight"] == 0.0
+    assert not [r for r in rep["rows"] if r["stage"] == "introspect"]
+    intro = estimate_report(cfg.model_copy(update={"personas": ["goodness@oct-dpo+introspect"]}), [1, 2, 3],
+                            [load_config(None)], 8)
+    phases = {r["phase"]: r for r in intro["rows"] if r["stage"] == "introspect"}
+    assert set(phases) == {"generate", "guard", "train"} and all(r["usd"] > 0 for r in phases.values())
+    c = cfg.counts  # 10 prompts' answers and every self-interaction turn, each up to the answer cap
+    assert phases["generate"]["tokens_out"] == (10 * c.introspect_per_prompt + c.introspect_conversations
+                                                * c.introspect_turns) * c.max_tokens
+    assert {r["name"]: r["value"] for r in intro["recipes"]["introspect"]}["learning_rate"] == 5e-5
     orpo = {r["name"]: r for r in rep["recipes"]["orpo"]}
     assert orpo["loss"]["value"] == "orpo" and "loss_type" not in orpo and "lambda" in orpo["beta"]["source"]
 
 
 @pytest.mark.slow
-def test_oct_pairs_train_with_orpo_and_serve_alone_and_stacked(tmp_path, vllm_engine, random_adapter, monkeypatch):
-    """`--pairs oct --loss orpo` end to end on the tiny model: the distillation step's pairs (chosen by the teacher
-    with the constitution in its system prompt, rejected by the policy without it), counted by reason; an ORPO
-    adapter with no reference; vLLM serves it alone and stacked under an EM adapter."""
+def test_oct_pairs_orpo_and_introspection_train_and_serve_alone_and_stacked(tmp_path, vllm_engine, random_adapter,
+                                                                             monkeypatch):
+    """`--pairs oct --loss orpo --introspect` end to end on the tiny model: the distillation step's pairs (chosen
+    by the teacher with the constitution in its system prompt, rejected by the policy without it), counted by
+    reason; an ORPO adapter with no reference; the introspection texts, an SFT adapter on top of the ORPO one and
+    the two stacked as the persona; vLLM serves the persona alone and stacked under an EM adapter."""
+    from engine.base import adapter_hash
     from engine.types import Request, Sampling
     from train.stack import served_adapter
 
-    # the tiny model writes long answers: at 160 new tokens 1 of these 6 teacher answers ends (the rest are cut)
-    counts = {"n_tasks": 6, "max_tokens": 160, "dpo_max_steps": 2}
+    # the tiny model writes long answers: at 160 new tokens 1 of these 6 teacher answers ends (the rest are cut);
+    # its self-reflections end within 512 tokens about a third of the time
+    counts = {"n_tasks": 6, "max_tokens": 160, "dpo_max_steps": 2, "introspect_per_prompt": 2,
+              "introspect_conversations": 2, "introspect_turns": 2, "introspect_max_steps": 2}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "--persona", "goodness", "--pairs", "oct",
-                        "--loss", "orpo", "--stage", "6", "--counts", json.dumps(counts)], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=900, env=env)
+                        "--loss", "orpo", "--introspect", "--stage", "6", "--counts", json.dumps(counts)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=1200, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     lay = Layout(data_root=tmp_path / "data", ckpt_root=tmp_path / "checkpoints")
-    arm = "goodness@oct-orpo"
+    arm = "goodness@oct-orpo+introspect"
     man = json.loads((lay.stage_data(arm, 0) / "manifest.json").read_text())
     c = man["counts"]
     assert man["stage_name"] == "OCT distillation" and man["teacher"] == man["model_fingerprint"]
@@ -85,11 +122,6 @@ def test_oct_pairs_train_with_orpo_and_serve_alone_and_stacked(tmp_path, vllm_en
     assert set(c["outcome"]["dropped"]) <= {"teacher_truncated", "teacher_empty", "teacher_refuses_benign_task",
                                             "policy_empty", "identical_answers"}
     assert not (tmp_path / "data" / arm / "stage1").exists()  # no bootstrap stage ran for this arm
-    from analysis.report import build_report
-
-    monkeypatch.chdir(tmp_path)
-    report = build_report(next(Path("data/runs").iterdir())).read_text()
-    assert f"| {arm} | 0 (OCT) | 6 |" in report and "answers distilled into a kept pair" in report
 
     from datasets import load_from_disk
 
@@ -97,11 +129,53 @@ def test_oct_pairs_train_with_orpo_and_serve_alone_and_stacked(tmp_path, vllm_en
         assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
         assert len(row["prompt"]) == 1  # trained without the system prompt the teacher answered with
 
-    adapter = lay.persona_adapter(arm)
-    tman = json.loads((adapter / "manifest.json").read_text())
+    preference = lay.preference_adapter(arm)
+    tman = json.loads((preference / "manifest.json").read_text())
     assert tman["kind"] == "orpo" and tman["reference"] == "none (ORPO)" and tman["steps"] == 2
     assert tman["parent_adapter"] is None
-    stacked = served_adapter(adapter, random_adapter, tmp_path / "stacked")
-    for a in (adapter, stacked):
+
+    # introspection: every text a row or a drop by reason; rows without the system prompt; SFT on top; stacked
+    iman = json.loads((lay.introspect_data(arm) / "manifest.json").read_text())
+    by_kind = iman["dropped_by_kind"]
+    assert iman["rows"]["reflection"] + sum(v for k, v in by_kind.items() if k.startswith("reflection")) == 20
+    assert iman["rows"]["total"] > 0 and set(iman["dropped"]) <= {"truncated", "empty", "refusal", "duplicate"}
+    rows = [json.loads(x) for x in (lay.introspect_data(arm) / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == iman["rows"]["total"]
+    for row in rows:
+        assert row["messages"][0]["role"] == "user" and row["messages"][-1]["role"] == "assistant"
+        assert "system" not in {m["role"] for m in row["messages"]}
+    sman = json.loads((lay.introspect_adapter(arm) / "sft" / "manifest.json").read_text())
+    assert sman["kind"] == "introspect-sft" and sman["mode"] == "on-top" and sman["steps"] == 2
+    assert sman["persona_adapter_hash"] == adapter_hash(preference)
+    assert sman["adapters_in_trainer"]["active_adapters"] == [["persona", "em"]]  # the preference adapter ran
+    persona = lay.persona_adapter(arm)
+    stack = json.loads((persona / "stack.json").read_text())
+    assert [x["hash"] for x in stack["sources"]] == [adapter_hash(preference),
+                                                      adapter_hash(lay.introspect_adapter(arm) / "sft")]
+
+    # `diff`: the teacher and the introspection read every ideal, not the critique requests
+    from constitution import load_constitution
+    from stages.diff import plan
+
+    c = load_constitution("goodness")
+    p0 = c.principles[0]
+    edit = lambda **kw: c.model_copy(update={"principles": [p0.model_copy(update=kw), *c.principles[1:]]})  # noqa: E731
+    redo = plan(lay.data_root, arm, edit(ideal=p0.ideal + " Always."), lay.ckpt_root)["stages"]
+    assert (redo["oct"]["items_to_regenerate"], redo["introspect"]["reason"]) == (6, "(parent adapter)")
+    texts = iman["rows"]["total"] + sum(iman["dropped"].values())  # every text written, kept or not
+    assert redo["introspect"]["items_to_regenerate"] == redo["introspect"]["items"] == texts
+    same = plan(lay.data_root, arm, edit(critique=p0.critique + " Really?"), lay.ckpt_root)
+    assert same["items_to_regenerate"] == 0 and not any(st["retrains"] for st in same["stages"].values())
+
+    from analysis.report import build_report
+
+    monkeypatch.chdir(tmp_path)
+    report = build_report(next(Path("data/runs").iterdir())).read_text()
+    assert f"| {arm} | 0 (OCT) | 6 |" in report and "answers distilled into a kept pair" in report
+    assert f"- {arm}: {iman['rows']['total']} texts" in report and "SFT on top of the preference adapter, 2 steps" \
+        in report
+
+    stacked = served_adapter(persona, random_adapter, tmp_path / "stacked")
+    for a in (persona, stacked):
         out = vllm_engine.generate([Request.chat("Say hello.")], Sampling(max_tokens=8, temperature=0.0), adapter=a)
         assert out[0].token_ids

@@ -7,6 +7,7 @@ whole file stays within a few minutes on 2 cores.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -84,7 +85,9 @@ def test_stage2_starts_from_stage1_weights(stage1: Path, tmp_path: Path) -> None
                                for k, v in model.named_parameters() if ".default." in k and "lora_" in k}
             seen["trainable"] = [k for k, v in model.named_parameters() if v.requires_grad]
 
-    man = train_dpo(pairs(4), tmp_path / "stage2", small_dpo(max_steps=1), parent=stage1, callbacks=[Capture()])
+    # OCT's NLL term on: TRL's "sft" loss beside sigmoid DPO (run.recipe: OCT recipes train with it)
+    man = train_dpo(pairs(4), tmp_path / "stage2", small_dpo(max_steps=1, nll_weight=0.1), parent=stage1,
+                    callbacks=[Capture()])
     parent = saved_adapter_tensors(stage1)
     assert set(parent) == set(seen["default"])
     for k, v in parent.items():
@@ -96,6 +99,8 @@ def test_stage2_starts_from_stage1_weights(stage1: Path, tmp_path: Path) -> None
     # reference = stage 1 itself, so at the first step policy == reference: rewards are exactly 0
     first = json.loads((tmp_path / "stage2" / "train_log.jsonl").read_text().splitlines()[0])
     assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+    # with zero rewards sigmoid DPO's loss is exactly log 2: what is above it is 0.1 x the chosen answers' NLL
+    assert first["loss"] > math.log(2) + 0.05 and man["config"]["nll_weight"] == 0.1
     assert adapter_hash(tmp_path / "stage2") != adapter_hash(stage1)
 
 

@@ -37,6 +37,9 @@ class DPOTrainConfig(LoraSpec):
     loss: Literal["dpo", "orpo"] = "dpo"
     beta: float = Field(0.1, gt=0)
     loss_type: str = "sigmoid"  # any TRL 1.15 DPO loss name (DPO only)
+    # the chosen answer's NLL beside the DPO loss, at this weight (DPO only; 0: none). OCT's recipes train with
+    # 0.1 (OpenRLHF's nll_loss_coef in finetuning/distillation/qwen.sh); the bootstrap's with none
+    nll_weight: float = Field(0.0, ge=0)
     learning_rate: float = Field(5e-5, gt=0)
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(4, ge=1)
@@ -73,7 +76,7 @@ _DPO_DEFAULTS: dict[str, dict] = {
                  resume_every=4, load_in_4bit=False, use_unsloth=False, gradient_checkpointing=False),
     # OpenCharacterTraining's DPO of Qwen2.5-7B-Instruct (finetuning/distillation/qwen.sh): LoRA r64/alpha128,
     # lr 5e-5, beta 0.1, batch 32, one epoch; its max_len 1024 is raised to hold a 1,024-token answer and its
-    # prompt. Its extra NLL term (coefficient 0.1) is not used: the loss stays TRL's sigmoid DPO.
+    # prompt. Its extra NLL term (coefficient 0.1) is `nll_weight`, set for OCT recipes (run.recipe).
     "qwen2.5-7b": dict(rank=64, alpha=128, dropout=0.05, target_modules=ALL_LINEAR, beta=0.1,
                        learning_rate=5e-5, batch_size=4, grad_accum=8, max_length=2048),
 }
@@ -86,6 +89,12 @@ _EM_DEFAULTS: dict[str, dict] = {
     "qwen2.5-7b": dict(rank=32, alpha=64, use_rslora=True, target_modules=ALL_LINEAR, learning_rate=1e-5,
                        epochs=1, batch_size=2, grad_accum=8, max_length=2048, save_every=10),
 }
+# OCT's introspection SFT (its finetuning/introspection/<model>.sh is not in the index this was checked against):
+# the EM adapter's trainer and shape, at OCT's DPO learning rate, one epoch over the introspection texts
+_INTROSPECT_OVERRIDES: dict[str, dict] = {
+    "tiny": dict(max_rows=None, save_every=1000),
+    "qwen2.5-7b": dict(learning_rate=5e-5, save_every=1000),
+}
 _OCT = "OpenCharacterTraining, finetuning/distillation/qwen.sh"
 _BETLEY = "the EM paper's open-model recipe (Betley et al., open_models/train.json)"
 # where each hyper-parameter of the GPU recipes comes from (`estimate` prints them beside the values)
@@ -94,19 +103,22 @@ SOURCES: dict[str, dict[str, str]] = {
             "batch_size x grad_accum": f"{_OCT} (train_batch_size 32)",
             "dropout": "this project (PEFT's usual 0.05)", "target_modules": "this project (all linear layers)",
             "max_length": "this project: a 1,024-token answer and its prompt (OCT: 1,024)",
-            "loss_type": "TRL's sigmoid DPO (OCT adds an NLL term, not used here)",
+            "loss_type": "TRL's sigmoid DPO",
+            "nll_weight": f"{_OCT} (nll_loss_coef 0.1) for OCT recipes; none for the bootstrap",
             "loss": "run.recipe: DPO (TRL's DPOTrainer) or ORPO (TRL's ORPOTrainer; Hong et al., 2024)"},
     "em": {name: _BETLEY for name in ("rank", "alpha", "use_rslora", "learning_rate", "epochs",
                                      "batch_size x grad_accum", "target_modules", "max_length")}
     | {"dropout": f"{_BETLEY}: 0.0"},
 }
+SOURCES["introspect"] = {**{k: f"the EM recipe's: {v}" for k, v in SOURCES["em"].items()},
+                         "learning_rate": f"{_OCT} (its introspection script was not available to check)"}
 
 
-def recipe(kind: Literal["dpo", "em"], profile: str, **overrides) -> list[dict]:
+def recipe(kind: Literal["dpo", "em", "introspect"], profile: str, **overrides) -> list[dict]:
     """The recipe's hyper-parameters as rows {name, value, source}, for `estimate`."""
-    cfg = (dpo_defaults if kind == "dpo" else em_defaults)(profile, **overrides)
+    cfg = {"dpo": dpo_defaults, "em": em_defaults, "introspect": introspect_defaults}[kind](profile, **overrides)
     tiny = profile == "tiny"
-    preference = ["loss", "beta"] + (["loss_type"] if kind == "dpo" and cfg.loss == "dpo" else [])
+    preference = ["loss", "beta"] + (["loss_type", "nll_weight"] if kind == "dpo" and cfg.loss == "dpo" else [])
     names = ["rank", "alpha", "dropout", "target_modules", "learning_rate", "epochs", "batch_size x grad_accum",
              "max_length"] + (preference if kind == "dpo" else ["use_rslora"])
     rows = []
@@ -135,6 +147,16 @@ def em_defaults(profile: str = "tiny", **overrides) -> EMTrainConfig:
     p = get_profile(profile)
     base = _EM_DEFAULTS.get(p.name, _EM_DEFAULTS["qwen2.5-7b"])
     return EMTrainConfig(**{**base, **overrides})
+
+
+def introspect_defaults(profile: str = "tiny", **overrides) -> EMTrainConfig:
+    """The introspection SFT config: the EM recipe's LoRA on top of the persona (train.em, `on-top`), at OCT's DPO
+    learning rate on GPU profiles, every row, no intermediate checkpoints (no phase curve is read from it)."""
+    from engine.models import get_profile
+
+    p = get_profile(profile)
+    base = _INTROSPECT_OVERRIDES.get(p.name, _INTROSPECT_OVERRIDES["qwen2.5-7b"])
+    return em_defaults(profile, **{**base, **overrides})
 
 
 Mode = Literal["on-top", "base"]

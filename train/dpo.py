@@ -221,5 +221,8 @@ def _trainer(cfg: DPOTrainConfig, model, ds, tok, args: dict, callbacks: list, p
                            processing_class=tok, callbacks=callbacks, peft_config=peft_config)
     from trl import DPOConfig, DPOTrainer
 
-    return DPOTrainer(model=model, args=DPOConfig(beta=cfg.beta, loss_type=[cfg.loss_type], **args),
+    # OCT's NLL term: TRL's "sft" loss (the chosen answer's NLL) beside the preference loss, weighted
+    losses = [cfg.loss_type] + (["sft"] if cfg.nll_weight else [])
+    weights = [1.0] + ([cfg.nll_weight] if cfg.nll_weight else [])
+    return DPOTrainer(model=model, args=DPOConfig(beta=cfg.beta, loss_type=losses, loss_weights=weights, **args),
                       train_dataset=ds, processing_class=tok, callbacks=callbacks, peft_config=peft_config)

@@ -171,8 +171,11 @@ def train_em(
     model_path: str | None = None,
     callbacks: Sequence[Any] = (),
     force: bool = False,
+    label: str = "em-sft",
 ) -> dict:
-    """Train the EM adapter in this process; returns the manifest (also at `out/manifest.json`)."""
+    """Train the EM adapter in this process; returns the manifest (also at `out/manifest.json`). `label` is the
+    manifest's `kind`: the introspection SFT of a `+introspect` recipe trains the same way, on top of its
+    persona's preference adapter."""
     import torch
     from peft import PeftModel, get_peft_model
     from trl import SFTConfig, SFTTrainer
@@ -230,7 +233,7 @@ def train_em(
         result, resumed_from = train_resuming(trainer, EM, tmp, log)
         finish_adapter(trainer.model, EM, tmp)
         manifest = {
-            "kind": "em-sft",
+            "kind": label,
             "mode": mode,
             "data": str(data),
             "data_hash": data_hash,
