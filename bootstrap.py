@@ -94,6 +94,8 @@ def main(
     engine: str = typer.Option("auto", "--engine", help="vllm | hf | auto"),
     guard_policy: str | None = typer.Option(None, "--guard-policy", help="guard policy YAML: blocked Llama Guard "
                                             "categories, threshold, drop or quarantine (default: guard/policy.yaml)"),
+    one_resident: bool = typer.Option(False, "--one-resident", help="one large model in memory at a time, as on a "
+                                      "GPU (engines and guard released in turn; the default on CUDA)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", envvar="CAI_VERBOSE",
                                  help="show the libraries' output (vLLM, transformers, TRL) instead of logging it"),
 ) -> None:
@@ -115,7 +117,8 @@ def main(
 
     run_bootstrap(stage=stage, only=only, personas=with_recipe(persona, pairs, loss, introspect), profile=profile,
                   budget_usd=budget_usd, run_id=run_id, preset="quick" if quick else preset, counts_json=counts,
-                  gpu_hour_usd=gpu_hour_usd, engine=engine, guard_policy=guard_policy, teacher=teacher)
+                  gpu_hour_usd=gpu_hour_usd, engine=engine, guard_policy=guard_policy, teacher=teacher,
+                  one_resident=one_resident or None)
 
 
 if __name__ == "__main__":

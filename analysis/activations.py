@@ -78,12 +78,16 @@ class Activations:
 
 
 def load_model(model_path: str, adapter: str | Path | None = None):
-    """(model, tokenizer) in fp32 eval mode; with a PEFT adapter loaded and active (asserted)."""
+    """(model, tokenizer) in eval mode, bf16 on the GPU and fp32 on the CPU (engine.residency.hf_placement); with a
+    PEFT adapter loaded and active (asserted). Captured activations are stored as float32 either way."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from engine.residency import hf_placement
+
+    device, dtype = hf_placement()
     tok = ensure_pad(AutoTokenizer.from_pretrained(model_path))
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device)
     if adapter is not None:
         from peft import PeftModel
 

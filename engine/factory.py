@@ -7,8 +7,10 @@ from engine.models import Profile
 from engine.types import EngineError
 
 
-def make_engine(kind: str = "auto", profile: Profile | str = "tiny", **kw) -> Engine:
-    """`vllm`, `hf`, or `auto` (vLLM when installed, transformers otherwise)."""
+def make_engine(kind: str = "auto", profile: Profile | str = "tiny", max_lora_rank: int | None = None,
+                **kw) -> Engine:
+    """`vllm`, `hf`, or `auto` (vLLM when installed, transformers otherwise). `max_lora_rank`: the largest adapter
+    vLLM will serve (default: the profile's); transformers serves any rank."""
     if kind == "auto":
         import importlib.util
 
@@ -16,7 +18,7 @@ def make_engine(kind: str = "auto", profile: Profile | str = "tiny", **kw) -> En
     if kind == "vllm":
         from engine.vllm_engine import VLLMEngine
 
-        return VLLMEngine(profile, **kw)
+        return VLLMEngine(profile, max_lora_rank=max_lora_rank, **kw)
     if kind == "hf":
         from engine.hf_engine import HFEngine
 

@@ -54,6 +54,12 @@ class Profile(BaseModel):
     est_measured: list[str] = Field(default_factory=list)
     # as the guard: classifications per second (batched forwards); 20 for an 8B guard on one GPU is a guess
     est_guard_items_per_s: float = 20.0
+    # seconds to make the model ready: a vLLM engine's start (weights loaded, KV cache and graphs ready), its
+    # transformers load as the guard, a trainer's load of the base (QLoRA: 4-bit quantisation). GPU figures are
+    # assumptions (weights on local disk, no download); `estimate` counts one per start or load
+    est_start_s: float = 90.0
+    est_guard_load_s: float = 30.0
+    est_train_load_s: float = 60.0
     stand_in: bool = False  # a small model standing in for a real one (outputs say so)
     # vLLM pads every adapter to this rank: the largest served adapter (a persona's DPO rank plus its
     # stacked EM rank), no more, since padding costs compute on every token
@@ -82,7 +88,10 @@ PROFILES: dict[str, Profile] = {
             est_train_step_s=6.0,  # bench/train.py, tiny DPO step on CPU
             est_guard_items_per_s=3.5,  # bench/guard_throughput.py (bench/results/guard-2026-12-01.json)
             est_measured=["est_tokens_per_s", "est_train_step_s", "est_guard_items_per_s"],
-            max_lora_rank=32,  # DPO rank 8 + introspection SFT rank 8 + stacked EM rank 8 = 24: vLLM rank 32
+            est_start_s=25.0,  # a vLLM start on 2 cores, 20-30 s (the demo's phase times)
+            est_guard_load_s=3.0,
+            est_train_load_s=5.0,
+            max_lora_rank=16,  # DPO rank 8 + stacked EM rank 8 (a run asks for what it serves: train.stack)
             min_score_gap=0.2,
         ),
         # assumed: QLoRA trains a 7B model at about 2,000 tokens/s on one 80 GB GPU; larger models in proportion
@@ -95,9 +104,9 @@ PROFILES: dict[str, Profile] = {
         Profile(name="qwen2.5-72b", source="Qwen/Qwen2.5-72B-Instruct", max_model_len=8192,
                 load_in_4bit=True, tensor_parallel_size=4, gpus=4, gpu_hour_usd=10.0, est_train_tokens_per_s=500.0),
         Profile(name="llama-guard-3-8b", source="meta-llama/Llama-Guard-3-8B", kind="guard",
-                max_model_len=8192, gpu_hour_usd=2.5),
+                max_model_len=8192, gpu_hour_usd=2.5, est_guard_load_s=30.0),
         Profile(name="llama-guard-3-1b", source="meta-llama/Llama-Guard-3-1B", kind="guard",
-                max_model_len=8192, gpu_hour_usd=2.5),
+                max_model_len=8192, gpu_hour_usd=2.5, est_guard_load_s=10.0),
     ]
 }
 

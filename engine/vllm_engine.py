@@ -56,7 +56,12 @@ class VLLMEngine(Engine):
         return self._llm
 
     def close(self) -> None:
-        self._llm = None
+        """Stop the engine now: its engine-core process exits here, not whenever the garbage collector finds the
+        LLM object. The next generate starts a fresh one."""
+        if self._llm is not None:
+            self._llm.llm_engine.engine_core.shutdown()
+            self._llm = None
+            self._lora_ids.clear()  # a fresh engine numbers its adapters anew
         super().close()
 
     def _lora(self, adapter: str | None):

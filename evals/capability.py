@@ -75,7 +75,7 @@ def _cache_parts(model_fp: str, adapter: str | None, items: list[MCItem], extra_
 
 def run_capability(model_path: str, adapter: str | Path | None = None, *, model_fp: str | None = None,
                    items: list[MCItem] | None = None, extra_tasks: list[str] = (), limit: int | None = None,
-                   store: ResultStore | None = None, batch_size: int = 16, device: str = "cpu") -> dict[str, Any]:
+                   store: ResultStore | None = None, batch_size: int = 16) -> dict[str, Any]:
     """Accuracy of one (model, adapter) on the MC set (+ extra harness tasks).
 
     Returns {"tasks": {name: {"acc": float, "acc_stderr": float|None, "n": int}}, "per_item": [{"id",
@@ -93,20 +93,23 @@ def run_capability(model_path: str, adapter: str | Path | None = None, *, model_
         if hit is not None:
             return {**hit, "cached": True}
     t0 = time.perf_counter()
-    out = _evaluate(model_path, adapter, items, list(extra_tasks), batch_size, device)
+    out = _evaluate(model_path, adapter, items, list(extra_tasks), batch_size)
     out["seconds"] = round(time.perf_counter() - t0, 3)
     if store is not None:
         store.put("lm-eval", key, out)
     return {**out, "cached": False}
 
 
-def _evaluate(model_path: str, adapter: str | None, items: list[MCItem], extra: list[str], batch_size: int,
-              device: str) -> dict[str, Any]:
+def _evaluate(model_path: str, adapter: str | None, items: list[MCItem], extra: list[str],
+              batch_size: int) -> dict[str, Any]:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    from engine.residency import hf_placement
+
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
-    model_args: dict[str, Any] = {"pretrained": model_path, "dtype": "float32", "trust_remote_code": False}
+    device, dtype = hf_placement()  # lm-eval's hf backend, the stage adapter through its `peft` argument
+    model_args: dict[str, Any] = {"pretrained": model_path, "dtype": dtype, "trust_remote_code": False}
     if adapter:
         model_args["peft"] = adapter
     with tempfile.TemporaryDirectory(prefix="cai-lmeval-") as tmp:

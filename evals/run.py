@@ -28,7 +28,7 @@ from evals.data import load_prompts, load_safety
 from evals.pairwise import pair_items, win_rate
 from evals.store import ResultStore
 from run.layout import Layout
-from run.recipe import persona_of, split_arm
+from run.recipe import introspects, persona_of, split_arm
 
 EVAL_TEMPLATE = "eval-chat-v1"  # the answer request is the bare prompt as the user turn
 
@@ -228,8 +228,9 @@ def evaluate(
     own_engine = engine is None
     if own_engine:
         from engine.factory import make_engine
+        from train.stack import served_rank
 
-        engine = make_engine(cfg.engine, cfg.profile)
+        engine = make_engine(cfg.engine, cfg.profile, max_lora_rank=served_rank(cfg.profile, introspects(persona)))
     try:
         # ---- estimate before any spend: generations to make, judge requests not cached (worst case)
         from engine.cache import generation_key
@@ -345,7 +346,11 @@ def evaluate(
         # ---- capability (lm-eval)
         cap_raw: dict[int, dict] = {}
         if opts.capability:
+            from engine.residency import on_cuda
             from evals.capability import run_capability
+
+            if on_cuda():  # lm-eval loads the model itself: one large model on the GPU at a time (engine.residency)
+                engine.close()
 
             for k in stages:
                 cap_raw[k] = run_capability(resolve_model(cfg.profile), adapters[k],

@@ -49,7 +49,7 @@ class LlamaGuard:
         stand_in_for: str = STAND_IN_FOR,
     ) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from engine.models import get_profile, resolve_model
 
@@ -71,8 +71,8 @@ class LlamaGuard:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = getattr(torch, self.profile.dtype) if self.device != "cpu" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self._path = path
+        self.model = None  # loaded on first use (engine.residency: it may have to wait for the engine's release)
         self.safe_id, self.unsafe_id = answer_token_ids(self.tokenizer)
         self._unsafe_prefix = "unsafe\n"  # categories are generated after a forced verdict (see _categories)
         eot = self.tokenizer.convert_tokens_to_ids("<|eot_id|>")
@@ -182,9 +182,22 @@ class LlamaGuard:
         two = torch.stack([logits[:, self.unsafe_id], logits[:, self.safe_id]], dim=-1).float()
         return torch.softmax(two, dim=-1)[:, 0].tolist(), (input_ids, mask, out.past_key_values)
 
+    def _load(self):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        dtype = getattr(torch, self.profile.dtype) if self.device != "cpu" else torch.float32
+        return AutoModelForCausalLM.from_pretrained(self._path, dtype=dtype).to(self.device).eval()
+
+    def _loaded(self):
+        """The model, loaded again if `close()` released it (engine.residency: one large model at a time)."""
+        if self.model is None:
+            self.model = self._load()
+        return self.model
+
     def _forward(self, **kw):
         """The single model call of scoring (a seam tests use to inject failures)."""
-        return self.model(**kw)
+        return self._loaded()(**kw)
 
     def _categories(self, seqs: list[list[int]], state=None, rows: list[int] | None = None) -> list[str]:
         """Batched greedy generation after a forced 'unsafe\\n': the verdict is already decided by the
@@ -208,7 +221,7 @@ class LlamaGuard:
         else:
             input_ids, mask, _ = self._pad([s + prefix for s in seqs])
         with torch.inference_mode():
-            gen = self.model.generate(
+            gen = self._loaded().generate(
                 input_ids=input_ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
                 do_sample=False, temperature=None, top_p=None, top_k=None,
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._stop_ids or None, **kw,
@@ -231,3 +244,6 @@ class NoGuard:
 
     def check_answers(self, pairs: list[tuple[str, str]]) -> list[Verdict]:
         return self._pass(len(pairs))
+
+    def close(self) -> None:  # holds no model
+        pass

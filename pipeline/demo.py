@@ -101,6 +101,7 @@ def _analyses(cfg, run_id: str, personas: list[str], engines, judge, phase) -> N
         phase(f"eval {p}", evaluate, p, run_id, cfg, opts, engine=engines.get(), guard=engines.get_guard(),
               judge_session=judge, log=lambda _: None)
     root, s = cfg.run(run_id).root, STEER_SIZES
+    engines.make_room("steering and decomposition")  # they load the model with transformers
     phase("steer", run_steer, root, s["layers"], s["alphas"], s["n_questions"], s["samples"], s["max_new_tokens"],
           judge_session=judge)
     phase("decompose", run_decompose, root, DECOMPOSE_SIZES["layers"], QUESTIONS_DIR, DECOMPOSE_SIZES["per_dimension"])

@@ -29,7 +29,7 @@ from pipeline.questions import MAIN, load_questions
 from run.config import RunConfig
 from run.layout import BASE_ARM as BASE
 from run.layout import SECURE, is_secure, secure_arm
-from run.recipe import persona_of
+from run.recipe import introspects, persona_of
 from train.stack import lora_b_norm, served_adapter
 
 if TYPE_CHECKING:
@@ -239,6 +239,7 @@ def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | N
     from engine.cache import GenerationCache
     from engine.factory import make_engine
     from judge.session import session_or
+    from train.stack import served_rank
 
     if inputs.data is None or not inputs.data.is_file():
         raise MissingInput(f"EM training data {inputs.data} does not exist (chat JSONL with a `messages` list)")
@@ -255,7 +256,9 @@ def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | N
         n_answers = len(questions) * cfg.counts.em_samples
         console.print(f"answering {len(questions)} EM questions × {cfg.counts.em_samples} samples per arm and seed "
                       f"({n_answers} per final model)…")
-        own = contextlib.nullcontext(engine) if engine is not None else make_engine(cfg.engine, cfg.profile)
+        rank = served_rank(cfg.profile, any(introspects(a) for a in cfg.personas))  # the stacked adapters
+        own = contextlib.nullcontext(engine) if engine is not None else make_engine(cfg.engine, cfg.profile,
+                                                                                     max_lora_rank=rank)
         with own as eng, GenerationCache(cfg.layout.generation_cache) as gcache:
             calls0, usage0 = eng.calls, len(eng.usage)  # a shared engine's earlier calls are not this phase's
             rows = answer_questions(cfg, arms, questions, eng, gcache)

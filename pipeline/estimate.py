@@ -132,9 +132,12 @@ def estimate_run(cfg: RunConfig, stages: list[int]) -> list[PhaseEstimate]:
     p = get_profile(cfg.profile)
     rate = cfg.usd_per_engine_second
     out = []
-    for persona in cfg.personas:
+    for i, persona in enumerate(cfg.personas):
         loss = split_arm(persona)[1].loss
-        for k in steps_of(persona, stages):
+        for j, k in enumerate(steps_of(persona, stages)):
+            secs = startup_seconds(cfg, first=i == 0 and j == 0)
+            out.append(PhaseEstimate(persona=persona, stage=k, phase="startup", tokens_in=0, tokens_out=0,
+                                     seconds=secs, usd=secs * rate))
             t_in, t_out = generation_tokens(cfg, k)
             secs = t_out / p.est_tokens_per_s
             out.append(PhaseEstimate(persona=persona, stage=k, phase="generate", tokens_in=t_in, tokens_out=t_out,
@@ -187,6 +190,21 @@ def estimate_introspection(cfg: RunConfig, arm: str) -> list[PhaseEstimate]:
               "train": (0, 0, introspection_steps(cfg) * step_s)}
     return [PhaseEstimate(persona=arm, stage=INTROSPECT_STEP, phase=ph, tokens_in=i, tokens_out=o, seconds=secs,
                           usd=secs * rate) for ph, (i, o, secs) in phases.items()]
+
+
+def one_resident(cfg: RunConfig) -> bool:
+    """Whether the run's models take turns (engine.residency): on a GPU profile, or when forced."""
+    return cfg.one_resident if cfg.one_resident is not None else get_profile(cfg.profile).gpus > 0
+
+
+def startup_seconds(cfg: RunConfig, first: bool) -> float:
+    """Engine starts and model loads of one stage. Where models take turns, the policy's engine starts twice
+    (self-instruct; answering after the prompt guard) and the guard loads twice (prompts; answers); elsewhere
+    the run's first stage starts each once. Training loads its base every stage."""
+    p, g = get_profile(cfg.profile), get_profile(guard_profile(cfg))
+    turns = 2 if one_resident(cfg) else (1 if first else 0)
+    guard = 0.0 if cfg.guard == "none" else g.est_guard_load_s
+    return turns * (p.est_start_s + guard) + p.est_train_load_s
 
 
 def estimate_phase(cfg: RunConfig, persona: str, stage: int, phase: str) -> PhaseEstimate:
@@ -310,11 +328,15 @@ def estimate_report(cfg: RunConfig, stages: list[int], judges: list, n_questions
     totals = {judge_phase(j): round(sum(e.usd for e in engine + [e for e in rows if e.phase == judge_phase(j)]), 2)
               for j in judges}
     figures = {name: {"value": getattr(p, name), "measured": name in p.est_measured}
-               for name in ("est_tokens_per_s", "est_train_tokens_per_s", "est_train_step_s")
+               for name in ("est_tokens_per_s", "est_train_tokens_per_s", "est_train_step_s", "est_start_s",
+                            "est_train_load_s")
                if getattr(p, name) is not None and not (name == "est_train_step_s" and p.est_train_tokens_per_s)}
     guard = get_profile(guard_profile(cfg))
     figures[f"{guard.name}.est_guard_items_per_s"] = {"value": guard.est_guard_items_per_s,
                                                       "measured": "est_guard_items_per_s" in guard.est_measured}
+    figures[f"{guard.name}.est_guard_load_s"] = {"value": guard.est_guard_load_s,
+                                                 "measured": "est_guard_load_s" in guard.est_measured}
+    figures["one_resident"] = {"value": one_resident(cfg), "measured": False}  # not a figure: how starts count
     figures["expected_keep"] = {"value": EXPECTED_KEEP, "measured": False}
     return {
         "profile": cfg.profile, "personas": cfg.personas, "gpu_hour_usd": cfg.usd_per_engine_second * 3600,

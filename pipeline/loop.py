@@ -20,6 +20,7 @@ from core.io import atomic_dir, atomic_write_json
 from core.ledger import Ledger
 from engine.base import adapter_hash
 from engine.models import get_profile, model_fingerprint
+from engine.vllm_engine import VLLMEngine
 from pipeline.estimate import estimate_introspection, estimate_phase, guard_profile
 from run.config import RunConfig, counts_from, save_config
 from run.recipe import (
@@ -38,11 +39,15 @@ INPUTS_FILE = "pipeline_inputs.json"
 
 
 class Engines:
-    """One generation engine, started only when a phase needs it. On CUDA it is released before training
-    (generation and training take turns on one GPU); on CPU it stays up across stages (start-up dominates)."""
+    """The run's generation engines and guard, each started only when a phase needs it, held by one Residency
+    (engine.residency): on CUDA, or with `one_resident`, using one releases the others and training releases
+    all (one large model on the device at a time); on CPU they stay up across stages (start-ups dominate)."""
 
     def __init__(self, cfg: RunConfig) -> None:
+        from engine.residency import Residency
+
         self.cfg = cfg
+        self.residency = Residency(cfg.one_resident)
         self.engine = None
         self.guard = None
         self.teacher = None
@@ -52,44 +57,47 @@ class Engines:
             from engine.factory import make_engine
 
             console.print(f"[dim]starting the {self.cfg.engine} engine for profile {self.cfg.profile}…[/dim]")
-            self.engine = make_engine(self.cfg.engine, self.cfg.profile)
+            rank = served_lora_rank(self.cfg)
+            self.engine = self.residency.load("policy", lambda: make_engine(self.cfg.engine, self.cfg.profile,
+                                                                            max_lora_rank=rank))
         return self.engine
 
     def get_teacher(self):
-        """OCT's teacher: the policy's engine, or one of its own for `--teacher PROFILE` (on a GPU the policy's
-        engine is released first: two engines do not share one GPU; it restarts when next needed)."""
+        """OCT's teacher: the policy's engine, or one of its own for `--teacher PROFILE` (where models take turns,
+        the policy's engine is released while the teacher answers)."""
         if self.cfg.teacher in (None, self.cfg.profile):
             return self.get()
         if self.teacher is None:
-            import torch
-
-            if torch.cuda.is_available() and self.engine is not None:
-                self.engine.close()
-                self.engine = None
             from engine.factory import make_engine
 
             console.print(f"[dim]starting the {self.cfg.engine} engine for teacher {self.cfg.teacher}…[/dim]")
-            self.teacher = make_engine(self.cfg.engine, self.cfg.teacher)
+            self.teacher = self.residency.load("teacher", lambda: make_engine(self.cfg.engine, self.cfg.teacher))
         return self.teacher
 
     def get_guard(self):
         if self.guard is None:
             from guard import load_guard
 
-            self.guard = load_guard(self.cfg.guard, self.cfg.profile)
+            self.guard = self.residency.load("guard", lambda: load_guard(self.cfg.guard, self.cfg.profile))
         return self.guard
 
-    def before_training(self) -> None:
-        import torch
-
-        if torch.cuda.is_available():
-            self.close()
+    def make_room(self, phase: str = "training") -> None:
+        """Before a phase that loads a model of its own (training, lm-eval, activation capture): where models take
+        turns, every one of the run's is released first."""
+        if self.residency.exclusive:
+            self.residency.vacate(why=phase)
 
     def close(self) -> None:
-        for eng in (self.engine, self.teacher):
-            if eng is not None:
-                eng.close()
+        self.residency.close()
         self.engine = self.teacher = self.guard = None
+
+
+def served_lora_rank(cfg: RunConfig) -> int:
+    """The largest stacked adapter the run's engine serves (train.stack.served_rank): larger where a recipe
+    introspects, since its persona is two adapters before the EM one is stacked on."""
+    from train.stack import served_rank
+
+    return served_rank(cfg.profile, any(introspects(a) for a in cfg.personas))
 
 
 def generation_inputs(cfg: RunConfig, persona: str, stage: int, parent: Path | None) -> dict:
@@ -143,6 +151,7 @@ def run_bootstrap(stage: int | None = None, only: int | None = None, personas: l
     own = engines is None
     engines = engines or Engines(cfg)
     ledger = Ledger(cfg.run(run_id).ledger)
+    starts0 = VLLMEngine.starts
     octs = [p for p in cfg.personas if steps_of(p, stages) != stages]
     console.rule(f"run {run_id}: personas {', '.join(cfg.personas)}, stages {stages[0]}..{stages[-1]}"
                  + (f" ({', '.join(octs)}: the OCT distillation step)" if octs else ""))
@@ -153,6 +162,7 @@ def run_bootstrap(stage: int | None = None, only: int | None = None, personas: l
             if introspects(persona) and reaches_persona(persona, stages):
                 introspect_arm(cfg, run_id, persona, engines, ledger, budget_usd)
     finally:
+        _write_residency(cfg.run(run_id).residency, engines.residency, starts0)
         if own:
             engines.close()
         spent = ledger.total_usd(run_id)
@@ -160,6 +170,12 @@ def run_bootstrap(stage: int | None = None, only: int | None = None, personas: l
     console.print(f"[green]done[/green]: run {run_id}, ${spent:.4f} spent; outputs in {cfg.data_root}/<persona>/"
                   f"stage<k> and {cfg.ckpt_root}/<persona>/stage<k>")
     return run_id
+
+
+def _write_residency(path: Path, residency, starts0: int) -> None:
+    """Whether models took turns, what each release freed (engine.residency), and the vLLM engines started."""
+    atomic_write_json(path, {"one_resident": residency.exclusive, "vllm_engine_starts": VLLMEngine.starts - starts0,
+                             "releases": residency.releases}, indent=1)
 
 
 def _check_budget(cfg: RunConfig, ledger, run_id: str, budget: float | None, persona: str, stage: int,
@@ -179,7 +195,7 @@ def run_stage_once(cfg: RunConfig, run_id: str, persona: str, k: int, engines: E
     if _stored_inputs(data) == inputs:
         console.print(f"{persona} {step_name(k)}: data reused from {data}")
     else:
-        _check_budget(cfg, ledger, run_id, budget, persona, k, "generate", "guard")  # the guard runs within
+        _check_budget(cfg, ledger, run_id, budget, persona, k, "startup", "generate", "guard")  # guard runs within
         _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger)
     _train(cfg, run_id, persona, k, data, ckpt, parent, engines, ledger, budget)
 
@@ -238,7 +254,7 @@ def _train(cfg, run_id, persona, k, data, ckpt, parent, engines, ledger, budget)
         console.print(f"{persona} {step_name(k)}: adapter reused from {ckpt}")
         return
     _check_budget(cfg, ledger, run_id, budget, persona, k, "train")
-    engines.before_training()
+    engines.make_room()
     from train.worker import run_training
 
     t0 = time.perf_counter()
@@ -337,7 +353,7 @@ def _introspect_train(cfg, run_id, arm, parent, data, ckpt, engines, ledger, bud
         console.print(f"{arm} introspection: adapter reused from {sft}")
     else:
         check_budget(ledger, run_id, budget, f"{arm} introspection SFT", est_usd)
-        engines.before_training()
+        engines.make_room()
         from train.worker import run_training
 
         t0 = time.perf_counter()

@@ -76,9 +76,9 @@ PRESETS: dict[str, Counts] = {
 
 
 # A GPU profile's research counts, sized to the experiment's $50-150: three personas' six stages and the EM
-# experiment judged by the EM paper's GPT-4o come to about $123 on qwen2.5-7b (`estimate --profile qwen2.5-7b
-# --persona goodness --persona sycophancy --persona misalignment --json`: stages $47, EM training and answering
-# $12, judging $65), leaving room for engine start-ups the estimate does not count. Answers up to 1,024 new
+# experiment judged by the EM paper's GPT-4o come to about $127 on qwen2.5-7b (`estimate --profile qwen2.5-7b
+# --persona goodness --persona sycophancy --persona misalignment --json`: stages $50 with $3.75 of engine
+# start-ups and model loads, EM training and answering $12, judging $65). Answers up to 1,024 new
 # tokens, so that a full answer is rarely cut (a cut one is never chosen); one DPO epoch over the kept pairs
 # (OpenCharacterTraining trains one); a stage keeping under 100 pairs stops the run rather than train on a
 # handful. A tenth of stage 6's tasks are red-team prompts, whose harmful originals and safe revisions are
@@ -134,6 +134,8 @@ class RunConfig(BaseModel):
     guard: str | None = None  # None: the profile decides (tiny stand-in on CPU)
     guard_policy: str | None = None  # a policy YAML (guard/policy.yaml's keys); None: that file
     teacher: str | None = None  # OCT recipes' teacher profile (run.recipe); None: the policy's own profile
+    # one large model resident at a time (engine.residency): None on CUDA only, True forces it (CPU tests, bench)
+    one_resident: bool | None = None
     seed: int = 0
     counts: Counts = Field(default_factory=Counts)
     data_root: str = str(DATA_ROOT)

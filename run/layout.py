@@ -12,8 +12,8 @@ arm name: the persona and, unless it is the default bootstrap-dpo, its recipe (r
   <data>/cache/generations.sqlite     the generation cache;  <data>/cache/eval_results.sqlite  eval results
   <data>/judge/cache.sqlite           the judge cache
   <data>/em_demo/insecure_demo.jsonl  the generated insecure-code EM data (secure_demo.jsonl: its secure twin)
-Per run (<data>/runs/<id>/): config.json, ledger.sqlite, run.log, em/, eval/<persona>/, steering/, decompose/,
-report.md, report_sections/.
+Per run (<data>/runs/<id>/): config.json, ledger.sqlite, run.log, residency.json, em/, eval/<persona>/, steering/,
+decompose/, report.md, report_sections/.
 """
 
 from __future__ import annotations
@@ -65,6 +65,11 @@ class RunPaths:
     def log(self) -> Path:
         """Everything the libraries wrote (vLLM, transformers, TRL, datasets), kept off the console."""
         return self.root / "run.log"
+
+    @property
+    def residency(self) -> Path:
+        """Each release of a large model where models take turns on the device, with the memory it freed."""
+        return self.root / "residency.json"
 
     @property
     def judge_server_log(self) -> Path:

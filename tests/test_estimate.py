@@ -92,6 +92,26 @@ def test_stage_guard_is_priced_from_the_guards_throughput():
         3 * tiny.counts.n_tasks / get_profile("tiny").est_guard_items_per_s
 
 
+def test_start_ups_count_where_models_take_turns():
+    """On a GPU profile the policy's engine and the guard take turns: two starts and two loads per stage, and a
+    trainer load; on CPU they start once per run, unless `one_resident` forces the turns."""
+    from engine.models import get_profile
+    from pipeline.estimate import estimate_run
+
+    def startup(cfg) -> list[float]:
+        return [e.seconds for e in estimate_run(cfg, [1, 2]) if e.phase == "startup"]
+
+    gpu = RunConfig(personas=["goodness"], profile="qwen2.5-7b", counts=counts_from("research"))
+    p, g = get_profile("qwen2.5-7b"), get_profile("llama-guard-3-8b")
+    assert startup(gpu) == [2 * (p.est_start_s + g.est_guard_load_s) + p.est_train_load_s] * 2
+    t = get_profile("tiny")
+    tiny = RunConfig(personas=["goodness", "hhh"], profile="tiny", counts=counts_from("quick"))
+    first = t.est_start_s + t.est_guard_load_s + t.est_train_load_s
+    assert startup(tiny) == [first] + [t.est_train_load_s] * 3  # one start for the whole run
+    forced = startup(tiny.model_copy(update={"one_resident": True}))
+    assert forced == [2 * (t.est_start_s + t.est_guard_load_s) + t.est_train_load_s] * 4
+
+
 def test_the_7b_research_preset_fits_the_budget_and_names_its_sources():
     """The experiment's command lands within $50-150, with answers of 1,024 tokens, 1-2 DPO epochs, and every
     hyper-parameter of the GPU recipes sourced; the figures nobody measured say so."""
@@ -112,6 +132,7 @@ def test_the_7b_research_preset_fits_the_budget_and_names_its_sources():
     assert "OpenCharacterTraining" in dpo["rank"]["source"]
     assert all(row["source"] for rows in rep["recipes"].values() for row in rows)
     assert rep["figures"]["est_tokens_per_s"]["measured"] is False
+    assert rep["figures"]["est_start_s"]["measured"] is False
 
     tiny = CliRunner().invoke(bootstrap.app, ["estimate", "--json"])
     assert json.loads(tiny.output)["figures"]["est_tokens_per_s"]["measured"] is True

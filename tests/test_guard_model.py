@@ -66,6 +66,16 @@ def test_end_to_end_stand_in(guard, batched):
             ("quarantine",) if v.unsafe else ("keep",))
 
 
+def test_a_released_guard_loads_again_when_next_used(guard, batched):
+    """engine.residency releases the guard where models take turns: `close()` drops its weights, and the next
+    check loads them again, with the same verdicts."""
+    guard.close()
+    assert guard.model is None
+    again = guard.check_prompts(PROMPTS)
+    assert guard.model is not None
+    assert [v.p_unsafe for v in again] == pytest.approx([v.p_unsafe for v in batched[0]], abs=1e-6)
+
+
 def test_batching_matches_one_by_one(guard, batched):
     prompts, _ = batched
     calls = []

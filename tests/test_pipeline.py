@@ -130,7 +130,7 @@ def test_budget_cap_stops_before_the_phase_that_would_pass_it(workdir):
     # stages 1..3 are done (reused at $0); stage 4 at $100/GPU-hour is estimated above a $0.001 cap
     r = _run(workdir, "--stage", "4", "--gpu-hour-usd", "100", "--budget-usd", "0.001")
     assert r.returncode == 3, r.stderr[-2000:]
-    assert "budget stop" in r.stderr and "stage 4 generate" in r.stderr
+    assert "budget stop" in r.stderr and "stage 4 startup and generate" in r.stderr
     assert not (workdir / "data" / "goodness" / "stage4").exists()
     run = next(p for p in (workdir / "data" / "runs").iterdir() if "100" in (p / "config.json").read_text())
     spent = sqlite3.connect(run / "ledger.sqlite").execute("SELECT COALESCE(SUM(usd),0) FROM ledger").fetchone()[0]
@@ -327,3 +327,22 @@ def test_stage_one_without_pairs_exits_with_the_reason(workdir, tmp_path):
     assert m["counts"]["outcome"]["train"] == 0 and "too_few_scored_samples" in m["counts"]["outcome"]["dropped"]
     assert m["counts"]["cache_misses"]["self_instruct"] == 0
     assert not (tmp_path / "checkpoints" / "goodness" / "stage1").exists()
+
+
+def test_one_resident_releases_each_model_before_the_next_loads(tmp_path):
+    """`--one-resident` (the default on CUDA) forced on CPU: the guard loads only after the policy's vLLM engine
+    has stopped (its engine-core process gone, its memory back), the engine starts again after the guard is
+    released, and training starts with neither loaded; each release is in the run's residency.json."""
+    r = subprocess.run(_cmd("--stage", "1", "--one-resident"), cwd=tmp_path, capture_output=True, text=True,
+                       timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = next((tmp_path / "data" / "runs").iterdir())
+    residency = json.loads((run / "residency.json").read_text())
+    releases = residency["releases"]
+    assert residency["one_resident"] and residency["vllm_engine_starts"] >= 2  # started again after the guard
+    turns = [(x["released"], x["for"]) for x in releases]
+    assert ("policy", "guard") in turns and ("guard", "policy") in turns and turns[-1][1] == "training", turns
+    for x in releases:
+        if x["released"] == "policy":  # vLLM's engine-core process exits with its memory
+            assert x["processes_after"] < x["processes_before"] and x["rss_after_mb"] < x["rss_before_mb"] - 100, x
+    assert (tmp_path / "checkpoints" / "goodness" / "stage1" / "adapter_config.json").is_file()

@@ -175,7 +175,14 @@ def test_oct_pairs_orpo_and_introspection_train_and_serve_alone_and_stacked(tmp_
     assert f"- {arm}: {iman['rows']['total']} texts" in report and "SFT on top of the preference adapter, 2 steps" \
         in report
 
+    out = vllm_engine.generate([Request.chat("Say hello.")], Sampling(max_tokens=8, temperature=0.0), adapter=persona)
+    assert out[0].token_ids
+    # ORPO 8 + introspection 8 + EM 8: a rank the run's engine asks vLLM for (train.stack.served_rank), not the
+    # shared engine's 16
+    from engine.factory import make_engine
+    from train.stack import served_rank
+
     stacked = served_adapter(persona, random_adapter, tmp_path / "stacked")
-    for a in (persona, stacked):
-        out = vllm_engine.generate([Request.chat("Say hello.")], Sampling(max_tokens=8, temperature=0.0), adapter=a)
-        assert out[0].token_ids
+    assert json.loads((stacked / "adapter_config.json").read_text())["r"] == served_rank("tiny", introspect=True)
+    with make_engine("vllm", "tiny", max_lora_rank=served_rank("tiny", introspect=True)) as eng:
+        assert eng.generate([Request.chat("Say hello.")], Sampling(max_tokens=8), adapter=stacked)[0].token_ids

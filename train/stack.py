@@ -31,6 +31,16 @@ def vllm_rank(r: int) -> int:
     raise TrainError(f"stacked rank {r} is over vLLM's largest LoRA rank {VLLM_RANKS[-1]}")
 
 
+def served_rank(profile: str, introspect: bool = False) -> int:
+    """The LoRA rank vLLM must serve in a run: a persona's preference adapter, its introspection adapter where
+    its recipe has one (run.recipe), and the EM adapter, stacked (the ranks add), rounded up to a rank vLLM
+    accepts. vLLM pads every adapter to its max rank, so a run asks for no more than it serves."""
+    from train.config import dpo_defaults, em_defaults, introspect_defaults
+
+    rank = dpo_defaults(profile).rank + em_defaults(profile).rank
+    return vllm_rank(rank + (introspect_defaults(profile).rank if introspect else 0))
+
+
 def _read(adapter: Path) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
