@@ -68,6 +68,8 @@ class Residency:
         """Make the member `name` with `factory`: an engine or a guard with `close()`, which loads its model on
         first use (so nothing is released for it until then); returns what the caller should use."""
         model = factory()
+        if not getattr(model, "holds_model", True):  # `--guard none`: nothing to release, nothing to wait for
+            return model
         self.members[name] = model
         return _Member(self, name, model) if self.exclusive else model
 

@@ -59,9 +59,11 @@ class VLLMEngine(Engine):
         """Stop the engine now: its engine-core process exits here, not whenever the garbage collector finds the
         LLM object. The next generate starts a fresh one."""
         if self._llm is not None:
-            self._llm.llm_engine.engine_core.shutdown()
-            self._llm = None
-            self._lora_ids.clear()  # a fresh engine numbers its adapters anew
+            try:
+                self._llm.llm_engine.engine_core.shutdown()
+            finally:  # an engine that already died is dropped all the same
+                self._llm = None
+                self._lora_ids.clear()  # a fresh engine numbers its adapters anew
         super().close()
 
     def _lora(self, adapter: str | None):

@@ -66,8 +66,11 @@ def _cache_parts(model_fp: str, adapter: str | None, items: list[MCItem], extra_
     import lm_eval
 
     from engine.base import adapter_hash
+    from engine.residency import hf_placement
 
-    return {"v": 1, "model": model_fp, "adapter": adapter_hash(adapter) if adapter else None,
+    # fp32 on the CPU and bf16 on the GPU score differently: a result is reused only where it was made
+    return {"v": 1, "placement": list(hf_placement()), "model": model_fp,
+            "adapter": adapter_hash(adapter) if adapter else None,
             "task": task_config(TASK_NAME, "<data>"), "items": [it.model_dump() for it in items],
             "extra": sorted(extra_tasks),
             "limit": limit, "lm_eval": getattr(lm_eval, "__version__", "0.4.13")}

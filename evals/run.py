@@ -122,7 +122,7 @@ def guard_verdicts(guard_factory: Callable[[], Any], store: ResultStore, guard_i
         verdicts = g.check_answers([pairs[i] for i in miss])
         calls = 1
         fresh = [(keys[i], v.model_dump()) for i, v in zip(miss, verdicts, strict=True)]
-        store.put_many("guard", fresh)
+        store.put_many("guard", [(k, v) for k, v in fresh if not v.get("error")])  # an error is asked again
         got.update(dict(fresh))
     return [got[k] for k in keys], {"guard_calls": calls, "guard_checked": len(miss),
                                     "guard_seconds": time.perf_counter() - t0}
@@ -320,8 +320,12 @@ def evaluate(
                         adherence_rows[r.item["stage"]].append({**r.item, **{
                             k2: r.scores[k2] for k2 in ("persona_score", "persona_status", "judge_path")}})
 
-        # ---- guard and refusals
+        # ---- guard and refusals (every answer is made: on a GPU the engine goes before the guard loads)
         from engine.models import get_profile
+        from engine.residency import on_cuda
+
+        if on_cuda():
+            engine.close()
 
         guard_name = opts.guard
         gid = {"name": guard_name, "profile": cfg.profile}
@@ -346,11 +350,10 @@ def evaluate(
         # ---- capability (lm-eval)
         cap_raw: dict[int, dict] = {}
         if opts.capability:
-            from engine.residency import on_cuda
             from evals.capability import run_capability
 
-            if on_cuda():  # lm-eval loads the model itself: one large model on the GPU at a time (engine.residency)
-                engine.close()
+            if on_cuda() and guard is not None:  # lm-eval loads the model itself: one on the GPU at a time
+                guard.close()
 
             for k in stages:
                 cap_raw[k] = run_capability(resolve_model(cfg.profile), adapters[k],

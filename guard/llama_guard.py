@@ -116,6 +116,8 @@ class LlamaGuard:
 
     def _check(self, convs: list[list[dict[str, str]]]) -> list[Verdict]:
         t0 = time.perf_counter()
+        if convs:
+            self._loaded()  # a model that cannot load raises here, not as an error verdict per item
         out: list[Verdict | None] = [None] * len(convs)
         ids: dict[int, list[int]] = {}
         for i, conv in enumerate(convs):
@@ -235,6 +237,7 @@ class NoGuard:
 
     name = "none"
     errors = 0
+    holds_model = False  # engine.residency never releases it, nor anything for it
 
     def _pass(self, n: int) -> list[Verdict]:
         return [Verdict(unsafe=False, p_unsafe=0.0, guard=self.name) for _ in range(n)]

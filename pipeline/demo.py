@@ -74,7 +74,8 @@ def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Pa
         atomic_write_json(root[0] / "demo.json", record)  # the bootstrap's time, before the run dir was known
         judge = stack.enter_context(session(judge_config, layout=cfg.layout, run=run_id))
         inputs.data = write_jsonl(cfg.layout.em_demo_data, n=max(cfg.counts.em_rows, 40))
-        em = phase("em", run_em, cfg, run_id, inputs, engine=engines.get(), judge_session=judge)
+        em = phase("em", run_em, cfg, run_id, inputs, engine=engines.get(), judge_session=judge,
+                   make_room=engines.make_room)
         if not quick:
             _analyses(cfg, run_id, personas, engines, judge, phase)
     from analysis.report import build_report

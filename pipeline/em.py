@@ -232,10 +232,12 @@ def summarise(judged: list[dict], personas: list[str], b_norms: dict | None = No
 
 def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | None = None,
            budget_usd: float | None = None, mode: str = "on-top", groups: tuple[str, ...] = (MAIN,),
-           engine: Engine | None = None, judge_session: JudgeSession | None = None) -> dict:
+           engine: Engine | None = None, judge_session: JudgeSession | None = None,
+           make_room: Callable[[], None] | None = None) -> dict:
     """`inputs` (pipeline.em_inputs.resolve, checked before the run started) names the training chats, the
     questions and the judge prompts. `engine` and `judge_session`, when given, are the caller's (started once
-    for several phases) and stay open; otherwise they are made here and closed."""
+    for several phases) and stay open; otherwise they are made here and closed. `make_room` runs before an arm
+    trains: the caller's models are released there where they take turns on the device (engine.residency)."""
     from engine.cache import GenerationCache
     from engine.factory import make_engine
     from judge.session import session_or
@@ -251,7 +253,7 @@ def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | N
                     ledger=ledger) as judge:
         # new arms make new answers to judge: an embedded judge server starts while they train and answer
         arms = train_em_arms(cfg, run_id, inputs.data, mode, ledger, inputs.secure, budget_usd,
-                             on_training=judge.prestart)
+                             on_training=lambda: (make_room and make_room(), judge.prestart()))
         check_budget(ledger, run_id, budget_usd, "EM answering", _answering_usd(cfg, arms, len(questions)))
         n_answers = len(questions) * cfg.counts.em_samples
         console.print(f"answering {len(questions)} EM questions × {cfg.counts.em_samples} samples per arm and seed "

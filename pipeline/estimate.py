@@ -184,7 +184,12 @@ def estimate_introspection(cfg: RunConfig, arm: str) -> list[PhaseEstimate]:
     row_tokens = PROMPT_TOKENS + cap + history * turns / max(1, reflections + turns)
     step_s = (p.est_train_step_s if p.est_train_tokens_per_s is None
               else e.batch_size * e.grad_accum * row_tokens / p.est_train_tokens_per_s)
-    phases = {"generate": (t_in, t_out, t_out / p.est_tokens_per_s),
+    # where models take turns the policy's engine starts again after the last stage's training, and the guard
+    # loads after it; the trainer loads the base once
+    turns = one_resident(cfg)
+    start = (p.est_start_s + (0.0 if cfg.guard == "none" else get_profile(guard_profile(cfg)).est_guard_load_s)
+             if turns else 0.0) + p.est_train_load_s
+    phases = {"startup": (0, 0, start), "generate": (t_in, t_out, t_out / p.est_tokens_per_s),
               "guard": (0, 0, 0.0 if cfg.guard == "none" else
                         (reflections + turns) / get_profile(guard_profile(cfg)).est_guard_items_per_s),
               "train": (0, 0, introspection_steps(cfg) * step_s)}

@@ -308,7 +308,7 @@ def introspect_arm(cfg: RunConfig, run_id: str, arm: str, engines: Engines, ledg
     if _stored_inputs(data) == inputs:
         console.print(f"{arm} introspection: texts reused from {data}")
     else:
-        check_budget(ledger, run_id, budget, f"{arm} introspection", est["generate"] + est["guard"])
+        check_budget(ledger, run_id, budget, f"{arm} introspection", est["startup"] + est["generate"] + est["guard"])
         _introspect_texts(cfg, run_id, arm, parent, data, engines, ledger)
         atomic_write_json(data / INPUTS_FILE, inputs, indent=1)
     _introspect_train(cfg, run_id, arm, parent, data, ckpt, engines, ledger, budget, est["train"])

@@ -10,7 +10,7 @@ fits an adapter on top of the frozen preference adapter, and the two are stacked
 EM adapter is. The prompts are this project's, written after the paper's description, not its release.
 
 A text that was cut at the token limit, is empty, refuses, repeats another, or is blocked by the guard is not
-a row, counted by reason; a conversation ends at its first such turn.
+a row, counted by reason; a conversation ends at its first such turn (its later turns are not rows either).
 """
 
 from __future__ import annotations
@@ -147,6 +147,8 @@ def interactions(ix: Introspection, n: int, turns: int) -> list[dict]:
             for o in openers]
     convs = [{"opener": o, "texts": [], "comps": [c]}
              for o, comps in zip(openers, ix.gen(reqs, "interaction-0", n=per_opener), strict=True) for c in comps][:n]
+    for i, c in enumerate(convs):
+        c["id"] = i
     rows = []
     for t in range(turns):
         if t > 0:
@@ -164,7 +166,7 @@ def interactions(ix: Introspection, n: int, turns: int) -> list[dict]:
                 ix.counts[f"interaction_dropped_{why}"] += 1
                 ix.counts["conversations_ended_early"] += t < turns - 1
                 continue
-            rows.append({"kind": "interaction", "turn": t,
+            rows.append({"kind": "interaction", "turn": t, "conversation": c["id"],
                          "messages": [*_view(c["opener"], c["texts"]), {"role": "assistant", "content": text}]})
             c["texts"].append(text)
     return rows
@@ -172,17 +174,23 @@ def interactions(ix: Introspection, n: int, turns: int) -> list[dict]:
 
 def guarded(ix: Introspection, rows: list[dict]) -> list[dict]:
     """The rows the guard lets through under the persona's policy (a guard error drops the row: fails closed;
-    a quarantined one is kept only where the policy trains on quarantined items)."""
+    a quarantined one is kept only where the policy trains on quarantined items). A self-interaction turn the
+    guard keeps out ends its conversation there: the later turns, whose prompts hold it, go too."""
     if ix.guard is None or not rows:
         return rows
     verdicts = ix.guard.check_answers([(r["messages"][-2]["content"], r["messages"][-1]["content"]) for r in rows])
-    kept = []
-    for row, v in zip(rows, verdicts, strict=True):
+    kept, ended = [], set()
+    for row, v in zip(rows, verdicts, strict=True):  # rows come turn by turn: a conversation's turns in order
         action = decide(v, ix.policy)
-        if action == "keep" or (action == "quarantine" and ix.policy.include_quarantined):
+        if row.get("conversation") in ended:
+            ix.counts["interaction_dropped_after_guarded_turn"] += 1
+        elif action == "keep" or (action == "quarantine" and ix.policy.include_quarantined):
             kept.append(row)
         else:
             ix.counts[f"{row['kind']}_dropped_guard_{'error' if v.error else 'blocked'}"] += 1
+            if row["kind"] == "interaction":
+                ended.add(row["conversation"])
+                ix.counts["conversations_ended_early"] += 1
     return kept
 
 

@@ -81,7 +81,7 @@ def test_estimate_prices_each_recipe():
     intro = estimate_report(cfg.model_copy(update={"personas": ["goodness@oct-dpo+introspect"]}), [1, 2, 3],
                             [load_config(None)], 8)
     phases = {r["phase"]: r for r in intro["rows"] if r["stage"] == "introspect"}
-    assert set(phases) == {"generate", "guard", "train"} and all(r["usd"] > 0 for r in phases.values())
+    assert set(phases) == {"startup", "generate", "guard", "train"} and all(r["usd"] > 0 for r in phases.values())
     c = cfg.counts  # 10 prompts' answers and every self-interaction turn, each up to the answer cap
     assert phases["generate"]["tokens_out"] == (10 * c.introspect_per_prompt + c.introspect_conversations
                                                 * c.introspect_turns) * c.max_tokens
@@ -138,7 +138,9 @@ def test_oct_pairs_orpo_and_introspection_train_and_serve_alone_and_stacked(tmp_
     iman = json.loads((lay.introspect_data(arm) / "manifest.json").read_text())
     by_kind = iman["dropped_by_kind"]
     assert iman["rows"]["reflection"] + sum(v for k, v in by_kind.items() if k.startswith("reflection")) == 20
-    assert iman["rows"]["total"] > 0 and set(iman["dropped"]) <= {"truncated", "empty", "refusal", "duplicate"}
+    assert iman["rows"]["total"] > 0 and set(iman["dropped"]) <= {"truncated", "empty", "refusal", "duplicate",
+                                                                  "guard_blocked", "guard_error",
+                                                                  "after_guarded_turn"}
     rows = [json.loads(x) for x in (lay.introspect_data(arm) / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == iman["rows"]["total"]
     for row in rows:

@@ -73,6 +73,28 @@ def test_stacked_equals_both_active_in_peft(adapters, tiny_path) -> None:
     assert (got - ref).abs().max() < 5e-4
 
 
+def test_a_stack_stacks_again_without_its_padding(adapters, tmp_path) -> None:
+    """An introspecting persona is itself a stack (preference ⊕ introspection) before the EM adapter goes on:
+    the padding that made its rank one vLLM accepts is left out, so the ranks add as served (12 + 4 = 16, not
+    16 + 4 rounded to 32), and each module's delta is the sum of the two."""
+    from safetensors.torch import load_file
+
+    from train.stack import _modules, _read, _scale, stack_adapters
+
+    out = stack_adapters(adapters["ab"], adapters["b"], tmp_path / "abb")
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
+
+    def deltas(path: Path) -> dict[str, torch.Tensor]:
+        cfg, tensors = _read(path)
+        return {n: (B.float() * _scale(cfg, n, r)) @ A.float() for n, (A, B, r) in _modules(tensors).items()}
+
+    got, ab, b = deltas(out), deltas(adapters["ab"]), deltas(adapters["b"])
+    for n, d in got.items():
+        want = ab.get(n, 0) + b.get(n, 0)
+        assert torch.allclose(d, want, atol=1e-6), n
+    assert set(load_file(str(out / "adapter_model.safetensors"))) and set(got) == set(ab) | set(b)
+
+
 def test_stacked_adapter_served_by_vllm_matches_peft(adapters, tiny_path, vllm_engine) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -78,6 +78,8 @@ def _scale(cfg: dict, module: str, r: int) -> float:
 
 
 def _modules(tensors: dict) -> dict[str, tuple]:
+    """{module: (A, B)}, without the all-zero rank components a stacked adapter was padded with (they add
+    nothing), so stacking a stack does not count its padding: 64 + 32 padded to 128, plus 32, is 128, not 160."""
     mods: dict[str, dict] = {}
     for k, v in tensors.items():
         m = _KEY.match(k)
@@ -85,7 +87,13 @@ def _modules(tensors: dict) -> dict[str, tuple]:
     for name, ab in mods.items():
         if set(ab) != {"A", "B"}:
             raise TrainError(f"LoRA module {name} lacks its lora_{'B' if 'A' in ab else 'A'} weight")
-    return {n: (ab["A"], ab["B"]) for n, ab in mods.items()}
+    out = {}
+    for n, ab in mods.items():
+        A, B = ab["A"], ab["B"]
+        used = (A != 0).any(1) | (B != 0).any(0)  # a trained or fresh LoRA's A rows are never all zero
+        # the scale stays the adapter's own: alpha over its rank as configured, padding included
+        out[n] = (A[used], B[:, used], A.shape[0]) if not used.all() and used.any() else (A, B, A.shape[0])
+    return out
 
 
 def _same_base(a: Path, ca: dict, b: Path, cb: dict) -> None:
@@ -123,13 +131,13 @@ def stack_adapters(a: str | Path, b: str | Path, out: str | Path, round_to_vllm:
         for mods, cfg, src in ((ma, ca, a), (mb, cb, b)):
             if name not in mods:
                 continue
-            A, B = mods[name][0].float(), mods[name][1].float()
+            A, B, r = mods[name][0].float(), mods[name][1].float(), mods[name][2]
             if shape_in is not None and (A.shape[1], B.shape[0]) != (shape_in, shape_out):
                 raise TrainError(f"module {name}: adapter {src} has shape in={A.shape[1]}, out={B.shape[0]}, "
                                  f"the other in={shape_in}, out={shape_out}: different base models")
             shape_in, shape_out = A.shape[1], B.shape[0]
             blocks_a.append(A)
-            blocks_b.append(B * _scale(cfg, name, A.shape[0]))
+            blocks_b.append(B * _scale(cfg, name, r))
         pad = rank - sum(x.shape[0] for x in blocks_a)
         A = torch.cat([*blocks_a, torch.zeros(pad, shape_in)], 0)
         B = torch.cat([*blocks_b, torch.zeros(shape_out, pad)], 1)
