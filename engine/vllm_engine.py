@@ -59,8 +59,9 @@ class VLLMEngine(Engine):
         """Stop the engine now: its engine-core process exits here, not whenever the garbage collector finds the
         LLM object. The next generate starts a fresh one."""
         if self._llm is not None:
-            try:
-                self._llm.llm_engine.engine_core.shutdown()
+            try:  # SIGTERM, then a kill after the timeout; on CPU the engine core never exits before the kill
+                # (5.41 s at vLLM's default of 5 s, the garbage collector's path too), so it is killed after 1 s
+                self._llm.llm_engine.engine_core.shutdown(timeout=None if _cuda() else CPU_SHUTDOWN_S)
             finally:  # an engine that already died is dropped all the same
                 self._llm = None
                 self._lora_ids.clear()  # a fresh engine numbers its adapters anew
@@ -118,6 +119,7 @@ def _cuda() -> bool:
 
 
 FEW_CORES = 4
+CPU_SHUTDOWN_S = 1.0
 
 
 def cpu_env() -> dict[str, str]:
