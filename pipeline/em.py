@@ -29,7 +29,7 @@ from pipeline.questions import MAIN, load_questions
 from run.config import RunConfig
 from run.layout import BASE_ARM as BASE
 from run.layout import SECURE, is_secure, secure_arm
-from run.recipe import introspects, persona_of
+from run.recipe import persona_of
 from train.stack import lora_b_norm, served_adapter
 
 if TYPE_CHECKING:
@@ -241,7 +241,7 @@ def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | N
     from engine.cache import GenerationCache
     from engine.factory import make_engine
     from judge.session import session_or
-    from train.stack import served_rank
+    from pipeline.loop import served_lora_rank
 
     if inputs.data is None or not inputs.data.is_file():
         raise MissingInput(f"EM training data {inputs.data} does not exist (chat JSONL with a `messages` list)")
@@ -258,7 +258,7 @@ def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | N
         n_answers = len(questions) * cfg.counts.em_samples
         console.print(f"answering {len(questions)} EM questions × {cfg.counts.em_samples} samples per arm and seed "
                       f"({n_answers} per final model)…")
-        rank = served_rank(cfg.profile, any(introspects(a) for a in cfg.personas))  # the stacked adapters
+        rank = served_lora_rank(cfg)  # the largest stacked adapter an arm is answered with
         own = contextlib.nullcontext(engine) if engine is not None else make_engine(cfg.engine, cfg.profile,
                                                                                      max_lora_rank=rank)
         with own as eng, GenerationCache(cfg.layout.generation_cache) as gcache:
