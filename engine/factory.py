@@ -8,13 +8,20 @@ from engine.types import EngineError
 
 
 def make_engine(kind: str = "auto", profile: Profile | str = "tiny", max_lora_rank: int | None = None,
-                **kw) -> Engine:
+                ray: str | None = None, **kw) -> Engine:
     """`vllm`, `hf`, or `auto` (vLLM when installed, transformers otherwise). `max_lora_rank`: the largest adapter
-    vLLM will serve (default: the profile's); transformers serves any rank."""
+    vLLM will serve (default: the profile's); transformers serves any rank. `ray` ("local" or a cluster's
+    address): vLLM engines on Ray Data workers, the profile's `data_parallel_size` of them."""
     if kind == "auto":
         import importlib.util
 
         kind = "vllm" if importlib.util.find_spec("vllm") else "hf"
+    if ray is not None:
+        if kind != "vllm":
+            raise EngineError(f"--ray runs vLLM engines on Ray workers; engine {kind!r} cannot")
+        from engine.ray_engine import RayEngine
+
+        return RayEngine(profile, ray, max_lora_rank=max_lora_rank, **kw)
     if kind == "vllm":
         from engine.vllm_engine import VLLMEngine
 

@@ -38,12 +38,16 @@ class Profile(BaseModel):
     max_model_len: int = 4096
     load_in_4bit: bool = False  # QLoRA training on CUDA
     tensor_parallel_size: int = 1
+    # engine replicas under `--ray` (engine.ray_engine: Ray Data workers), each over tensor_parallel_size GPUs
+    data_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85  # CUDA: fraction of GPU memory vLLM may take
     # vLLM on CPU sizes its KV cache from one NUMA node's RAM (8 GiB here) minus RSS, which fails
     # beside other processes; an explicit size is predictable and skips the warm-up pass.
     cpu_kv_cache_gib: float = 1.0
     gpu_hour_usd: float = 0.0  # cost ledger: $ per engine-hour on this profile's hardware
     gpus: int = 1
+    # training processes, one per GPU, sharding the model with FSDP (train.launch); 1: one process, one GPU
+    train_processes: int = 1
     # for `estimate` before anything runs: generation throughput and training speed. GPU figures are
     # assumptions until bench/gpu_smoke.py or a run's ledger measures them; `est_measured` names the measured
     # ones. Training: `est_train_tokens_per_s` (tokens through forward+backward per second) prices a step from
@@ -102,7 +106,8 @@ PROFILES: dict[str, Profile] = {
         Profile(name="qwen3-4b", source="Qwen/Qwen3-4B", max_model_len=8192, load_in_4bit=True,
                 gpu_hour_usd=2.5, chat_template_kwargs={"enable_thinking": False}, est_train_tokens_per_s=3000.0),
         Profile(name="qwen2.5-72b", source="Qwen/Qwen2.5-72B-Instruct", max_model_len=8192,
-                load_in_4bit=True, tensor_parallel_size=4, gpus=4, gpu_hour_usd=10.0, est_train_tokens_per_s=500.0),
+                load_in_4bit=True, tensor_parallel_size=4, gpus=4, train_processes=4, gpu_hour_usd=10.0,
+                est_train_tokens_per_s=500.0),
         Profile(name="llama-guard-3-8b", source="meta-llama/Llama-Guard-3-8B", kind="guard",
                 max_model_len=8192, gpu_hour_usd=2.5, est_guard_load_s=30.0),
         Profile(name="llama-guard-3-1b", source="meta-llama/Llama-Guard-3-1B", kind="guard",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from run.layout import Layout
+from run.layout import DATA_ROOT, Layout
 
 PERSONAS = typer.Option(["hhh"], "--persona", help="persona(s) (constitution names)")
 PRESET = typer.Option("research", "--preset", help="counts preset: research | demo | quick")
@@ -14,6 +14,11 @@ COUNTS = typer.Option(None, "--counts", help='JSON overrides of the preset\'s co
 EM_DATA = typer.Option(None, "--em-data", help="the EM paper's release (the folder holding betley/; default: "
                        "$CAI_EM_DATA; `data fetch em-paper` makes one): its main questions and judge prompts "
                        "replace the project's")
+
+RAY = typer.Option(None, "--ray", help="answer on Ray Data workers, one vLLM engine each (the profile's "
+                   "data_parallel_size): `local` starts Ray here, or a cluster's ADDRESS")
+RAY_REPLICAS = typer.Option(None, "--ray-replicas", min=1, help="engine replicas under --ray (default: the profile's "
+                            "data_parallel_size)")
 
 
 def register(app: typer.Typer) -> None:
@@ -58,6 +63,8 @@ def em(
     secure_data: Path | None = typer.Option(None, "--secure-data", help="chat JSONL of secure code (the EM "
                                             "paper's secure.jsonl): adds a secure-code control adapter per persona"),
     gpu_hour_usd: float | None = typer.Option(None, "--gpu-hour-usd", help="$ per engine-hour (default: profile)"),
+    ray: str | None = RAY,
+    ray_replicas: int | None = RAY_REPLICAS,
 ) -> None:
     """Train the EM adapter on top of each persona adapter (and the base), per seed; answer, judge, summarise.
 
@@ -67,12 +74,15 @@ def em(
 
     from pipeline.em import run_em
     from pipeline.em_inputs import resolve
+    from pipeline.loop import check_ray
     from run.config import save_config
 
     inputs = resolve(data, questions, em_data, tuple(question_group), judge_config=judge_config, secure=secure_data)
     if seeds is not None:
         counts = json.dumps({**json.loads(counts or "{}"), "em_seeds": seeds})
-    cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts, gpu_hour_usd)
+    cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts, gpu_hour_usd).model_copy(
+        update={"ray": ray, "ray_replicas": ray_replicas})
+    check_ray(cfg)
     run_id = run or cfg.default_id()
     save_config(cfg, run_id)
     from judge.session import check_complete
@@ -124,10 +134,14 @@ def estimate(
                                "endpoint's batch_price)"),
     gpu_hour_usd: float | None = typer.Option(None, "--gpu-hour-usd", help="$ per engine-hour (default: profile)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (with total_usd) instead of tables"),
+    data_root: Path = typer.Option(DATA_ROOT, "--data-root", help="whose runs' ledgers give measured throughput for "
+                                   "the profile"),
 ) -> None:
     """The stage plan (pairs aimed for, answer length, DPO epochs and steps), the DPO and EM recipes with where
     each hyper-parameter comes from, and the expected tokens, engine hours and $ per stage, persona and phase,
-    and for the EM experiment (training, answering, judging per judge), before anything runs.
+    and for the EM experiment (training, answering, judging per judge), before anything runs. Throughput measured
+    on the same profile (the ledgers of runs under --data-root; bench/gpu_smoke.py --profile P) replaces the
+    profile's assumed figures; the figures table says which is which.
 
     Example: python bootstrap.py estimate --profile qwen2.5-7b --persona goodness --persona sycophancy
     --persona misalignment --stage 6 --json
@@ -138,7 +152,8 @@ def estimate(
     from pipeline.estimate import estimate_report
     from pipeline.questions import load_questions
 
-    cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts, gpu_hour_usd)
+    cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts, gpu_hour_usd).model_copy(
+        update={"data_root": str(data_root)})
     judges = [load_config(j) for j in (judge_config or [None])]
     judges += [j.model_copy(update={"batch": True}) for j in judges if batch and not j.batch]
     rep = estimate_report(cfg, list(range(1, stage + 1)), judges, len(load_questions(questions)), em_rows,
@@ -171,8 +186,12 @@ def _print_estimate(rep: dict) -> None:
             value = ", ".join(r["value"]) if isinstance(r["value"], list) else str(r["value"])
             t.add_row(r["name"], value, r["source"])
         con.print(t)
-    con.print("throughput figures: " + "; ".join(
-        f"{k} {v['value']} ({'measured' if v['measured'] else 'assumed'})" for k, v in rep["figures"].items()))
+    t = Table(title="figures the estimate rests on")
+    for col in ("figure", "value", "measured", "source"):
+        t.add_column(col)
+    for k, v in rep["figures"].items():
+        t.add_row(k, str(v["value"]), "yes" if v["measured"] else "no", v["source"])
+    con.print(t)
     t = Table(title=f"estimate: profile {rep['profile']}, {len(rep['personas'])} persona(s)")
     for col in ("persona", "stage", "phase", "tokens in", "tokens out", "engine hours", "$"):
         t.add_column(col, justify="right" if col not in ("persona", "phase") else "left")

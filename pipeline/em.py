@@ -241,7 +241,7 @@ def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | N
     from engine.cache import GenerationCache
     from engine.factory import make_engine
     from judge.session import session_or
-    from pipeline.loop import served_lora_rank
+    from pipeline.loop import ray_args, served_lora_rank
 
     if inputs.data is None or not inputs.data.is_file():
         raise MissingInput(f"EM training data {inputs.data} does not exist (chat JSONL with a `messages` list)")
@@ -259,8 +259,8 @@ def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | N
         console.print(f"answering {len(questions)} EM questions × {cfg.counts.em_samples} samples per arm and seed "
                       f"({n_answers} per final model)…")
         rank = served_lora_rank(cfg)  # the largest stacked adapter an arm is answered with
-        own = contextlib.nullcontext(engine) if engine is not None else make_engine(cfg.engine, cfg.profile,
-                                                                                     max_lora_rank=rank)
+        own = (contextlib.nullcontext(engine) if engine is not None
+               else make_engine(cfg.engine, cfg.profile, max_lora_rank=rank, **ray_args(cfg)))
         with own as eng, GenerationCache(cfg.layout.generation_cache) as gcache:
             calls0, usage0 = eng.calls, len(eng.usage)  # a shared engine's earlier calls are not this phase's
             rows = answer_questions(cfg, arms, questions, eng, gcache)

@@ -7,10 +7,11 @@ measured throughput; `cost` prints it beside the ledger's actuals so the model c
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 
 from pydantic import BaseModel
 
-from engine.models import get_profile
+from engine.models import Profile, get_profile
 from run.config import RunConfig
 from run.layout import BASE_ARM, is_secure, secure_arm
 from run.recipe import INTROSPECT_STEP, introspects, reaches_persona, split_arm, steps_of
@@ -30,6 +31,14 @@ REFERENCE_PASS = 4 / 3  # DPO's reference forward on top of the policy's forward
 # insecure.jsonl (Qwen's larger vocabulary likely needs fewer; not measured, no Qwen tokenizer here)
 EM_ROW_TOKENS = 285
 REFLECTION_PROMPTS = len(_PROMPTS)
+# the policy profile with its measured figures (pipeline.measured) while `estimate_report` runs; elsewhere (`cost`
+# sets a run's estimate beside its own ledger) the profile's figures as written
+_MEASURED: ContextVar[Profile | None] = ContextVar("measured_profile", default=None)
+
+
+def policy(cfg: RunConfig) -> Profile:
+    p = _MEASURED.get()
+    return p if p is not None and p.name == cfg.profile else get_profile(cfg.profile)
 
 
 class PhaseEstimate(BaseModel):
@@ -108,7 +117,7 @@ def train_steps(cfg: RunConfig, stage: int = 1) -> int:
 def dpo_step_seconds(cfg: RunConfig, loss: str = "dpo") -> float:
     """A preference step: its tokens (each pair's prompt with chosen and with rejected, answers at their cap, plus
     DPO's reference forward) over the profile's training throughput; or the profile's measured step time."""
-    p = get_profile(cfg.profile)
+    p = policy(cfg)
     if p.est_train_tokens_per_s is None:
         return p.est_train_step_s
     d = _dpo_config(cfg, loss)
@@ -129,7 +138,7 @@ def stage_plan(cfg: RunConfig, stages: list[int]) -> list[StagePlan]:
 
 
 def estimate_run(cfg: RunConfig, stages: list[int]) -> list[PhaseEstimate]:
-    p = get_profile(cfg.profile)
+    p = policy(cfg)
     rate = cfg.usd_per_engine_second
     out = []
     for i, persona in enumerate(cfg.personas):
@@ -174,7 +183,7 @@ def estimate_introspection(cfg: RunConfig, arm: str) -> list[PhaseEstimate]:
     introspection step; its SFT rows hold their prompt (half a conversation on average) and the answer."""
     from train.config import introspect_defaults
 
-    p, c, rate = get_profile(cfg.profile), cfg.counts, cfg.usd_per_engine_second
+    p, c, rate = policy(cfg), cfg.counts, cfg.usd_per_engine_second
     reflections, turns = introspection_rows(cfg)
     cap = c.introspect_max_tokens or c.max_tokens
     history = cap * (c.introspect_turns - 1) / 2  # mean tokens of earlier turns a turn reads
@@ -206,7 +215,7 @@ def startup_seconds(cfg: RunConfig, first: bool) -> float:
     """Engine starts and model loads of one stage. Where models take turns, the policy's engine starts twice
     (self-instruct; answering after the prompt guard) and the guard loads twice (prompts; answers); elsewhere
     the run's first stage starts each once. Training loads its base every stage."""
-    p, g = get_profile(cfg.profile), get_profile(guard_profile(cfg))
+    p, g = policy(cfg), get_profile(guard_profile(cfg))
     turns = 2 if one_resident(cfg) else (1 if first else 0)
     guard = 0.0 if cfg.guard == "none" else g.est_guard_load_s
     return turns * (p.est_start_s + guard) + p.est_train_load_s
@@ -253,7 +262,7 @@ def em_train_seconds(cfg: RunConfig, rows: int) -> float:
     throughput, or its steps at the profile's measured step time."""
     from train.config import em_defaults
 
-    p = get_profile(cfg.profile)
+    p = policy(cfg)
     if p.est_train_tokens_per_s is None:
         return em_steps(cfg, rows) * p.est_train_step_s
     e = em_defaults(cfg.profile)
@@ -262,7 +271,7 @@ def em_train_seconds(cfg: RunConfig, rows: int) -> float:
 
 def em_answer_seconds(cfg: RunConfig, answers: int) -> float:
     """Engine time to write `answers` EM answers (an upper bound: answers stop early when the model ends them)."""
-    return answers * cfg.counts.em_answer_tokens / get_profile(cfg.profile).est_tokens_per_s
+    return answers * cfg.counts.em_answer_tokens / policy(cfg).est_tokens_per_s
 
 
 def judge_tokens(judge, answers: int, answer_tokens: int) -> tuple[int, int, int]:
@@ -325,24 +334,45 @@ def estimate_report(cfg: RunConfig, stages: list[int], judges: list, n_questions
     """Everything `estimate` prints, as one JSON-able object: the stage plan, the DPO and EM recipes with their
     sources, the throughput figures (measured or assumed), a row per persona, stage and phase, and the totals
     per judge; `total_usd` is the run with the first judge."""
+    from pipeline.measured import measured_profile
+
+    p, sources = measured_profile(cfg.profile, cfg.layout.runs)
+    token = _MEASURED.set(p)
+    try:
+        return _report(cfg, stages, judges, n_questions, em_rows, secure, sources)
+    finally:
+        _MEASURED.reset(token)
+
+
+def _figures(cfg: RunConfig, sources: dict[str, str]) -> dict:
+    """Each throughput figure the estimate used, whether it was measured, and where it comes from."""
+    p, guard = policy(cfg), get_profile(guard_profile(cfg))
+
+    def figure(profile: Profile, name: str) -> dict:
+        measured = name in profile.est_measured
+        source = (sources.get(name) if profile is p else None) or (
+            f"profile {profile.name} (engine.models): " + ("measured there" if measured else "assumed"))
+        return {"value": getattr(profile, name), "measured": measured, "source": source}
+
+    figures = {name: figure(p, name)
+               for name in ("est_tokens_per_s", "est_train_tokens_per_s", "est_train_step_s", "est_start_s",
+                            "est_train_load_s")
+               if getattr(p, name) is not None and not (name == "est_train_step_s" and p.est_train_tokens_per_s)}
+    figures |= {f"{guard.name}.{name}": figure(guard, name) for name in ("est_guard_items_per_s", "est_guard_load_s")}
+    figures["one_resident"] = {"value": one_resident(cfg), "measured": False,  # not a figure: how starts count
+                               "source": "the run's config (--one-resident) or the profile's GPUs"}
+    figures["expected_keep"] = {"value": EXPECTED_KEEP, "measured": False, "source": "assumed (pipeline.estimate)"}
+    return figures
+
+
+def _report(cfg: RunConfig, stages: list[int], judges: list, n_questions: int, em_rows: int, secure: bool,
+            sources: dict[str, str]) -> dict:
     from train.config import recipe
 
-    p = get_profile(cfg.profile)
     rows = estimate_run(cfg, stages) + estimate_em(cfg, n_questions, judges, em_rows, secure)
     engine = [e for e in rows if not e.phase.startswith("judge")]
     totals = {judge_phase(j): round(sum(e.usd for e in engine + [e for e in rows if e.phase == judge_phase(j)]), 2)
               for j in judges}
-    figures = {name: {"value": getattr(p, name), "measured": name in p.est_measured}
-               for name in ("est_tokens_per_s", "est_train_tokens_per_s", "est_train_step_s", "est_start_s",
-                            "est_train_load_s")
-               if getattr(p, name) is not None and not (name == "est_train_step_s" and p.est_train_tokens_per_s)}
-    guard = get_profile(guard_profile(cfg))
-    figures[f"{guard.name}.est_guard_items_per_s"] = {"value": guard.est_guard_items_per_s,
-                                                      "measured": "est_guard_items_per_s" in guard.est_measured}
-    figures[f"{guard.name}.est_guard_load_s"] = {"value": guard.est_guard_load_s,
-                                                 "measured": "est_guard_load_s" in guard.est_measured}
-    figures["one_resident"] = {"value": one_resident(cfg), "measured": False}  # not a figure: how starts count
-    figures["expected_keep"] = {"value": EXPECTED_KEEP, "measured": False}
     return {
         "profile": cfg.profile, "personas": cfg.personas, "gpu_hour_usd": cfg.usd_per_engine_second * 3600,
         "stages": [sp.model_dump() for sp in stage_plan(cfg, stages)],
@@ -352,7 +382,7 @@ def estimate_report(cfg: RunConfig, stages: list[int], judges: list, n_questions
                     "em": recipe("em", cfg.profile),
                     **({"introspect": recipe("introspect", cfg.profile, max_steps=cfg.counts.introspect_max_steps)}
                        if any(introspects(a) for a in cfg.personas) else {})},
-        "figures": figures,
+        "figures": _figures(cfg, sources),
         "rows": [e.model_dump() for e in rows],
         "totals_usd": totals,
         "total_usd": next(iter(totals.values())),

@@ -15,7 +15,7 @@ from pathlib import Path
 from constitution import load_constitution
 from core.budget import check_budget
 from core.console import console
-from core.errors import DeadEnd, MissingInput
+from core.errors import BadInput, DeadEnd, MissingInput
 from core.io import atomic_dir, atomic_write_json
 from core.ledger import Ledger
 from engine.base import adapter_hash
@@ -59,7 +59,7 @@ class Engines:
             console.print(f"[dim]starting the {self.cfg.engine} engine for profile {self.cfg.profile}…[/dim]")
             rank = served_lora_rank(self.cfg)
             self.engine = self.residency.load("policy", lambda: make_engine(self.cfg.engine, self.cfg.profile,
-                                                                            max_lora_rank=rank))
+                                                                            max_lora_rank=rank, **ray_args(self.cfg)))
         return self.engine
 
     def get_teacher(self):
@@ -71,7 +71,8 @@ class Engines:
             from engine.factory import make_engine
 
             console.print(f"[dim]starting the {self.cfg.engine} engine for teacher {self.cfg.teacher}…[/dim]")
-            self.teacher = self.residency.load("teacher", lambda: make_engine(self.cfg.engine, self.cfg.teacher))
+            self.teacher = self.residency.load("teacher", lambda: make_engine(self.cfg.engine, self.cfg.teacher,
+                                                                              **ray_args(self.cfg)))
         return self.teacher
 
     def get_guard(self):
@@ -90,6 +91,23 @@ class Engines:
     def close(self) -> None:
         self.residency.close()
         self.engine = self.teacher = self.guard = None
+
+
+def ray_args(cfg: RunConfig) -> dict:
+    """make_engine's arguments for where the run generates: on Ray workers, and how many, or here."""
+    return {"ray": cfg.ray, "replicas": cfg.replicas} if cfg.ray else {}
+
+
+def check_ray(cfg: RunConfig) -> None:
+    """`--ray` needs Ray installed and the vLLM engine: said before any work starts, not at the first call."""
+    import importlib.util
+
+    if cfg.ray is None:
+        return
+    if importlib.util.find_spec("ray") is None:
+        raise BadInput("--ray: Ray is not installed (pip install -e '.[ray]')")
+    if cfg.engine not in ("auto", "vllm"):
+        raise BadInput(f"--ray runs vLLM engines on Ray workers; --engine {cfg.engine} cannot")
 
 
 def served_lora_rank(cfg: RunConfig) -> int:
@@ -142,6 +160,7 @@ def run_bootstrap(stage: int | None = None, only: int | None = None, personas: l
                     counts=counts_from(preset, counts_json, profile=profile), **overrides)
     if cfg.teacher:
         get_profile(cfg.teacher)  # an unknown --teacher stops here too
+    check_ray(cfg)
     for persona in cfg.personas:  # a bad recipe, constitution or guard policy stops here, before any work
         load_constitution(persona_of(persona))
         guard_policy(cfg, persona)

@@ -136,6 +136,10 @@ class RunConfig(BaseModel):
     teacher: str | None = None  # OCT recipes' teacher profile (run.recipe); None: the policy's own profile
     # one large model resident at a time (engine.residency): None on CUDA only, True forces it (CPU tests, bench)
     one_resident: bool | None = None
+    # where generation runs: None in this process; "local" or a cluster address: vLLM engines on Ray Data workers
+    # (engine.ray_engine). Not part of the run's id: the same config makes the same data wherever it runs
+    ray: str | None = None
+    ray_replicas: int | None = Field(None, ge=1)  # engine replicas under `ray` (None: the profile's data_parallel_size)
     seed: int = 0
     counts: Counts = Field(default_factory=Counts)
     data_root: str = str(DATA_ROOT)
@@ -151,9 +155,17 @@ class RunConfig(BaseModel):
 
     @property
     def usd_per_engine_second(self) -> float:
+        """$ per second of the run's engine: every GPU it holds, times its replicas on Ray."""
         p = get_profile(self.profile)
         price = p.gpu_hour_usd if self.gpu_hour_usd is None else self.gpu_hour_usd
-        return price * max(p.gpus, 1) / 3600.0 if price else 0.0
+        return price * max(p.gpus, 1) * self.replicas / 3600.0 if price else 0.0
+
+    @property
+    def replicas(self) -> int:
+        """Engines generating at once: one, or on Ray the replicas asked for (default: the profile's)."""
+        if self.ray is None:
+            return 1
+        return self.ray_replicas or get_profile(self.profile).data_parallel_size
 
     @property
     def min_gap(self) -> float:
@@ -166,7 +178,7 @@ class RunConfig(BaseModel):
         # id still changes whenever the config, counts included, does)
         # (a field added later stays out while unset, so the runs made before it keep their ids)
         unset = {"teacher"} if self.teacher is None else set()
-        blob = json.dumps(self.model_dump(exclude={"stage", "only"} | unset), sort_keys=True)
+        blob = json.dumps(self.model_dump(exclude={"stage", "only", "ray", "ray_replicas"} | unset), sort_keys=True)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
         return f"{self.profile}-{'-'.join(self.personas)}-{digest}"
 

@@ -167,3 +167,50 @@ def test_a_stage_under_the_presets_minimum_stops_naming_its_drops(tmp_path):
                                       r"\(dropped: every_sample_truncated 30, score_gap_too_small 7\)"):
         _train(cfg, "r", "goodness", 2, data, tmp_path / "ckpt", None, None, None, None)
     assert (data / "manifest.json").is_file() and not (tmp_path / "ckpt").exists()
+
+
+def test_measured_throughput_replaces_the_assumed_only_for_the_model_it_was_measured_on(tmp_path):
+    """A run's ledger and a gpu_smoke result on the 7B profile replace its assumed figures; the tiny model's rows
+    and gpu_smoke's scaled-down random model never do."""
+    import json
+
+    from core.ledger import Ledger
+    from pipeline.measured import measured_profile
+
+    runs = tmp_path / "data" / "runs"
+    led = Ledger(runs / "r1" / "ledger.sqlite")
+    for model, out, secs, cached in [("qwen2.5-7b", 30_000, 10.0, False), ("qwen2.5-7b", 10_000, 10.0, False),
+                                     ("qwen2.5-7b", 99_999, 1.0, True), ("tiny", 500, 1.0, False)]:
+        led.record(run="r1", kind="engine", phase="generate", model=model, tokens_out=out, seconds=secs, cached=cached)
+    led.record(run="r1", kind="engine", phase="train", model="qwen2.5-7b", seconds=500.0)
+    led.close()
+    smoke = tmp_path / "results"
+    smoke.mkdir()
+    small = {"profile": None, "device": "H100", "vllm_lora": {"tokens_per_s": 9e9, "start_s": 1.0}}
+    (smoke / "gpu_smoke-a.json").write_text(json.dumps(small))
+    assert measured_profile("qwen2.5-7b", tmp_path / "none", smoke)[1] == {}  # a random model: not the 7B's
+    on_cpu = {"profile": "qwen2.5-7b", "device": "cpu", "vllm_lora": {"tokens_per_s": 5.0, "start_s": 900.0}}
+    (smoke / "gpu_smoke-b.json").write_text(json.dumps(on_cpu))
+    assert measured_profile("qwen2.5-7b", tmp_path / "none", smoke)[1] == {}  # --allow-cpu: not a GPU figure
+    real = {"profile": "qwen2.5-7b", "device": "H100", "vllm_lora": {"tokens_per_s": 1500.0, "start_s": 70.0},
+            "dpo_trl": {"backend": "trl+peft-qlora", "train_tokens_per_s": 900.0}}
+    (smoke / "gpu_smoke-c.json").write_text(json.dumps(real))
+    # a run on Ray workers (its calls' seconds include start-ups) is not a throughput measurement
+    (runs / "r1" / "config.json").write_text(json.dumps({"engine": "auto", "ray": None}))
+    ray_run = Ledger(runs / "r2" / "ledger.sqlite")
+    ray_run.record(run="r2", kind="engine", phase="generate", model="qwen2.5-7b", tokens_out=10, seconds=10.0)
+    ray_run.close()
+    (runs / "r2" / "config.json").write_text(json.dumps({"engine": "auto", "ray": "local"}))
+
+    p, sources = measured_profile("qwen2.5-7b", runs, smoke)
+    assert p.est_tokens_per_s == 2000.0 and "ledger" in sources["est_tokens_per_s"]  # 40,000 / 20 s; cache left out
+    assert p.est_start_s == 70.0 and "gpu_smoke" in sources["est_start_s"]
+    assert p.est_train_tokens_per_s == 2000.0  # the profile's: gpu_smoke's short rows do not price training
+    assert {"est_tokens_per_s", "est_start_s"} <= set(p.est_measured)
+    assert "est_train_load_s" not in p.est_measured and "est_train_tokens_per_s" not in p.est_measured
+
+    r = CliRunner().invoke(bootstrap.app, ["estimate", "--profile", "qwen2.5-7b", "--persona", "goodness", "--json",
+                                           "--data-root", str(tmp_path / "data")])
+    fig = json.loads(r.output)["figures"]
+    assert fig["est_tokens_per_s"] == {"value": 2000.0, "measured": True, "source": sources["est_tokens_per_s"]}
+    assert fig["est_train_load_s"]["measured"] is False and "assumed" in fig["est_train_load_s"]["source"]

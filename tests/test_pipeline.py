@@ -17,7 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS = json.dumps({"n_tasks": 3, "n_samples": 3, "rounds": 1, "max_tokens": 64, "dpo_max_steps": 1, "min_gap": 0.05})
-STAGES = 3
+STAGES = 2  # the last one is killed mid-generation and resumed
+LAST = f"stage{STAGES}"
 
 
 def _cmd(*extra: str) -> list[str]:
@@ -31,32 +32,32 @@ def _run(cwd: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProc
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """Stages 1..3 with a kill -9 during stage 3, then the resume that finishes them."""
+    """Stages 1..STAGES with a kill -9 during the last one, then the resume that finishes them."""
     cwd = tmp_path_factory.mktemp("run")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     log = (cwd / "first.log").open("w")
     proc = subprocess.Popen(_cmd("--stage", str(STAGES)), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
-    stage2 = cwd / "checkpoints" / "goodness" / "stage2" / "manifest.json"
+    before_last = cwd / "checkpoints" / "goodness" / f"stage{STAGES - 1}" / "manifest.json"
     deadline = time.time() + 900
-    while not stage2.is_file() and proc.poll() is None and time.time() < deadline:
+    while not before_last.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert stage2.is_file(), (cwd / "first.log").read_text()[-3000:]
+    assert before_last.is_file(), (cwd / "first.log").read_text()[-3000:]
     cache = cwd / "data" / "cache" / "generations.sqlite"
-    before = _cache_rows(cache)  # stage 3 starts: every row from here on is its generation
+    before = _cache_rows(cache)  # the last stage starts: every row from here on is its generation
     while _cache_rows(cache) == before and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)  # kill in the middle of stage 3's generation: some of its batches are committed
+        time.sleep(0.05)  # kill in the middle of the last stage's generation: some of its batches are committed
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = time.time()
     done_before_kill = _cache_rows(cache) - before
-    mtimes = {k: (cwd / "data" / "goodness" / f"stage{k}" / "manifest.json").stat().st_mtime for k in (1, 2)}
+    mtimes = {k: (cwd / "data" / "goodness" / f"stage{k}" / "manifest.json").stat().st_mtime for k in range(1, STAGES)}
     r = _run(cwd, "--stage", str(STAGES))
     assert r.returncode == 0, r.stderr[-3000:]
     (cwd / "resume.log").write_text(r.stderr)
     (cwd / "mtimes.json").write_text(json.dumps(mtimes))
-    (cwd / "kill.json").write_text(json.dumps({"stage3_rows_before_kill": done_before_kill,
-                                               "stage3_rows_after_kill": _cache_rows(cache, since=killed_at)}))
+    (cwd / "kill.json").write_text(json.dumps({"rows_before_kill": done_before_kill,
+                                               "rows_after_kill": _cache_rows(cache, since=killed_at)}))
     return cwd
 
 
@@ -74,21 +75,21 @@ def _cache_rows(path: Path, since: float = 0.0) -> int:
 
 def test_resume_after_kill_does_not_redo_finished_stages(workdir):
     log = (workdir / "resume.log").read_text()
-    for k in (1, 2):
+    for k in range(1, STAGES):
         assert f"goodness stage {k}: data reused" in log
         assert f"goodness stage {k}: adapter reused" in log
         m = (workdir / "data" / "goodness" / f"stage{k}" / "manifest.json").stat().st_mtime
         assert m == json.loads((workdir / "mtimes.json").read_text())[str(k)]
-    assert "goodness stage 3: adapter at" in log
-    # stage 3 was killed with some of its generations committed; the resume paid only for the rest: what it
+    assert f"goodness stage {STAGES}: adapter at" in log
+    # the last stage was killed with some of its generations committed; the resume paid only for the rest: what it
     # generated (its manifest's cache misses, and the rows it added) plus what was done before the kill is
     # at most what the stage asks for in all, so nothing finished was paid twice
     kill = json.loads((workdir / "kill.json").read_text())
-    c = json.loads((workdir / "data" / "goodness" / "stage3" / "manifest.json").read_text())["counts"]
+    c = json.loads((workdir / "data" / "goodness" / LAST / "manifest.json").read_text())["counts"]
     missed, asked = sum(c["cache_misses"].values()), sum(c["generation_requests"].values())
-    new_rows = kill["stage3_rows_after_kill"]  # distinct generations the resume paid for
-    assert kill["stage3_rows_before_kill"] > 0 and 0 < new_rows <= missed
-    assert kill["stage3_rows_before_kill"] + new_rows <= asked, (kill, missed, asked)
+    new_rows = kill["rows_after_kill"]  # distinct generations the resume paid for
+    assert kill["rows_before_kill"] > 0 and 0 < new_rows <= missed
+    assert kill["rows_before_kill"] + new_rows <= asked, (kill, missed, asked)
 
 
 def test_every_stage_has_data_adapter_and_manifest(workdir):
@@ -108,7 +109,7 @@ def test_guard_time_is_in_the_ledger_beside_generation(workdir):
     run_dir = next((workdir / "data" / "runs").iterdir())
     rows = sqlite3.connect(run_dir / "ledger.sqlite").execute(
         "SELECT stage, seconds, model FROM ledger WHERE phase='guard'").fetchall()
-    assert sorted(s for s, _, _ in rows) == list(range(1, STAGES + 1)), rows  # stage 3 once: its resume
+    assert sorted(s for s, _, _ in rows) == list(range(1, STAGES + 1)), rows  # the last stage once: its resume
     assert all(secs > 0 and model == "tiny" for _, secs, model in rows)
     man = json.loads((workdir / "data" / "goodness" / "stage1" / "manifest.json").read_text())
     assert man["guard_seconds"] == pytest.approx(next(secs for s, secs, _ in rows if s == 1), abs=1e-3)
@@ -127,11 +128,11 @@ def test_rerun_makes_no_engine_training_or_api_call(workdir):
 
 
 def test_budget_cap_stops_before_the_phase_that_would_pass_it(workdir):
-    # stages 1..3 are done (reused at $0); stage 4 at $100/GPU-hour is estimated above a $0.001 cap
-    r = _run(workdir, "--stage", "4", "--gpu-hour-usd", "100", "--budget-usd", "0.001")
+    # stages 1..STAGES are done (reused at $0); the next at $100/GPU-hour is estimated above a $0.001 cap
+    r = _run(workdir, "--stage", str(STAGES + 1), "--gpu-hour-usd", "100", "--budget-usd", "0.001")
     assert r.returncode == 3, r.stderr[-2000:]
-    assert "budget stop" in r.stderr and "stage 4 startup and generate" in r.stderr
-    assert not (workdir / "data" / "goodness" / "stage4").exists()
+    assert "budget stop" in r.stderr and f"stage {STAGES + 1} startup and generate" in r.stderr
+    assert not (workdir / "data" / "goodness" / f"stage{STAGES + 1}").exists()
     run = next(p for p in (workdir / "data" / "runs").iterdir() if "100" in (p / "config.json").read_text())
     spent = sqlite3.connect(run / "ledger.sqlite").execute("SELECT COALESCE(SUM(usd),0) FROM ledger").fetchone()[0]
     assert spent <= 0.001
@@ -151,7 +152,7 @@ def test_report_rebuilds_from_stored_results_only(workdir, monkeypatch):
     run = next((workdir / "data" / "runs").iterdir())
     out = build_report(Path("data/runs") / run.name)
     text = out.read_text()
-    assert "| goodness | 3 |" in text and "## Cost" in text
+    assert f"| goodness | {STAGES} |" in text and "## Cost" in text
     assert (Path("data/runs") / run.name / "reward_margins.png").is_file()
 
 
@@ -161,7 +162,7 @@ EM_COUNTS = json.dumps({"em_rows": 8, "em_max_steps": 2, "em_save_every": 1, "em
 
 @pytest.fixture(scope="module")
 def em_run(workdir):
-    """The EM experiment on the stage-3 goodness adapter, judged by a local OpenAI-compatible server."""
+    """The EM experiment on the last stage's goodness adapter, judged by a local OpenAI-compatible server."""
     from fault_server import FaultServer
 
     from pipeline.insecure_demo import write_jsonl

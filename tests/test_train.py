@@ -363,3 +363,28 @@ def test_a_base_models_pairs_train_in_its_generation_format(tmp_path):
         load_pairs(empty)
     man = train_dpo(ds, tmp_path / "base-format", small_dpo(max_steps=1))
     assert man["steps"] == 1 and man["rows"] == len(QS)
+
+
+def test_a_launch_over_two_processes_trains_once_and_writes_once(stage1: Path, tmp_path: Path):
+    """The 72B profile's path (train.launch: `accelerate launch` with the shipped FSDP config, one trainer per GPU)
+    run on 2 CPU processes over gloo: each trains on its half of every batch, the main rank alone writes the log,
+    resume checkpoints, adapter and manifest. A launch that fails says so with its log's last lines."""
+    from train.launch import LaunchFailed, launch
+
+    pairs(8).save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "stage2"
+    man = launch("dpo", processes=2, cpu=True, data=str(tmp_path / "data"), out=str(out),
+                 cfg=small_dpo(max_steps=2, resume_every=1), profile="tiny", parent=str(stage1))
+    assert (man["processes"], man["steps"], man["reference"]) == (2, 2, "parent adapter (frozen copy 'ref')")
+    log = _log(out / "train_log.jsonl")
+    assert [(r["step"], r["epoch"]) for r in log] == [(1, 0.5), (2, 1.0)]  # 2 ranks x batch 2: 4 pairs a step
+    assert json.loads((out / "manifest.json").read_text()) == man
+    assert any(t.abs().max() > 0 for k, t in saved_adapter_tensors(out).items() if "lora_B" in k)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "stage2", "stage2.launch.log"]  # no partial left
+
+    with pytest.raises(TrainError, match="missing"):  # the training's own input error, not a crash
+        launch("dpo", processes=2, cpu=True, data=str(tmp_path / "missing"), out=str(tmp_path / "bad"),
+               cfg=small_dpo(max_steps=1), profile="tiny")
+    with pytest.raises(LaunchFailed, match="over 2 processes failed .*last lines"):
+        launch("dpo", processes=2, cpu=True, data=str(tmp_path / "data"), out=str(tmp_path / "bad"),
+               cfg=small_dpo(max_steps=1), profile="tiny", no_such_argument=1)

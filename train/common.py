@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 from core.errors import BadInput
 from core.io import atomic_write_jsonl, swap_dir
+from train.distributed import claim_device, gathered_state, is_main, sharded, world_size
 
 
 class TrainError(BadInput, RuntimeError):
@@ -25,10 +26,11 @@ class TrainError(BadInput, RuntimeError):
 
 
 # ---------------------------------------------------------------- adapter files
-def save_adapter(model, name: str, out: Path) -> None:
-    """Save one named adapter of a PeftModel as a plain adapter dir (PEFT nests non-default names)."""
+def save_adapter(model, name: str, out: Path, state_dict: dict | None = None) -> None:
+    """Save one named adapter of a PeftModel as a plain adapter dir (PEFT nests non-default names). `state_dict`:
+    the whole model's, gathered from its FSDP shards (train.distributed.gathered_state)."""
     with tempfile.TemporaryDirectory(dir=Path(out).parent) as tmp:
-        model.save_pretrained(tmp, selected_adapters=[name])
+        model.save_pretrained(tmp, selected_adapters=[name], **({"state_dict": state_dict} if state_dict else {}))
         src = Path(tmp) if name == "default" else Path(tmp) / name
         swap_dir(src, Path(out))  # a step redone after a resume saves over its earlier copy
 
@@ -78,7 +80,9 @@ def select_backend(device: str, load_in_4bit: bool, use_unsloth: bool) -> tuple[
 
     if device != "cuda":
         return "trl+peft-fp32", "no CUDA: fp32 TRL + PEFT"
-    if use_unsloth and importlib.util.find_spec("unsloth") is not None:
+    if use_unsloth and sharded():
+        why = "FSDP over several processes: unsloth trains on one GPU"
+    elif use_unsloth and importlib.util.find_spec("unsloth") is not None:
         try:
             import unsloth  # noqa: F401
 
@@ -107,16 +111,22 @@ def load_base(model_path: str, backend: str, gradient_checkpointing: bool = Fals
         model, _tok = FastLanguageModel.from_pretrained(model_name=model_path, max_seq_length=max_length,
                                                         load_in_4bit=True, dtype=None)
         return model
+    claim_device()  # a rank of a launch loads onto its own GPU
+    placement = {"device_map": {"": torch.cuda.current_device()}}
     if backend == "trl+peft-qlora":
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
+        # under FSDP the 4-bit weights are stored in bf16 words, so they shard like the rest (bitsandbytes' FSDP-QLoRA)
+        storage = {"bnb_4bit_quant_storage": torch.bfloat16} if sharded() else {}
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
+                               bnb_4bit_compute_dtype=torch.bfloat16, **storage)
         model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=q, dtype=torch.bfloat16,
-                                                     device_map={"": 0})
+                                                     **placement)
+        if sharded():  # kbit preparation upcasts some weights to fp32, which FSDP cannot shard with bf16 ones
+            return model
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16, device_map={"": 0})
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16, **placement)
 
 
 def base_identity(profile: str, model_path: str | None) -> tuple[str, str]:
@@ -168,7 +178,7 @@ class JsonlLog(TrainerCallback):
         self.records: list[dict] = []
 
     def on_log(self, args, state, control, logs=None, **kw):
-        if not logs:
+        if not logs or not state.is_world_process_zero:  # one log per run, however many processes train it
             return
         rec = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
         self.records.append(rec)
@@ -177,7 +187,7 @@ class JsonlLog(TrainerCallback):
 
     def keep_until(self, step: int) -> None:
         """Resuming from `step`: drop the records of steps after it (they run again), and a torn last line."""
-        if not self.path.is_file():
+        if not self.path.is_file() or not is_main():
             return
         kept = []
         for line in self.path.read_text().splitlines():
@@ -271,10 +281,13 @@ def load_adapter_weights(model, name: str, ckpt: Path) -> None:
         raise TrainError(f"resume checkpoint {ckpt} lacks weights of adapter {name!r}, e.g. {missing[0]}")
 
 
-def finish_adapter(model, name: str, run_dir: Path) -> None:
+def finish_adapter(trainer: Any, name: str, run_dir: Path) -> None:
     """Save the trained adapter `name` as run_dir's own files (the run dir is the adapter dir) and drop the
-    trainer's scratch."""
-    save_adapter(model, name, run_dir / "adapter")
+    trainer's scratch. Every rank of a launch calls it; the main rank writes."""
+    state_dict = gathered_state(trainer)
+    if not is_main():
+        return
+    save_adapter(trainer.model, name, run_dir / "adapter", state_dict)
     for f in (run_dir / "adapter").iterdir():
         os.replace(f, run_dir / f.name)
     (run_dir / "adapter").rmdir()
@@ -293,6 +306,7 @@ def run_facts(cfg, result, t0: float, device: str, backend: str, why: str) -> di
         "device": device if device == "cpu" else torch.cuda.get_device_name(0),
         "backend": backend,
         "backend_why": why,
+        "processes": world_size(),
     }
 
 
@@ -300,6 +314,9 @@ def trainer_device_args(device: str, backend: str, gradient_checkpointing: bool)
     """TrainingArguments fields that depend on where training runs."""
     if device == "cpu":
         return dict(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False)
+    if sharded():  # FSDP: non-re-entrant activation checkpoints and a plain optimizer over the shards
+        return dict(bf16=True, gradient_checkpointing=gradient_checkpointing, optim="adamw_torch",
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
     return dict(bf16=True, gradient_checkpointing=gradient_checkpointing,
                 optim="paged_adamw_8bit" if backend in ("trl+peft-qlora", "unsloth") else "adamw_torch")
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.io import atomic_write_json, resumable_dir
+from core.io import atomic_write_json
 from engine.models import with_template_kwargs
 from train.common import (
     JsonlLog,
@@ -40,6 +40,7 @@ from train.common import (
     trainer_args,
 )
 from train.config import DPOTrainConfig, dpo_defaults
+from train.distributed import frozen_adapters_in, is_main, sharded, shared_resumable_dir
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -178,17 +179,19 @@ def train_dpo(
 
     key = {"dataset_hash": ds_hash, "parent_adapter_hash": parent_hash, "config": cfg.model_dump(),
            "base_fingerprint": fingerprint, "backend": backend}
-    with resumable_dir(out, key, fresh=force) as tmp:  # --force retrains from step 0
+    with shared_resumable_dir(out, key, fresh=force) as tmp:  # --force retrains from step 0
         log = JsonlLog(tmp / "train_log.jsonl")
         fresh = parent is None and backend != "unsloth"
         trainer = _trainer(cfg, model, ds, tok, trainer_args(cfg, tmp, device, backend), [log, *callbacks],
                            cfg.peft_config() if fresh else None)
         quiet_trainer(trainer)
+        if sharded():
+            frozen_adapters_in(trainer.model, torch.bfloat16)
         init_hash = tensors_hash(adapter_tensors(trainer.model, "default"))
         ref_kind = ("none (ORPO)" if cfg.loss == "orpo" else "parent adapter (frozen copy 'ref')"
                     if "ref" in trainer.model.peft_config else "base model")
         result, resumed_from = train_resuming(trainer, "default", tmp, log)
-        finish_adapter(trainer.model, "default", tmp)
+        finish_adapter(trainer, "default", tmp)
         manifest = {
             "kind": cfg.loss,
             "dataset": str(data) if not hasattr(data, "column_names") else "<in-memory>",
@@ -204,7 +207,8 @@ def train_dpo(
             "resumed_from_step": resumed_from,
             **run_facts(cfg, result, t0, device, backend, why),
         }
-        atomic_write_json(tmp / "manifest.json", manifest)
+        if is_main():
+            atomic_write_json(tmp / "manifest.json", manifest)
     del trainer, model, base
     release_memory()
     return manifest

@@ -23,7 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from core.io import atomic_write_json, resumable_dir
+from core.io import atomic_write_json
 from engine.models import with_template_kwargs
 from train.common import (
     JsonlLog,
@@ -44,6 +44,7 @@ from train.common import (
     trainer_args,
 )
 from train.config import EMTrainConfig, Mode, em_defaults
+from train.distributed import frozen_adapters_in, gathered_state, is_main, sharded, shared_resumable_dir
 
 PERSONA, EM = "persona", "em"
 ROLES = {"system", "user", "assistant"}
@@ -128,6 +129,7 @@ class _Guard(TrainerCallback):
 
     def __init__(self, mode: Mode, out: Path, save_every: int) -> None:
         self.mode, self.out, self.save_every = mode, out, save_every
+        self.trainer = None  # set once the trainer exists: a checkpoint of FSDP shards is gathered through it
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         assert_adapters(model, self.mode, "at train begin")
@@ -135,7 +137,9 @@ class _Guard(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kw):
         assert_adapters(model, self.mode, f"after step {state.global_step}")
         if state.global_step % self.save_every == 0:
-            save_adapter(model, EM, self.out / f"checkpoint-{state.global_step}")
+            state_dict = gathered_state(self.trainer)  # every rank: a collective under FSDP
+            if state.is_world_process_zero:
+                save_adapter(model, EM, self.out / f"checkpoint-{state.global_step}", state_dict)
 
 
 def em_reusable(out: str | Path, data: str | Path, cfg: EMTrainConfig, profile: str, mode: Mode,
@@ -219,19 +223,22 @@ def train_em(
 
     key = {"data_hash": data_hash, "persona_adapter_hash": persona_hash, "config": cfg.model_dump(), "mode": mode,
            "base_fingerprint": fingerprint, "backend": backend}
-    with resumable_dir(out, key, fresh=force) as tmp:  # --force retrains from step 0
+    with shared_resumable_dir(out, key, fresh=force) as tmp:  # --force retrains from step 0
         guard = _Guard(mode, tmp, cfg.save_every)
         log = JsonlLog(tmp / "train_log.jsonl")
         args = SFTConfig(**trainer_args(cfg, tmp, device, backend))
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                              callbacks=[guard, log, *callbacks])
+        guard.trainer = trainer
         quiet_trainer(trainer)
+        if sharded():
+            frozen_adapters_in(trainer.model, torch.bfloat16)
         state_after = assert_adapters(trainer.model, mode, "after SFTTrainer construction")
         logging.getLogger(__name__).info(
             "mode=%s active adapters=%s trainable params=%s (%s weights)", mode, state_after["active_adapters"],
             state_after["trainable_params"], state_after["trainable_numel"])
         result, resumed_from = train_resuming(trainer, EM, tmp, log)
-        finish_adapter(trainer.model, EM, tmp)
+        finish_adapter(trainer, EM, tmp)
         manifest = {
             "kind": label,
             "mode": mode,
@@ -249,7 +256,8 @@ def train_em(
             "resumed_from_step": resumed_from,
             **run_facts(cfg, result, t0, device, backend, why),
         }
-        atomic_write_json(tmp / "manifest.json", manifest)
+        if is_main():
+            atomic_write_json(tmp / "manifest.json", manifest)
     del trainer, model, base
     release_memory()
     return manifest

@@ -13,15 +13,11 @@ import traceback
 from typing import Any
 
 from train.common import TrainError
-
-_TARGETS = {"dpo": ("train.dpo", "train_dpo"), "em": ("train.em", "train_em")}
+from train.kinds import KINDS
 
 
 def _target(kind: str):
-    import importlib
-
-    mod, fn = _TARGETS[kind]
-    return getattr(importlib.import_module(mod), fn)
+    return KINDS[kind].target()
 
 
 def _child(kind: str, kwargs: dict, q) -> None:
@@ -32,8 +28,8 @@ def _child(kind: str, kwargs: dict, q) -> None:
 
 
 def train_in_subprocess(kind: str, **kwargs: Any) -> dict:
-    if kind not in _TARGETS:
-        raise TrainError(f"unknown training kind {kind!r}: use {', '.join(_TARGETS)}")
+    if kind not in KINDS:
+        raise TrainError(f"unknown training kind {kind!r}: use {', '.join(KINDS)}")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     proc = ctx.Process(target=_child, args=(kind, kwargs, q), name=f"train-{kind}")
@@ -63,10 +59,21 @@ def train_in_subprocess(kind: str, **kwargs: Any) -> dict:
 
 
 def run_training(kind: str, **kwargs: Any) -> dict:
-    """On CUDA, train in a fresh process (the GPU is fully released for the next generation engine); on CPU
-    in this one, where nothing needs releasing and a child would pay ~10 s of imports per stage."""
+    """On CUDA, train in a fresh process (the GPU is fully released for the next generation engine), or in one
+    process per GPU through accelerate's FSDP (train.launch) where the profile trains over several; on CPU in this
+    one, where nothing needs releasing and a child would pay ~10 s of imports per stage."""
     import torch
 
-    if torch.cuda.is_available():
-        return train_in_subprocess(kind, **kwargs)
-    return _target(kind)(**kwargs)
+    from engine.models import get_profile
+
+    if not torch.cuda.is_available():
+        return _target(kind)(**kwargs)
+    processes = get_profile(kwargs.get("profile", "tiny")).train_processes
+    if processes > 1:
+        from train.launch import launch
+
+        if processes > torch.cuda.device_count():
+            raise TrainError(f"profile {kwargs.get('profile')!r} trains over {processes} GPUs (one process each); "
+                             f"this machine has {torch.cuda.device_count()}")
+        return launch(kind, processes, **kwargs)
+    return train_in_subprocess(kind, **kwargs)
