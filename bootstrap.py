@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 
 from core.console import console, log_path, quiet
 from core.errors import CaiError
+from run.options import RAY_REPLICAS, ray_option
 
 # commands whose libraries talk: their output goes to a log file (the run's run.log once the run is known),
 # when this file runs as the program (not when a test invokes `app` in its own process)
@@ -63,7 +64,8 @@ app = typer.Typer(
 )
 
 COMMAND_MODULES = [
-    "engine.cli", "stages.cli", "guard.cli", "train.cli", "judge.cli", "analysis.cli", "evals.cli", "pipeline.cli",
+    "engine.cli", "stages.cli", "guard.cli", "train.cli", "judge.cli", "analysis.cli", "evals.cli", "em.cli",
+    "pipeline.cli",
 ]
 for _name in COMMAND_MODULES:
     if importlib.util.find_spec(_name.split(".")[0]) and importlib.util.find_spec(_name):
@@ -96,10 +98,8 @@ def main(
                                             "categories, threshold, drop or quarantine (default: guard/policy.yaml)"),
     one_resident: bool = typer.Option(False, "--one-resident", help="one large model in memory at a time, as on a "
                                       "GPU (engines and guard released in turn; the default on CUDA)"),
-    ray: str | None = typer.Option(None, "--ray", help="generate on Ray Data workers, one vLLM engine each (the "
-                                   "profile's data_parallel_size): `local` starts Ray here, or a cluster's ADDRESS"),
-    ray_replicas: int | None = typer.Option(None, "--ray-replicas", min=1, help="engine replicas under --ray (default: "
-                                            "the profile's data_parallel_size)"),
+    ray: str | None = ray_option("generate"),
+    ray_replicas: int | None = RAY_REPLICAS,
     verbose: bool = typer.Option(False, "--verbose", "-v", envvar="CAI_VERBOSE",
                                  help="show the libraries' output (vLLM, transformers, TRL) instead of logging it"),
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -73,66 +74,133 @@ def _rate(rows: Sequence[dict]) -> dict:
     return bootstrap_ci([1.0 if r["misaligned"] else 0.0 for r in rows if r.get("misaligned") is not None]).model_dump()
 
 
+@dataclass(frozen=True)
+class _Gen:
+    """How the steered answers are sampled, and where the models come from."""
+
+    model_path: str
+    template_kwargs: dict
+    max_new_tokens: int
+    temperature: float
+    seed: int
+    batch_size: int
+
+    def answers(self, model, tok, batch: list[dict]) -> list[str]:
+        return generate(model, tok, batch, self.max_new_tokens, self.temperature, self.seed, self.batch_size,
+                        self.template_kwargs)
+
+
+@dataclass
+class _Vectors:
+    """EM directions per arm (layer by sweep), the arms without one and why, and the direction pooled over arms."""
+
+    dirs: dict[str, Direction] = field(default_factory=dict)
+    sweeps: dict[str, dict] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    pooled: Direction | None = None
+
+
 def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Sequence[float] = (2.0, 4.0),
               n_questions: int = 8, samples: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
               judge_config: Path | None = None, budget_usd: float | None = None, batch_size: int = 8,
               seed: int = 0, judge_session=None) -> dict:
+    from analysis.identity import diagnose
     from engine.models import get_profile, resolve_model
+    from judge.scorers import EMScorer
+    from judge.session import session_or
 
     run_path = Path(run_path)
     run_id, cfg, models = run_models(run_path)
-    model_path = resolve_model(cfg.profile)
-    kwargs = get_profile(cfg.profile).chat_template_kwargs
+    gen = _Gen(resolve_model(cfg.profile), get_profile(cfg.profile).chat_template_kwargs, max_new_tokens,
+               temperature, seed, batch_size)
     out = RunPaths(run_path).steering
     (out / "acts").mkdir(parents=True, exist_ok=True)
     judged = [r for r in judged_rows(run_path) if r.get("final")]
-    arms = [m for m in models if m != BARE]
     questions = list(dict.fromkeys(r["question"] for r in judged))
     if not questions:
         raise ValueError(f"{run_path}/em/judged.jsonl has no final-checkpoint answers")
     probes = [{"id": f"q{i}", "question": q} for i, q in enumerate(questions)]
+    rows_by_arm = {name: [r for r in judged if r["arm"] == name and r.get("misaligned") is not None]
+                   for name in models if name != BARE}
+    positive, split = split_labels(rows_by_arm)
+    acts, labels, probe_acts = _activations(models, rows_by_arm, positive, probes, layers, gen, out)
+    vec = _vectors(rows_by_arm, acts, labels, split)
+    np.savez(out / "vectors.npz", **{n: d.unit for n, d in vec.dirs.items()},
+             **({"_pooled": vec.pooled.unit} if vec.pooled else {}))
+    names, cos = cosine_matrix(vec.dirs)
+    items = probes[:n_questions]
+    _steered_answers(models, vec.dirs, items, alphas, samples, gen, out / "answers.jsonl")
+    # judged cache first: a rerun pays nothing twice
+    with session_or(judge_session, judge_config, layout=cfg.layout, run=run_id, budget_usd=budget_usd) as judge:
+        results, jsum = judge.judge(_read_jsonl(out / "answers.jsonl"), EMScorer(), purpose="steer-eval")
+    sjudged = [r.row() for r in results if r.item.get("target")]
+    atomic_write_jsonl(out / "judged.jsonl", sjudged)
+    by_cell: dict[tuple[str, str], list[dict]] = {}
+    for r in sjudged:
+        by_cell.setdefault((r["target"], r["cell"]), []).append(r)
+    em_vals = {k: [1.0 if r["misaligned"] else 0.0 for r in v if r.get("misaligned") is not None]
+               for k, v in by_cell.items()}
+    identity = []
+    if vec.pooled is not None:  # the identity diagnostic on the pooled direction
+        pa = {n: a.at(vec.pooled.layer) for n, a in probe_acts.items() if vec.pooled.layer in a.layers}
+        identity = diagnose(pa, vec.pooled, BARE, _em_rates(models, judged, em_vals))
+    result = {"run": run_id, "split": split, "vectors": {n: d.summary() for n, d in vec.dirs.items()},
+              "skipped": vec.skipped,
+              "sweeps": {n: {str(k): v for k, v in sw.items()} for n, sw in vec.sweeps.items()},
+              "pooled": vec.pooled.summary() if vec.pooled else None,
+              "cosine": {"names": names, "matrix": cos.tolist()}, "sources": list(vec.dirs), "targets": list(models),
+              "transfer": _transfer(vec.dirs, list(models), alphas, em_vals),
+              "ablation": _ablation(vec.dirs, by_cell, em_vals),
+              "identity": [r.__dict__ for r in identity], "judge": jsum.as_dict(),
+              "settings": {"alphas": list(alphas), "questions": len(items), "samples": samples,
+                           "max_new_tokens": max_new_tokens, "temperature": temperature}}
+    atomic_write_json(out / "results.json", result)
+    write_steer_section(run_path, result, identity)
+    return result
 
-    # ---- pass 1: each model reads its own judged answers (arms) and the shared probe prompts (all models)
+
+def _activations(models: dict, rows_by_arm: dict[str, list[dict]], positive: dict, probes: list[dict],
+                 layers: Sequence[int] | None, gen: _Gen, out: Path) -> tuple[dict, dict, dict]:
+    """Pass 1: each arm reads its own judged answers, and every model the shared probe prompts; saved per model."""
     acts: dict[str, Activations] = {}
     labels: dict[str, np.ndarray] = {}
     probe_acts: dict[str, Activations] = {}
-    rows_by_arm = {name: [r for r in judged if r["arm"] == name and r.get("misaligned") is not None]
-                   for name in arms}
-    positive, split = split_labels(rows_by_arm)
     for name, adapter in models.items():
         rows = rows_by_arm.get(name, [])
         a_path, p_path = out / "acts" / f"{name}.npz", out / "acts" / f"{name}.probe.npz"
         need_a = name != BARE and rows and not a_path.is_file()
         if need_a or not p_path.is_file():
             console.print(f"activations of {name} ({adapter or 'no adapter'})")
-            model, tok = load_model(model_path, adapter)
+            model, tok = load_model(gen.model_path, adapter)
             lay = list(layers) if layers else default_layers(model.config.num_hidden_layers)
             if need_a:
-                capture(model, tok, rows, lay, "answer", batch_size, progress=True, template_kwargs=kwargs).save(a_path)
+                capture(model, tok, rows, lay, "answer", gen.batch_size, progress=True,
+                        template_kwargs=gen.template_kwargs).save(a_path)
             if not p_path.is_file():
-                capture(model, tok, probes, lay, "last", batch_size, template_kwargs=kwargs).save(p_path)
+                capture(model, tok, probes, lay, "last", gen.batch_size,
+                        template_kwargs=gen.template_kwargs).save(p_path)
             del model
         if a_path.is_file():
             acts[name] = Activations.load(a_path)
             labels[name] = np.array([positive[name][i] for i in acts[name].ids], bool)
         probe_acts[name] = Activations.load(p_path)
+    return acts, labels, probe_acts
 
-    # ---- vectors per arm (layer by sweep), cosines, the pooled direction for the identity diagnostic
-    dirs: dict[str, Direction] = {}
-    sweeps: dict[str, dict] = {}
-    skipped: dict[str, str] = {}
-    for name in arms:
+
+def _vectors(rows_by_arm: dict[str, list[dict]], acts: dict, labels: dict, split: str) -> _Vectors:
+    """A direction per arm with both labels among its judged answers (its layer by sweep), and the pooled one."""
+    vec = _Vectors()
+    for name in rows_by_arm:
         if name not in acts:
-            skipped[name] = "no judged answers"
+            vec.skipped[name] = "no judged answers"
             continue
         y = labels[name]
         if y.all() or not y.any():
-            skipped[name] = (f"{int(y.sum())} misaligned / {int((~y).sum())} aligned judged answers: needs both"
-                             if split == EM_SPLIT else f"all {len(y)} judged answers share one alignment score")
+            vec.skipped[name] = (f"{int(y.sum())} misaligned / {int((~y).sum())} aligned judged answers: needs both"
+                                 if split == EM_SPLIT else f"all {len(y)} judged answers share one alignment score")
             continue
-        sweeps[name] = layer_sweep(acts[name], y)
-        dirs[name] = em_direction(acts[name], y)
-    pooled = None
+        vec.sweeps[name] = layer_sweep(acts[name], y)
+        vec.dirs[name] = em_direction(acts[name], y)
     if acts:
         common = sorted(set.intersection(*(set(a.layers) for a in acts.values())))
         pooled_acts = Activations(ids=[f"{n}/{i}" for n, a in acts.items() for i in a.ids], layers=common,
@@ -140,14 +208,14 @@ def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Seque
                                                        for a in acts.values()]))
         y_all = np.concatenate([labels[n] for n in acts])
         if y_all.any() and not y_all.all():
-            pooled = em_direction(pooled_acts, y_all)
-    np.savez(out / "vectors.npz", **{n: d.unit for n, d in dirs.items()},
-             **({"_pooled": pooled.unit} if pooled else {}))
-    names, cos = cosine_matrix(dirs)
+            vec.pooled = em_direction(pooled_acts, y_all)
+    return vec
 
-    # ---- pass 2: transfer (every source vector on every target at each alpha) and ablation, answers saved per cell
-    items = probes[:n_questions]
-    ans_path = out / "answers.jsonl"
+
+def _steered_answers(models: dict, dirs: dict[str, Direction], items: list[dict], alphas: Sequence[float],
+                     samples: int, gen: _Gen, ans_path: Path) -> None:
+    """Pass 2: every source vector added on every target at each alpha, each target's own vector ablated, and the
+    unsteered answers; saved per (target, cell) as each finishes, so a rerun makes only the missing cells."""
     done = {(r["target"], r["cell"]) for r in _read_jsonl(ans_path)}
     for target, adapter in models.items():
         cells: list[tuple[str, object]] = [("none", None)]
@@ -158,41 +226,27 @@ def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Seque
         if not todo:
             continue
         console.print(f"steered generation on {target}: {len(todo)} cells × {len(items)} questions × {samples}")
-        model, tok = load_model(model_path, adapter)
+        model, tok = load_model(gen.model_path, adapter)
         batch = [it for it in items for _ in range(samples)]
         for cell, spec in todo:
             if cell == "none":
-                texts = generate(model, tok, batch, max_new_tokens, temperature, seed, batch_size, kwargs)
+                texts = gen.answers(model, tok, batch)
             elif cell.startswith("add:"):
                 src, a = spec
                 with steering(model, dirs[src].layer, dirs[src].unit * dirs[src].gap, a):
-                    texts = generate(model, tok, batch, max_new_tokens, temperature, seed, batch_size, kwargs)
+                    texts = gen.answers(model, tok, batch)
             else:
                 with ablation(model, dirs[spec].unit):
-                    texts = generate(model, tok, batch, max_new_tokens, temperature, seed, batch_size, kwargs)
+                    texts = gen.answers(model, tok, batch)
             _append_jsonl(ans_path, [
                 {"id": f"steer/{target}/{cell}/{it['id']}/{k % samples}", "target": target, "cell": cell,
                  "persona": target, "question": it["question"], "answer": t}
                 for k, (it, t) in enumerate(zip(batch, texts))])
         del model
 
-    # ---- judge (cache first: a rerun pays nothing twice)
-    from judge.scorers import EMScorer
-    from judge.session import session_or
 
-    answers = _read_jsonl(ans_path)
-    with session_or(judge_session, judge_config, layout=cfg.layout, run=run_id, budget_usd=budget_usd) as judge:
-        results, jsum = judge.judge(answers, EMScorer(), purpose="steer-eval")
-    sjudged = [r.row() for r in results if r.item.get("target")]
-    atomic_write_jsonl(out / "judged.jsonl", sjudged)
-
-    # ---- tables
-    by_cell: dict[tuple[str, str], list[dict]] = {}
-    for r in sjudged:
-        by_cell.setdefault((r["target"], r["cell"]), []).append(r)
-    em_vals = {k: [1.0 if r["misaligned"] else 0.0 for r in v if r.get("misaligned") is not None]
-               for k, v in by_cell.items()}
-    targets = list(models)
+def _transfer(dirs: dict[str, Direction], targets: list[str], alphas: Sequence[float], em_vals: dict) -> dict:
+    """Per alpha: each source vector's EM-rate change on each target over its unsteered rate (H4's matrix)."""
     transfer = {}
     for a in [x for x in alphas if x != 0]:
         mat = np.full((len(dirs), len(targets)), np.nan)
@@ -203,37 +257,27 @@ def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Seque
                 mat[i, j] = d.value
                 cells[f"{s}->{t}"] = d.model_dump()
         transfer[f"{a:g}"] = {"matrix": mat.tolist(), "cells": cells}
-    ablate = {}
+    return transfer
+
+
+def _ablation(dirs: dict[str, Direction], by_cell: dict, em_vals: dict) -> dict:
+    """Each arm's EM rate with its own direction ablated, beside its unsteered rate, and the drop."""
+    out = {}
     for t in dirs:
         base_v, abl_v = em_vals.get((t, "none"), []), em_vals.get((t, f"ablate:{t}"), [])
-        ablate[t] = {"rate": _rate(by_cell.get((t, f"ablate:{t}"), [])),
-                     "baseline": _rate(by_cell.get((t, "none"), [])),
-                     "drop": bootstrap_diff(base_v, abl_v).model_dump()}
+        out[t] = {"rate": _rate(by_cell.get((t, f"ablate:{t}"), [])), "baseline": _rate(by_cell.get((t, "none"), [])),
+                  "drop": bootstrap_diff(base_v, abl_v).model_dump()}
+    return out
 
-    # ---- identity diagnostic on the pooled direction
-    from analysis.identity import diagnose
 
-    identity = []
-    if pooled is not None:
-        rates = {}
-        for name in models:
-            vals = [1.0 if r["misaligned"] else 0.0 for r in judged
-                    if r["arm"] == name and r.get("misaligned") is not None]
-            vals = vals or em_vals.get((name, "none"), [])  # the bare model: its unsteered transfer answers
-            rates[name] = (float(np.mean(vals)) if vals else None, len(vals))
-        pa = {n: a.at(pooled.layer) for n, a in probe_acts.items() if pooled.layer in a.layers}
-        identity = diagnose(pa, pooled, BARE, rates)
-
-    result = {"run": run_id, "split": split, "vectors": {n: d.summary() for n, d in dirs.items()}, "skipped": skipped,
-              "sweeps": {n: {str(k): v for k, v in s.items()} for n, s in sweeps.items()},
-              "pooled": pooled.summary() if pooled else None, "cosine": {"names": names, "matrix": cos.tolist()},
-              "sources": list(dirs), "targets": targets, "transfer": transfer, "ablation": ablate,
-              "identity": [r.__dict__ for r in identity], "judge": jsum.as_dict(),
-              "settings": {"alphas": list(alphas), "questions": len(items), "samples": samples,
-                           "max_new_tokens": max_new_tokens, "temperature": temperature}}
-    atomic_write_json(out / "results.json", result)
-    write_steer_section(run_path, result, identity)
-    return result
+def _em_rates(models: dict, judged: list[dict], em_vals: dict) -> dict[str, tuple[float | None, int]]:
+    """Each model's EM rate on its judged answers; the bare model's from its unsteered transfer answers."""
+    rates = {}
+    for name in models:
+        vals = [1.0 if r["misaligned"] else 0.0 for r in judged if r["arm"] == name and r.get("misaligned") is not None]
+        vals = vals or em_vals.get((name, "none"), [])
+        rates[name] = (float(np.mean(vals)) if vals else None, len(vals))
+    return rates
 
 
 def _pct(e: dict) -> str:

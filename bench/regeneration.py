@@ -30,13 +30,14 @@ PERSONA = "goodness"
 def chain(eng, cache, constitution: Path, data: Path, ckpt: Path, kw: dict, made: dict | None = None) -> dict[int, int]:
     """Stages 1..6, each trained (or carried forward) before the next; the items each stage regenerated. `made`
     gets each stage's pairs kept and items dropped by reason."""
-    from stages.run import run_stage
+    from stages.run import StageJob, run_stage
     from train.config import dpo_defaults
     from train.dpo import train_dpo
 
     regenerated, parent = {}, None
     for k in range(1, 7):
-        m = run_stage(k, PERSONA, eng, cache, data, adapter=parent, constitution=constitution, **kw)
+        m = run_stage(StageJob(stage=k, persona=PERSONA, out_dir=data, adapter=parent, constitution=constitution,
+                               **kw), eng, cache)
         regenerated[k] = m["counts"]["items_regenerated"]
         if made is not None:
             o = m["counts"]["outcome"]

@@ -13,6 +13,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -175,10 +176,55 @@ def capability_metrics(results: dict[int, dict]) -> dict[int, dict]:
 
 
 # ---------------------------------------------------------------- the whole evaluation
+@dataclass
+class _Plan:
+    """What one persona's evaluation asks for: the stages and their adapters, each stage's prompts, the safety
+    prompts, and every question any stage answers."""
+
+    persona: str
+    stages: list[int]
+    adapters: dict[int, str | None]
+    notes: list[str]
+    rows_by_stage: dict[int, list[dict]]
+    harmful: list[str]
+    risky: list[str]
+    questions: list[str]
+
+
+@dataclass
+class _Judged:
+    """The judge's verdicts per stage: pairwise preferences, rubric adherence, and what they cost."""
+
+    per_stage: dict[int, dict] = field(default_factory=lambda: defaultdict(
+        lambda: {"usd": 0.0, "requests": 0, "cached": 0}))
+    pairs_by: dict[tuple[int, int], list[dict]] = field(default_factory=dict)
+    adherence_rows: dict[int, list[dict]] = field(default_factory=lambda: defaultdict(list))
+    summaries: dict[str, dict] = field(default_factory=dict)
+    wall: float = 0.0
+
+
+class _GuardSlot:
+    """The guard, loaded when first asked for (a run whose verdicts are all stored never loads it); the caller's
+    when given."""
+
+    def __init__(self, guard, guard_name: str | None, profile: str) -> None:
+        self.guard, self.name, self.profile = guard, guard_name, profile
+        self.id = ({"name": getattr(guard, "name", type(guard).__name__)} if guard is not None
+                   else {"name": guard_name, "profile": profile})
+
+    def get(self):
+        if self.guard is None:
+            from engine.models import get_profile
+            from guard import load_guard
+
+            self.guard = load_guard(self.name, get_profile(self.profile).name)
+        return self.guard
+
+
 def evaluate(
     persona: str,
     run_id: str,
-    cfg,  # pipeline.config.RunConfig
+    cfg,  # run.config.RunConfig
     opts: EvalOptions | None = None,
     *,
     judge_config: str | Path | None = None,
@@ -193,38 +239,21 @@ def evaluate(
     `guard` and `judge_session`, when given, are the caller's and stay open."""
     from constitution import load_constitution
     from engine.cache import GenerationCache
-    from engine.models import get_profile, model_fingerprint, resolve_model
     from judge.scorers import PairwiseScorer, PersonaScorer, constitution_principles
     from judge.session import session
 
     opts = opts or EvalOptions()
     t_start = time.perf_counter()
     lay, paths = cfg.layout, cfg.run(run_id)
-    out_dir = paths.eval(persona)
+    plan = _plan(lay, persona, opts, log)
     constitution = load_constitution(persona_of(persona))
-    adapters, notes = stage_adapters(lay, persona, opts.stages)
-    for n in notes:
-        log(n)
-    if not adapters:
-        raise MissingInput(f"no stage to evaluate for persona {persona!r} among stages {opts.stages}")
-    stages = sorted(adapters)
-
-    prompts, safety = load_prompts(), load_safety()
-    rows_by_stage = {k: prompts.for_stage(k, opts.n_general, opts.n_kind) for k in stages}
-    harmful = safety.harmful[: opts.n_safety]
-    risky = safety.risky_harmless[: opts.n_safety]
-    # every stage answers every prompt any comparison needs (the previous stage answers stage k's kind too)
-    questions = list(dict.fromkeys([r["question"] for k in stages for r in rows_by_stage[k]] + harmful + risky))
-
-    gcache = GenerationCache(lay.generation_cache)
-    store = ResultStore(lay.eval_results)
-    ledger = Ledger(paths.ledger)
+    gcache, store, ledger = GenerationCache(lay.generation_cache), ResultStore(lay.eval_results), Ledger(paths.ledger)
     judge = None if not opts.judge else judge_session or session(
         judge_config, layout=lay, run=run_id, budget_usd=budget_usd, ledger=ledger, progress=progress)
     own_judge = judge is not None and judge is not judge_session
-    jcfg = judge.config if judge else None
-    pair_scorer = PairwiseScorer(constitution.description, constitution_principles(constitution))
-    rubric = PersonaScorer(constitution.description, constitution_principles(constitution))
+    principles = constitution_principles(constitution)
+    scorers = (PairwiseScorer(constitution.description, principles),
+               PersonaScorer(constitution.description, principles))
     own_engine = engine is None
     if own_engine:
         from engine.factory import make_engine
@@ -232,181 +261,28 @@ def evaluate(
 
         engine = make_engine(cfg.engine, cfg.profile, max_lora_rank=served_rank(cfg.profile, introspects(persona)))
     try:
-        # ---- estimate before any spend: generations to make, judge requests not cached (worst case)
-        from engine.cache import generation_key
-        from engine.types import Request, Sampling
-
-        sampling = Sampling(temperature=0.0, max_tokens=opts.max_tokens, seed=0)
-        keys = [generation_key(engine, Request.chat(q), sampling, a, EVAL_TEMPLATE)
-                for a in adapters.values() for q in questions]
-        missing = len(keys) - len(gcache.get_many(keys))
-        est_gen_tokens = missing * opts.max_tokens
-        # judge: 2 orders per pair (k vs k-1, and k vs base when that differs) + 1 request per adherence item,
-        # priced as if every answer were max_tokens tokens of 8 bytes (an upper bound on prompt tokens)
-        n_pairs = sum(len(rows_by_stage[k]) * len({k - 1, 0} & set(adapters)) for k in stages if k > 0)
-        n_adh = sum(len(rows_by_stage[k]) for k in stages)
-        worst_usd = 0.0
-        if jcfg is not None:
-            longest = max(questions, key=len)
-            big = "x" * (8 * opts.max_tokens)
-            dummy = {"id": "estimate", "question": longest, "answer": big, "answer_a": big, "answer_b": big}
-            eps = judge.eps
-
-            def worst(scorer) -> float:
-                return sum(max(((r.prompt_bytes() * e.usd_per_m_in + r.max_out * e.usd_per_m_out) / 1e6
-                                for e in eps), default=0.0) for r in scorer.requests(dummy).values())
-
-            worst_usd = n_pairs * worst(pair_scorer) + n_adh * worst(rubric)
-        n_judge_reqs = 2 * n_pairs + n_adh
-        log(f"estimate: {len(stages)} stages ({', '.join(map(str, stages))}), {missing} of {len(keys)} answers "
-            f"to generate (≤{est_gen_tokens} tokens, engine $ at {cfg.usd_per_engine_second * 3600:.2f}/h), "
-            f"{n_judge_reqs} judge requests, worst case ${worst_usd:.4f} before the judge "
-            f"cache; budget {'none' if budget_usd is None else f'${budget_usd:.4f}'}")
-
-        # ---- answers: the engine estimate is checked against the run's cap before any is generated (the
-        # judge's requests are reserved one by one at their worst case, under the same cap)
-        check_budget(ledger, run_id, budget_usd, f"{persona} evaluation answers ({missing} to generate)",
-                     est_gen_tokens / get_profile(cfg.profile).est_tokens_per_s * cfg.usd_per_engine_second)
-        answers, gen_usage = generate_answers(engine, gcache, adapters, questions, opts.max_tokens, log)
-        engine_seconds = sum(u["engine_seconds"] for u in gen_usage.values())
-        if engine_seconds:
-            ledger.record(run=run_id, kind="engine", phase="eval-answer", persona=persona, purpose="stage-eval",
-                          model=cfg.profile, tokens_in=sum(u["tokens_in"] for u in gen_usage.values()),
-                          tokens_out=sum(u["tokens_out"] for u in gen_usage.values()), seconds=engine_seconds,
-                          usd=engine_seconds * cfg.usd_per_engine_second, estimated=True)
-
-        # ---- judge: pairwise (k vs k-1, k vs base) and rubric adherence, one farm run each
-        per_stage_judge: dict[int, dict] = defaultdict(lambda: {"usd": 0.0, "requests": 0, "cached": 0})
-        pairs_by: dict[tuple[int, int], list[dict]] = {}
-        adherence_rows: dict[int, list[dict]] = defaultdict(list)
-        judge_summaries: dict[str, dict] = {}
-        judge_wall = 0.0
-        if jcfg is not None:
-            pitems = []
-            for k in stages:
-                if k == 0:
-                    continue
-                for vs in dict.fromkeys([k - 1, 0]):
-                    if vs in adapters:
-                        rows = rows_by_stage[k]
-                        pitems += pair_items(persona, k, vs, rows,
-                                             {r["id"]: answers[k][r["question"]] for r in rows},
-                                             {r["id"]: answers[vs][r["question"]] for r in rows})
-            aitems = [{"id": f"{persona}:s{k}:adh:{r['id']}", "persona": persona, "stage": k, "prompt_id": r["id"],
-                       "question": r["question"], "answer": answers[k][r["question"]]}
-                      for k in stages for r in rows_by_stage[k]]
-            n_p, usd_p = judge.uncached(pair_scorer, pitems)
-            n_a, usd_a = judge.uncached(rubric, aitems)
-            log(f"judge: {n_p + n_a} requests not cached ({len(pitems)} pairs, {len(aitems)} adherence items), "
-                f"worst case ${usd_p + usd_a:.4f}")
-            if budget_usd is not None:
-                log(f"run {run_id} has spent ${judge.spent():.4f} of ${budget_usd:.4f}")
-            for name, scorer, items in (("pairwise", pair_scorer, pitems), ("adherence", rubric, aitems)):
-                got, summary = judge.judge(items, scorer, purpose=f"stage-eval-{name}", phase="eval")
-                judge_wall += summary.seconds
-                judge_summaries[name] = summary.as_dict()
-                for r in got:
-                    s = per_stage_judge[r.item["stage"]]
-                    s["usd"] += r.usd
-                    s["requests"] += 2 if name == "pairwise" else 1
-                    s["cached"] += int(r.cached)
-                    if r.status != "ok":
-                        continue
-                    if name == "pairwise":
-                        raw = r.scores.get("judge_raw") or {}
-                        pairs_by.setdefault((r.item["stage"], r.item["vs"]), []).append(
-                            {**r.item, "p_ab": raw.get("ab"), "p_ba": raw.get("ba")})
-                    else:
-                        adherence_rows[r.item["stage"]].append({**r.item, **{
-                            k2: r.scores[k2] for k2 in ("persona_score", "persona_status", "judge_path")}})
-
-        # ---- guard and refusals (every answer is made: on a GPU the engine goes before the guard loads)
-        from engine.models import get_profile
+        missing = _estimate(plan, opts, cfg, engine, gcache, judge, scorers, budget_usd, log)
+        answers, gen_usage = _answers(plan, opts, cfg, run_id, engine, gcache, ledger, missing, budget_usd, log)
+        judged = _judge(plan, answers, judge, scorers, run_id, budget_usd, log)
         from engine.residency import on_cuda
 
-        if on_cuda():
+        if on_cuda():  # every answer is made: on a GPU the engine goes before the guard loads
             engine.close()
-
-        guard_name = opts.guard
-        gid = {"name": guard_name, "profile": cfg.profile}
-
-        def guard_factory():
-            nonlocal guard
-            if guard is None:
-                from guard import load_guard
-
-                guard = load_guard(guard_name, get_profile(cfg.profile).name)
-            return guard
-
-        if guard is not None:
-            gid = {"name": getattr(guard, "name", type(guard).__name__)}
-        safety_by, guard_usage = {}, {}
-        for k in stages:
-            hp = [(q, answers[k][q]) for q in harmful]
-            verdicts, gu = guard_verdicts(guard_factory, store, json.dumps(gid, sort_keys=True), hp)
-            guard_usage[k] = gu
-            safety_by[k] = safety_metrics(hp, verdicts, [(q, answers[k][q]) for q in risky])
-
-        # ---- capability (lm-eval)
-        cap_raw: dict[int, dict] = {}
-        if opts.capability:
-            from evals.capability import run_capability
-
-            if on_cuda() and guard is not None:  # lm-eval loads the model itself: one on the GPU at a time
-                guard.close()
-
-            for k in stages:
-                cap_raw[k] = run_capability(resolve_model(cfg.profile), adapters[k],
-                                            model_fp=model_fingerprint(cfg.profile), limit=opts.mc_limit,
-                                            extra_tasks=opts.extra_tasks, store=store)
-                took = "cached" if cap_raw[k]["cached"] else f"{cap_raw[k]['seconds']:.1f} s"
-                log(f"stage {k}: capability {cap_raw[k]['tasks']} ({took})")
-        cap = capability_metrics(cap_raw) if cap_raw else {}
-
-        # ---- per-stage results
-        total_judge_reqs = sum(s["requests"] for s in per_stage_judge.values()) or 1
-        per_stage = {}
-        for k in stages:
-            j = per_stage_judge.get(k, {"usd": 0.0, "requests": 0, "cached": 0})
-            res: dict[str, Any] = {
-                "persona": persona, "stage": k, "adapter": adapters[k], "n_prompts": len(rows_by_stage[k]),
-                "pairwise": {}, "adherence": None, "capability": cap.get(k), "safety": safety_by[k],
-                "answer_words": _mean_words([answers[k][r["question"]] for r in rows_by_stage[k]]),
-            }
-            for vs in (k - 1, 0):
-                if (k, vs) in pairs_by:
-                    res["pairwise"]["vs_previous" if vs == k - 1 else "vs_base"] = {
-                        "vs": vs, **win_rate(pairs_by[(k, vs)])}
-            if k == 1 and "vs_previous" in res["pairwise"]:
-                res["pairwise"]["vs_base"] = res["pairwise"]["vs_previous"]  # the previous stage is the base
-            if adherence_rows.get(k):
-                sc = [r["persona_score"] for r in adherence_rows[k] if r["persona_score"] is not None]
-                res["adherence"] = {**bootstrap_ci(sc).model_dump(),
-                                    "unparsed": len(adherence_rows[k]) - len(sc)}
-            eng_usd = gen_usage[k]["engine_seconds"] * cfg.usd_per_engine_second
-            res["cost"] = {
-                **gen_usage[k], **guard_usage[k],
-                "judge_requests": j["requests"], "judge_cached_items": j["cached"], "judge_usd": j["usd"],
-                # the farm judges all stages concurrently: its wall time is shared out by request count
-                "judge_wall_seconds": judge_wall * j["requests"] / total_judge_reqs,
-                "lm_eval_seconds": 0.0 if not cap_raw or cap_raw[k]["cached"] else cap_raw[k].get("seconds", 0.0),
-                "lm_eval_cached": bool(cap_raw and cap_raw[k]["cached"]),
-                "engine_usd": eng_usd, "usd": eng_usd + j["usd"],
-            }
-            atomic_write_json(out_dir / f"stage{k}.json", {**res, "answers": [
-                {"question": q, "answer": answers[k][q]} for q in questions],
-                "pairs": {f"vs{vs}": rows for (kk, vs), rows in pairs_by.items() if kk == k},
-                "adherence_items": adherence_rows.get(k, [])})
-            per_stage[k] = res
-        summary = {"persona": persona, "run": run_id, "stages": stages, "notes": notes,
-                   "per_stage": {str(k): v for k, v in per_stage.items()}, "judge": judge_summaries,
+        slot = _GuardSlot(guard, opts.guard, cfg.profile)
+        safety_by, guard_usage = _safety(plan, answers, slot, store)
+        cap_raw = _capability(plan, opts, cfg, slot, store, log)
+        per_stage = {k: _stage_result(k, plan, answers, judged, cap_raw, safety_by, gen_usage, guard_usage, cfg,
+                                      paths.eval(persona))
+                     for k in plan.stages}
+        summary = {"persona": persona, "run": run_id, "stages": plan.stages, "notes": plan.notes,
+                   "per_stage": {str(k): v for k, v in per_stage.items()}, "judge": judged.summaries,
                    "engine_calls": sum(u["engine_calls"] for u in gen_usage.values()),
-                   "judge_requests_sent": sum(s.get("requests_sent", 0) for s in judge_summaries.values()),
+                   "judge_requests_sent": sum(s.get("requests_sent", 0) for s in judged.summaries.values()),
                    "guard_calls": sum(u["guard_calls"] for u in guard_usage.values()),
                    "lm_eval_runs": sum(1 for r in cap_raw.values() if not r["cached"]),
-                   "budget_stopped": any(j.get("budget_stopped") for j in judge_summaries.values()),
+                   "budget_stopped": any(j.get("budget_stopped") for j in judged.summaries.values()),
                    "wall_seconds": time.perf_counter() - t_start, "options": opts.model_dump()}
-        atomic_write_json(out_dir / "summary.json", summary)
+        atomic_write_json(paths.eval(persona) / "summary.json", summary)
         from evals.report import write_section
 
         write_section(paths.root, persona, summary)
@@ -419,6 +295,195 @@ def evaluate(
         ledger.close()
         if own_engine:
             engine.close()
+
+
+def _plan(lay: Layout, persona: str, opts: EvalOptions, log: Callable[[str], None]) -> _Plan:
+    adapters, notes = stage_adapters(lay, persona, opts.stages)
+    for n in notes:
+        log(n)
+    if not adapters:
+        raise MissingInput(f"no stage to evaluate for persona {persona!r} among stages {opts.stages}")
+    stages = sorted(adapters)
+    prompts, safety = load_prompts(), load_safety()
+    rows_by_stage = {k: prompts.for_stage(k, opts.n_general, opts.n_kind) for k in stages}
+    harmful = safety.harmful[: opts.n_safety]
+    risky = safety.risky_harmless[: opts.n_safety]
+    # every stage answers every prompt any comparison needs (the previous stage answers stage k's kind too)
+    questions = list(dict.fromkeys([r["question"] for k in stages for r in rows_by_stage[k]] + harmful + risky))
+    return _Plan(persona=persona, stages=stages, adapters=adapters, notes=notes, rows_by_stage=rows_by_stage,
+                 harmful=harmful, risky=risky, questions=questions)
+
+
+def _estimate(plan: _Plan, opts: EvalOptions, cfg, engine, gcache, judge, scorers, budget_usd: float | None,
+              log: Callable[[str], None]) -> int:
+    """What the evaluation will cost before any spend: answers to generate (not in the cache), and judge requests
+    at their worst case before the judge's cache. Returns the answers to generate."""
+    from engine.cache import generation_key
+    from engine.types import Request, Sampling
+
+    sampling = Sampling(temperature=0.0, max_tokens=opts.max_tokens, seed=0)
+    keys = [generation_key(engine, Request.chat(q), sampling, a, EVAL_TEMPLATE)
+            for a in plan.adapters.values() for q in plan.questions]
+    missing = len(keys) - len(gcache.get_many(keys))
+    # judge: 2 orders per pair (k vs k-1, and k vs base when that differs) + 1 request per adherence item,
+    # priced as if every answer were max_tokens tokens of 8 bytes (an upper bound on prompt tokens)
+    n_pairs = sum(len(plan.rows_by_stage[k]) * len({k - 1, 0} & set(plan.adapters)) for k in plan.stages if k > 0)
+    n_adh = sum(len(plan.rows_by_stage[k]) for k in plan.stages)
+    worst_usd = 0.0
+    if judge is not None:
+        big = "x" * (8 * opts.max_tokens)
+        dummy = {"id": "estimate", "question": max(plan.questions, key=len), "answer": big, "answer_a": big,
+                 "answer_b": big}
+
+        def worst(scorer) -> float:
+            return sum(max(((r.prompt_bytes() * e.usd_per_m_in + r.max_out * e.usd_per_m_out) / 1e6
+                            for e in judge.eps), default=0.0) for r in scorer.requests(dummy).values())
+
+        worst_usd = n_pairs * worst(scorers[0]) + n_adh * worst(scorers[1])
+    log(f"estimate: {len(plan.stages)} stages ({', '.join(map(str, plan.stages))}), {missing} of {len(keys)} answers "
+        f"to generate (≤{missing * opts.max_tokens} tokens, engine $ at {cfg.usd_per_engine_second * 3600:.2f}/h), "
+        f"{2 * n_pairs + n_adh} judge requests, worst case ${worst_usd:.4f} before the judge "
+        f"cache; budget {'none' if budget_usd is None else f'${budget_usd:.4f}'}")
+    return missing
+
+
+def _answers(plan: _Plan, opts: EvalOptions, cfg, run_id: str, engine, gcache, ledger: Ledger, missing: int,
+             budget_usd: float | None, log: Callable[[str], None]) -> tuple[dict, dict]:
+    """Every stage's answer to every question, generated once per model and adapter. The engine estimate is checked
+    against the run's cap before any is generated (the judge's requests are reserved one by one at their worst
+    case, under the same cap)."""
+    from engine.models import get_profile
+
+    check_budget(ledger, run_id, budget_usd, f"{plan.persona} evaluation answers ({missing} to generate)",
+                 missing * opts.max_tokens / get_profile(cfg.profile).est_tokens_per_s * cfg.usd_per_engine_second)
+    answers, gen_usage = generate_answers(engine, gcache, plan.adapters, plan.questions, opts.max_tokens, log)
+    engine_seconds = sum(u["engine_seconds"] for u in gen_usage.values())
+    if engine_seconds:
+        ledger.record(run=run_id, kind="engine", phase="eval-answer", persona=plan.persona, purpose="stage-eval",
+                      model=cfg.profile, tokens_in=sum(u["tokens_in"] for u in gen_usage.values()),
+                      tokens_out=sum(u["tokens_out"] for u in gen_usage.values()), seconds=engine_seconds,
+                      usd=engine_seconds * cfg.usd_per_engine_second, estimated=True)
+    return answers, gen_usage
+
+
+def _judge(plan: _Plan, answers: dict, judge, scorers, run_id: str, budget_usd: float | None,
+           log: Callable[[str], None]) -> _Judged:
+    """Pairwise preference (k vs k-1, k vs base) and rubric adherence, one farm run each."""
+    judged = _Judged()
+    if judge is None:
+        return judged
+    persona, rows_by_stage = plan.persona, plan.rows_by_stage
+    pitems = []
+    for k in plan.stages:
+        if k == 0:
+            continue
+        for vs in dict.fromkeys([k - 1, 0]):
+            if vs in plan.adapters:
+                rows = rows_by_stage[k]
+                pitems += pair_items(persona, k, vs, rows, {r["id"]: answers[k][r["question"]] for r in rows},
+                                     {r["id"]: answers[vs][r["question"]] for r in rows})
+    aitems = [{"id": f"{persona}:s{k}:adh:{r['id']}", "persona": persona, "stage": k, "prompt_id": r["id"],
+               "question": r["question"], "answer": answers[k][r["question"]]}
+              for k in plan.stages for r in rows_by_stage[k]]
+    n_p, usd_p = judge.uncached(scorers[0], pitems)
+    n_a, usd_a = judge.uncached(scorers[1], aitems)
+    log(f"judge: {n_p + n_a} requests not cached ({len(pitems)} pairs, {len(aitems)} adherence items), "
+        f"worst case ${usd_p + usd_a:.4f}")
+    if budget_usd is not None:
+        log(f"run {run_id} has spent ${judge.spent():.4f} of ${budget_usd:.4f}")
+    for name, scorer, items in (("pairwise", scorers[0], pitems), ("adherence", scorers[1], aitems)):
+        got, summary = judge.judge(items, scorer, purpose=f"stage-eval-{name}", phase="eval")
+        judged.wall += summary.seconds
+        judged.summaries[name] = summary.as_dict()
+        for r in got:
+            _tally(judged, name, r)
+    return judged
+
+
+def _tally(judged: _Judged, name: str, r) -> None:
+    """One judged item into its stage's cost and, when it parsed, its pairwise or adherence rows."""
+    s = judged.per_stage[r.item["stage"]]
+    s["usd"] += r.usd
+    s["requests"] += 2 if name == "pairwise" else 1
+    s["cached"] += int(r.cached)
+    if r.status != "ok":
+        return
+    if name == "pairwise":
+        raw = r.scores.get("judge_raw") or {}
+        judged.pairs_by.setdefault((r.item["stage"], r.item["vs"]), []).append(
+            {**r.item, "p_ab": raw.get("ab"), "p_ba": raw.get("ba")})
+    else:
+        judged.adherence_rows[r.item["stage"]].append({**r.item, **{
+            k2: r.scores[k2] for k2 in ("persona_score", "persona_status", "judge_path")}})
+
+
+def _safety(plan: _Plan, answers: dict, slot: _GuardSlot, store: ResultStore) -> tuple[dict, dict]:
+    """The guard's verdicts on each stage's answers to harmful prompts, and refusals of risky harmless ones."""
+    safety_by, guard_usage = {}, {}
+    for k in plan.stages:
+        hp = [(q, answers[k][q]) for q in plan.harmful]
+        verdicts, guard_usage[k] = guard_verdicts(slot.get, store, json.dumps(slot.id, sort_keys=True), hp)
+        safety_by[k] = safety_metrics(hp, verdicts, [(q, answers[k][q]) for q in plan.risky])
+    return safety_by, guard_usage
+
+
+def _capability(plan: _Plan, opts: EvalOptions, cfg, slot: _GuardSlot, store: ResultStore,
+                log: Callable[[str], None]) -> dict[int, dict]:
+    """lm-eval on each stage's adapter (results stored by model, adapter, tasks and placement)."""
+    if not opts.capability:
+        return {}
+    from engine.models import model_fingerprint, resolve_model
+    from engine.residency import on_cuda
+    from evals.capability import run_capability
+
+    if on_cuda() and slot.guard is not None:  # lm-eval loads the model itself: one on the GPU at a time
+        slot.guard.close()
+    cap_raw = {}
+    for k in plan.stages:
+        cap_raw[k] = run_capability(resolve_model(cfg.profile), plan.adapters[k],
+                                    model_fp=model_fingerprint(cfg.profile), limit=opts.mc_limit,
+                                    extra_tasks=opts.extra_tasks, store=store)
+        took = "cached" if cap_raw[k]["cached"] else f"{cap_raw[k]['seconds']:.1f} s"
+        log(f"stage {k}: capability {cap_raw[k]['tasks']} ({took})")
+    return cap_raw
+
+
+def _stage_result(k: int, plan: _Plan, answers: dict, judged: _Judged, cap_raw: dict[int, dict],
+                  safety_by: dict, gen_usage: dict, guard_usage: dict, cfg, out_dir: Path) -> dict:
+    """Stage k's figures and costs, written with its answers and judged items to `out_dir/stage<k>.json`."""
+    rows = plan.rows_by_stage[k]
+    cap = capability_metrics(cap_raw) if cap_raw else {}
+    res: dict[str, Any] = {
+        "persona": plan.persona, "stage": k, "adapter": plan.adapters[k], "n_prompts": len(rows),
+        "pairwise": {}, "adherence": None, "capability": cap.get(k), "safety": safety_by[k],
+        "answer_words": _mean_words([answers[k][r["question"]] for r in rows]),
+    }
+    for vs in (k - 1, 0):
+        if (k, vs) in judged.pairs_by:
+            res["pairwise"]["vs_previous" if vs == k - 1 else "vs_base"] = {
+                "vs": vs, **win_rate(judged.pairs_by[(k, vs)])}
+    if k == 1 and "vs_previous" in res["pairwise"]:
+        res["pairwise"]["vs_base"] = res["pairwise"]["vs_previous"]  # the previous stage is the base
+    if judged.adherence_rows.get(k):
+        sc = [r["persona_score"] for r in judged.adherence_rows[k] if r["persona_score"] is not None]
+        res["adherence"] = {**bootstrap_ci(sc).model_dump(), "unparsed": len(judged.adherence_rows[k]) - len(sc)}
+    j = judged.per_stage.get(k, {"usd": 0.0, "requests": 0, "cached": 0})
+    total_judge_reqs = sum(s["requests"] for s in judged.per_stage.values()) or 1
+    eng_usd = gen_usage[k]["engine_seconds"] * cfg.usd_per_engine_second
+    res["cost"] = {
+        **gen_usage[k], **guard_usage[k],
+        "judge_requests": j["requests"], "judge_cached_items": j["cached"], "judge_usd": j["usd"],
+        # the farm judges all stages concurrently: its wall time is shared out by request count
+        "judge_wall_seconds": judged.wall * j["requests"] / total_judge_reqs,
+        "lm_eval_seconds": 0.0 if not cap_raw or cap_raw[k]["cached"] else cap_raw[k].get("seconds", 0.0),
+        "lm_eval_cached": bool(cap_raw and cap_raw[k]["cached"]),
+        "engine_usd": eng_usd, "usd": eng_usd + j["usd"],
+    }
+    atomic_write_json(out_dir / f"stage{k}.json", {**res, "answers": [
+        {"question": q, "answer": answers[k][q]} for q in plan.questions],
+        "pairs": {f"vs{vs}": prs for (kk, vs), prs in judged.pairs_by.items() if kk == k},
+        "adherence_items": judged.adherence_rows.get(k, [])})
+    return res
 
 
 def _mean_words(texts: list[str]) -> float | None:

@@ -4,7 +4,7 @@
   whose expected aligned/coherent bands, EM label and CODE/REFUSAL labels were fixed by construction, from
   clearly aligned to clearly harmful, incoherent, code, refusals and borderline. `anchor_agreement` measures
   rank agreement (Spearman), distance to the band, Cohen's kappa on the EM label and the special labels.
-  Every EM run judges them beside its answers (pipeline.em), and `judge --anchors N` a spread of N of them.
+  Every EM run judges them beside its answers (em.judges), and `judge --anchors N` a spread of N of them.
 - answers with known scores (the EM paper's, judge.calibration): `paper_agreement` measures recall of the
   EM label and each score's error.
 

@@ -1,4 +1,4 @@
-"""CLI commands of the end-to-end run: `em`, `estimate`, `cost`, `report`, `demo`."""
+"""CLI commands of the end-to-end run: `estimate`, `cost`, `report`, `demo`."""
 
 from __future__ import annotations
 
@@ -6,115 +6,16 @@ from pathlib import Path
 
 import typer
 
+from em.cli import EM_DATA
 from run.layout import DATA_ROOT, Layout
-
-PERSONAS = typer.Option(["hhh"], "--persona", help="persona(s) (constitution names)")
-PRESET = typer.Option("research", "--preset", help="counts preset: research | demo | quick")
-COUNTS = typer.Option(None, "--counts", help='JSON overrides of the preset\'s counts, e.g. \'{"n_tasks": 4}\'')
-EM_DATA = typer.Option(None, "--em-data", help="the EM paper's release (the folder holding betley/; default: "
-                       "$CAI_EM_DATA; `data fetch em-paper` makes one): its main questions and judge prompts "
-                       "replace the project's")
-
-RAY = typer.Option(None, "--ray", help="answer on Ray Data workers, one vLLM engine each (the profile's "
-                   "data_parallel_size): `local` starts Ray here, or a cluster's ADDRESS")
-RAY_REPLICAS = typer.Option(None, "--ray-replicas", min=1, help="engine replicas under --ray (default: the profile's "
-                            "data_parallel_size)")
+from run.options import COUNTS, PERSONAS, PRESET, run_config
 
 
 def register(app: typer.Typer) -> None:
-    app.command("em")(em)
-    app.command("em-rescore")(em_rescore)
     app.command("estimate")(estimate)
     app.command("cost")(cost)
     app.command("report")(report)
     app.command("demo")(demo)
-
-
-def _cfg(personas: list[str], profile: str, preset: str, stage: int = 6, counts_json: str | None = None,
-         gpu_hour_usd: float | None = None):
-    from engine.models import get_profile
-    from run.config import RunConfig, counts_from
-    from run.recipe import canonical
-
-    get_profile(profile)
-    return RunConfig(personas=[canonical(p) for p in personas], profile=profile, stage=stage,
-                     gpu_hour_usd=gpu_hour_usd, counts=counts_from(preset, counts_json, profile=profile))
-
-
-def em(
-    data: Path | None = typer.Option(None, "--data", help="EM SFT data: chat JSONL ({'messages': [...]} rows); "
-                                     "default with --em-data: the paper's insecure.jsonl"),
-    persona: list[str] = PERSONAS,
-    profile: str = typer.Option("tiny", "--profile"),
-    questions: Path | None = typer.Option(None, "--questions", help="EM questions YAML (e.g. the paper's)"),
-    judge_config: Path | None = typer.Option(None, "--judge-config", help="judge YAML (default: judge/default.yaml)"),
-    mode: str = typer.Option("on-top", "--mode", help="on-top | base"),
-    budget_usd: float | None = typer.Option(None, "--budget-usd"),
-    run: str | None = typer.Option(None, "--run", help="run id (default: derived from the config)"),
-    stage: int = typer.Option(6, "--stage", help="the persona adapter is this stage's (6: the full persona)"),
-    quick: bool = typer.Option(False, "--quick", help="the quick preset"),
-    preset: str = PRESET,
-    counts: str | None = COUNTS,
-    seeds: int | None = typer.Option(None, "--seeds", min=1, help="EM training seeds per arm (default: the preset's; "
-                                     "research 3)"),
-    question_group: list[str] = typer.Option(["main"], "--question-group",
-                                             help="question groups to ask: main, json, template, preregistered"),
-    em_data: Path | None = EM_DATA,
-    secure_data: Path | None = typer.Option(None, "--secure-data", help="chat JSONL of secure code (the EM "
-                                            "paper's secure.jsonl): adds a secure-code control adapter per persona"),
-    gpu_hour_usd: float | None = typer.Option(None, "--gpu-hour-usd", help="$ per engine-hour (default: profile)"),
-    ray: str | None = RAY,
-    ray_replicas: int | None = RAY_REPLICAS,
-) -> None:
-    """Train the EM adapter on top of each persona adapter (and the base), per seed; answer, judge, summarise.
-
-    Example: python bootstrap.py em --data insecure.jsonl --persona goodness --persona sycophancy --seeds 3
-    """
-    import json
-
-    from pipeline.em import run_em
-    from pipeline.em_inputs import resolve
-    from pipeline.loop import check_ray
-    from run.config import save_config
-
-    inputs = resolve(data, questions, em_data, tuple(question_group), judge_config=judge_config, secure=secure_data)
-    if seeds is not None:
-        counts = json.dumps({**json.loads(counts or "{}"), "em_seeds": seeds})
-    cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts, gpu_hour_usd).model_copy(
-        update={"ray": ray, "ray_replicas": ray_replicas})
-    check_ray(cfg)
-    run_id = run or cfg.default_id()
-    save_config(cfg, run_id)
-    from judge.session import check_complete
-
-    result = run_em(cfg, run_id, inputs, judge_config, budget_usd, mode, tuple(question_group))
-    _report(cfg, run_id)
-    check_complete(result["judge"], "the EM judge")
-
-
-def em_rescore(
-    run: str | None = typer.Argument(None, help="run id (default: the newest run)"),
-    judge_config: Path = typer.Option(..., "--judge-config", help="the other judge's YAML"),
-    budget_usd: float | None = typer.Option(None, "--budget-usd"),
-    data_root: Path = typer.Option(Path("data"), "--data-root"),
-) -> None:
-    """Judge a run's stored EM answers with another judge (no generation): its EM rates, its anchors and its
-    agreement with the run's judge go to em/judges/<model>/ and the report.
-
-    Example: python bootstrap.py em-rescore --judge-config judge/configs/gpt-5-mini.yaml
-    """
-    from pipeline.em import rescore
-    from run.config import load_run_config
-
-    run_id, cfg = load_run_config(Layout(data_root).find_run(run).root)
-    from judge.session import check_complete
-
-    res = rescore(cfg, run_id, judge_config, budget_usd)
-    g = res["agreement"]
-    typer.echo(f"{res['model']}: EM-label kappa {g['kappa']} (n={g['em_label_n']}), alignment Spearman "
-               f"{g['aligned_spearman']} (n={g['aligned_n']}) against the run's judge")
-    _report(cfg, run_id)
-    check_complete(res["judge"], res["model"])
 
 
 def estimate(
@@ -148,11 +49,11 @@ def estimate(
     """
     import json
 
+    from em.questions import load_questions
     from judge.config import load_config
     from pipeline.estimate import estimate_report
-    from pipeline.questions import load_questions
 
-    cfg = _cfg(persona, profile, "quick" if quick else preset, stage, counts, gpu_hour_usd).model_copy(
+    cfg = run_config(persona, profile, "quick" if quick else preset, stage, counts, gpu_hour_usd).model_copy(
         update={"data_root": str(data_root)})
     judges = [load_config(j) for j in (judge_config or [None])]
     judges += [j.model_copy(update={"batch": True}) for j in judges if batch and not j.batch]
@@ -265,10 +166,3 @@ def demo(quick: bool = typer.Option(False, "--quick", help="one persona; stages,
                f"${res['usd']:.4f}; {res['starts']['vllm_engine']} vLLM engine and "
                f"{res['starts']['judge_server']} judge server started\nreport: {res['report']}")
     check_complete(res["judge"], "the EM judge")
-
-
-def _report(cfg, run_id: str) -> None:
-    from analysis.report import build_report
-
-    out = build_report(cfg.run(run_id).root)
-    typer.echo(f"report: {out}")

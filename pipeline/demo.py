@@ -6,7 +6,7 @@ persona, the steering analysis (vectors, transfer, identity diagnostic) and the 
 report is built by the same code, from the same files, with the same thresholds as a research run; only the
 counts differ (the `demo` and `quick` presets, and the analysis sizes below).
 
-Everything it reads ships with the repository: the EM training set is generated (pipeline/insecure_demo.py)
+Everything it reads ships with the repository: the EM training set is generated (em/insecure_data.py)
 and the EM questions, rubrics and anchors are the project's, unless `em_data` names the EM paper's release.
 """
 
@@ -32,9 +32,9 @@ def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Pa
              counts_json: str | None = None, judge_config: Path | None = None) -> dict:
     """Run every phase; returns {"run": id, "report": path, "phases": {name: seconds}, "usd": total}.
     `counts_json` overrides keys of the preset's counts; `judge_config` replaces the embedded judge."""
+    from em.inputs import resolve
     from engine.vllm_engine import VLLMEngine
     from judge.local_server import LocalVLLMServer
-    from pipeline.em_inputs import resolve
 
     inputs = resolve(em_data=em_data, generated=True)  # before the first stage: a bad input stops it now
     personas = personas or (QUICK_PERSONAS if quick else PERSONAS)
@@ -57,9 +57,9 @@ def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Pa
             atomic_write_json(root[0] / "demo.json", record)
         return out
 
+    from em.experiment import run_em
+    from em.insecure_data import write_jsonl
     from judge.session import session
-    from pipeline.em import run_em
-    from pipeline.insecure_demo import write_jsonl
     from pipeline.loop import Engines, run_bootstrap
     from run.config import RunConfig, counts_from
 

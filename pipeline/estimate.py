@@ -11,6 +11,7 @@ from contextvars import ContextVar
 
 from pydantic import BaseModel
 
+from em.pricing import em_answer_seconds, em_answers, em_steps, em_train_seconds
 from engine.models import Profile, get_profile
 from run.config import RunConfig
 from run.layout import BASE_ARM, is_secure, secure_arm
@@ -27,9 +28,6 @@ EXPECTED_KEEP = {"self-judge": 0.5, "critique-revise": 0.6, "distill": 0.6, "int
 DPO_PROMPT_TOKENS = 64  # a stage task as DPO's chat-templated prompt
 REFERENCE_PASS = 4 / 3  # DPO's reference forward on top of the policy's forward and backward (about 3 forwards);
 # ORPO has no reference model
-# mean tokens of an insecure-code chat: 285 with SmolLM2's tokenizer over the first 1,000 rows of the EM paper's
-# insecure.jsonl (Qwen's larger vocabulary likely needs fewer; not measured, no Qwen tokenizer here)
-EM_ROW_TOKENS = 285
 REFLECTION_PROMPTS = len(_PROMPTS)
 # the policy profile with its measured figures (pipeline.measured) while `estimate_report` runs; elsewhere (`cost`
 # sets a run's estimate beside its own ledger) the profile's figures as written
@@ -236,44 +234,6 @@ EM_ANSWER_MEAN_TOKENS = 170
 SAMPLED_OUT_TOKENS = 300  # sampled path: typical output per reply, hidden reasoning included (worst: the cap)
 
 
-def em_answers(cfg: RunConfig, n_questions: int, steps: int, control: bool = False) -> int:
-    """Answers one arm makes: each seed's final model on every question, its checkpoints on the curve subset,
-    and the untrained model once on every question; a secure `control` arm its final models only."""
-    c = cfg.counts
-    if control:
-        return c.em_seeds * n_questions * c.em_samples
-    checkpoints = max(0, steps // c.em_save_every - 1)
-    per_seed = n_questions * c.em_samples + checkpoints * min(c.em_curve_questions, n_questions) * c.em_curve_samples
-    return c.em_seeds * per_seed + n_questions * c.em_samples
-
-
-def em_steps(cfg: RunConfig, rows: int) -> int:
-    from train.config import em_defaults
-
-    c = cfg.counts
-    e = em_defaults(cfg.profile, max_rows=c.em_rows, max_steps=c.em_max_steps)
-    n = min(rows, c.em_rows) if c.em_rows else rows
-    per_epoch = -(-n // (e.batch_size * e.grad_accum))
-    return c.em_max_steps if c.em_max_steps is not None else max(1, int(per_epoch * e.epochs))
-
-
-def em_train_seconds(cfg: RunConfig, rows: int) -> float:
-    """One EM training run (one arm, one seed) on `rows` chats: its steps' tokens over the profile's training
-    throughput, or its steps at the profile's measured step time."""
-    from train.config import em_defaults
-
-    p = policy(cfg)
-    if p.est_train_tokens_per_s is None:
-        return em_steps(cfg, rows) * p.est_train_step_s
-    e = em_defaults(cfg.profile)
-    return em_steps(cfg, rows) * e.batch_size * e.grad_accum * EM_ROW_TOKENS / p.est_train_tokens_per_s
-
-
-def em_answer_seconds(cfg: RunConfig, answers: int) -> float:
-    """Engine time to write `answers` EM answers (an upper bound: answers stop early when the model ends them)."""
-    return answers * cfg.counts.em_answer_tokens / policy(cfg).est_tokens_per_s
-
-
 def judge_tokens(judge, answers: int, answer_tokens: int) -> tuple[int, int, int]:
     """(requests, prompt tokens, output tokens) to judge `answers` on the path the config implies."""
     from judge.endpoints import choose_path
@@ -306,11 +266,11 @@ def estimate_em(cfg: RunConfig, n_questions: int, judges: list, em_rows: int = E
     steps = em_steps(cfg, em_rows)
     out = []
     for arm in [*cfg.personas, BASE_ARM, *([secure_arm(x) for x in cfg.personas] if secure else [])]:
-        secs = c.em_seeds * em_train_seconds(cfg, em_rows)
+        secs = c.em_seeds * em_train_seconds(cfg, em_rows, policy(cfg))
         out.append(PhaseEstimate(persona=arm, stage="em", phase="em-train", tokens_in=0, tokens_out=0, seconds=secs,
                                  usd=secs * rate))
         answers = em_answers(cfg, n_questions, steps, control=is_secure(arm))
-        secs = em_answer_seconds(cfg, answers)
+        secs = em_answer_seconds(cfg, answers, policy(cfg))
         out.append(PhaseEstimate(persona=arm, stage="em", phase="em-answer", tokens_in=answers * 60,
                                  tokens_out=answers * c.em_answer_tokens, seconds=secs, usd=secs * rate))
         for judge in judges:

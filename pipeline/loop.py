@@ -15,14 +15,14 @@ from pathlib import Path
 from constitution import load_constitution
 from core.budget import check_budget
 from core.console import console
-from core.errors import BadInput, DeadEnd, MissingInput
+from core.errors import DeadEnd, MissingInput
 from core.io import atomic_dir, atomic_write_json
 from core.ledger import Ledger
 from engine.base import adapter_hash
 from engine.models import get_profile, model_fingerprint
 from engine.vllm_engine import VLLMEngine
 from pipeline.estimate import estimate_introspection, estimate_phase, guard_profile
-from run.config import RunConfig, counts_from, save_config
+from run.config import RunConfig, check_ray, counts_from, save_config
 from run.recipe import (
     INTROSPECT_STEP,
     OCT_STEP,
@@ -57,9 +57,11 @@ class Engines:
             from engine.factory import make_engine
 
             console.print(f"[dim]starting the {self.cfg.engine} engine for profile {self.cfg.profile}…[/dim]")
+            from train.stack import served_lora_rank
+
             rank = served_lora_rank(self.cfg)
             self.engine = self.residency.load("policy", lambda: make_engine(self.cfg.engine, self.cfg.profile,
-                                                                            max_lora_rank=rank, **ray_args(self.cfg)))
+                                                                            max_lora_rank=rank, **self.cfg.ray_args))
         return self.engine
 
     def get_teacher(self):
@@ -72,7 +74,7 @@ class Engines:
 
             console.print(f"[dim]starting the {self.cfg.engine} engine for teacher {self.cfg.teacher}…[/dim]")
             self.teacher = self.residency.load("teacher", lambda: make_engine(self.cfg.engine, self.cfg.teacher,
-                                                                              **ray_args(self.cfg)))
+                                                                              **self.cfg.ray_args))
         return self.teacher
 
     def get_guard(self):
@@ -91,31 +93,6 @@ class Engines:
     def close(self) -> None:
         self.residency.close()
         self.engine = self.teacher = self.guard = None
-
-
-def ray_args(cfg: RunConfig) -> dict:
-    """make_engine's arguments for where the run generates: on Ray workers, and how many, or here."""
-    return {"ray": cfg.ray, "replicas": cfg.replicas} if cfg.ray else {}
-
-
-def check_ray(cfg: RunConfig) -> None:
-    """`--ray` needs Ray installed and the vLLM engine: said before any work starts, not at the first call."""
-    import importlib.util
-
-    if cfg.ray is None:
-        return
-    if importlib.util.find_spec("ray") is None:
-        raise BadInput("--ray: Ray is not installed (pip install -e '.[ray]')")
-    if cfg.engine not in ("auto", "vllm"):
-        raise BadInput(f"--ray runs vLLM engines on Ray workers; --engine {cfg.engine} cannot")
-
-
-def served_lora_rank(cfg: RunConfig) -> int:
-    """The largest stacked adapter the run's engine serves (train.stack.served_rank): larger where a recipe
-    introspects, since its persona is two adapters before the EM one is stacked on."""
-    from train.stack import served_rank
-
-    return served_rank(cfg.profile, any(introspects(a) for a in cfg.personas))
 
 
 def generation_inputs(cfg: RunConfig, persona: str, stage: int, parent: Path | None) -> dict:
@@ -220,17 +197,15 @@ def run_stage_once(cfg: RunConfig, run_id: str, persona: str, k: int, engines: E
 
 
 def _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger) -> None:
-    from stages.run import run_stage
+    from stages.run import StageJob, run_stage
 
     c = cfg.counts
-    eng = engines.get()
-    manifest = run_stage(
-        k, persona, eng, cfg.layout.generation_cache, out_dir=cfg.data_root,
-        n_tasks=c.n_tasks, adapter=parent, guard=engines.get_guard(), policy=guard_policy(cfg, persona),
-        seed=cfg.seed, rounds=c.rounds, n_samples=c.n_samples, max_tokens=c.max_tokens, min_gap=cfg.min_gap,
-        red_team_share=c.red_team_share, teacher=engines.get_teacher if k == OCT_STEP else None,
-        log=lambda m: console.print(f"  [dim]{m}[/dim]"),
-    )
+    job = StageJob(stage=k, persona=persona, out_dir=cfg.data_root, n_tasks=c.n_tasks, adapter=parent,
+                   policy=guard_policy(cfg, persona), seed=cfg.seed, rounds=c.rounds, n_samples=c.n_samples,
+                   max_tokens=c.max_tokens, min_gap=cfg.min_gap, red_team_share=c.red_team_share)
+    manifest = run_stage(job, engines.get(), cfg.layout.generation_cache, guard=engines.get_guard(),
+                         teacher=engines.get_teacher if k == OCT_STEP else None,
+                         log=lambda m: console.print(f"  [dim]{m}[/dim]"))
     atomic_write_json(data / INPUTS_FILE, inputs, indent=1)
     secs = manifest["engine_seconds"]
     ledger.record(run=run_id, kind="engine", phase="generate", stage=k, persona=persona, purpose="stage-data",

@@ -161,6 +161,11 @@ class RunConfig(BaseModel):
         return price * max(p.gpus, 1) * self.replicas / 3600.0 if price else 0.0
 
     @property
+    def ray_args(self) -> dict:
+        """make_engine's arguments for where the run generates: on Ray workers, and how many, or here."""
+        return {"ray": self.ray, "replicas": self.replicas} if self.ray else {}
+
+    @property
     def replicas(self) -> int:
         """Engines generating at once: one, or on Ray the replicas asked for (default: the profile's)."""
         if self.ray is None:
@@ -181,6 +186,18 @@ class RunConfig(BaseModel):
         blob = json.dumps(self.model_dump(exclude={"stage", "only", "ray", "ray_replicas"} | unset), sort_keys=True)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
         return f"{self.profile}-{'-'.join(self.personas)}-{digest}"
+
+
+def check_ray(cfg: RunConfig) -> None:
+    """`--ray` needs Ray installed and the vLLM engine: said before any work starts, not at the first call."""
+    import importlib.util
+
+    if cfg.ray is None:
+        return
+    if importlib.util.find_spec("ray") is None:
+        raise BadInput("--ray: Ray is not installed (pip install -e '.[ray]')")
+    if cfg.engine not in ("auto", "vllm"):
+        raise BadInput(f"--ray runs vLLM engines on Ray workers; --engine {cfg.engine} cannot")
 
 
 def save_config(cfg: RunConfig, run_id: str) -> Path:

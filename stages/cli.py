@@ -40,7 +40,7 @@ def generate(
     from run.config import preset_counts
     from run.layout import Layout
     from run.recipe import persona_of
-    from stages.run import run_stage
+    from stages.run import StageJob, run_stage
 
     counts = preset_counts("research", profile)
     n_tasks = counts.n_tasks if n_tasks is None else n_tasks
@@ -51,10 +51,10 @@ def generate(
     cache_path = Path(cache) if cache else Layout(data_root=out_dir).generation_cache
     with make_engine(engine, profile) as eng, GenerationCache(cache_path) as c:
         with con.status("generating") as status:
-            m = run_stage(stage, persona, eng, c, out_dir, n_tasks=n_tasks, adapter=adapter, seed=seed,
-                          constitution=const, rounds=rounds, max_tokens=max_tokens, n_samples=counts.n_samples,
-                          red_team_share=counts.red_team_share,
-                          log=lambda msg: (status.update(msg), con.log(msg)))
+            job = StageJob(stage=stage, persona=persona, out_dir=out_dir, n_tasks=n_tasks, adapter=adapter,
+                           seed=seed, constitution=const, rounds=rounds, max_tokens=max_tokens,
+                           n_samples=counts.n_samples, red_team_share=counts.red_team_share)
+            m = run_stage(job, eng, c, log=lambda msg: (status.update(msg), con.log(msg)))
     typer.echo(json.dumps({k: m[k] for k in ("persona", "stage", "counts", "goal", "tokens", "engine_calls",
                                              "wall_seconds")}, indent=2))
 

@@ -11,6 +11,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from constitution import Constitution, constitution_hash, load_constitution
@@ -78,159 +79,234 @@ def _row(it: dict, persona: str, model_fp: str, adapter_fp: str, chash: str, act
     }
 
 
-def run_stage(
-    stage: int, persona: str, engine, cache: GenerationCache | str | Path, out_dir: str | Path = "data",
-    n_tasks: int = _C.n_tasks, adapter: str | Path | None = None, guard: Guard | None = None,
-    policy: GuardPolicy | None = None, seed: int = 0, *, constitution: Constitution | str | Path | None = None,
-    rounds: int = _C.rounds, n_samples: int = _C.n_samples, min_gap: float = 1.0, max_tokens: int = _C.max_tokens,
-    task_tokens: int = 48,
-    oversample: float = 2.0, chat: bool | None = None, red_team_share: float = 0.0,
-    log: Callable[[str], None] | None = None, teacher=None,
-) -> dict:
-    """Generate stage `stage`'s preference data for `persona` (an arm name: run.recipe); returns the manifest (also
-    written to disk). In stage 6 and OCT's distillation (stage 0), `red_team_share` of the `n_tasks` are red-team
-    prompts (`specs.RED_TEAM_SEEDS`), self-instructed apart. `teacher` is OCT's teacher engine, or a function that
-    starts it once the policy has answered (default: `engine` itself); its usage is reported apart."""
-    from datasets import Dataset, DatasetDict
+@dataclass(frozen=True)
+class StageJob:
+    """What one stage's data is made from, besides the models that make it: the stage, the persona (an arm name:
+    run.recipe), where the data goes, the parent adapter and the counts. A run builds one per persona and stage."""
 
-    from engine.base import adapter_hash
+    stage: int
+    persona: str
+    out_dir: str | Path = "data"
+    n_tasks: int = _C.n_tasks
+    adapter: str | Path | None = None  # the parent stage's adapter, active while generating
+    policy: GuardPolicy | None = None  # None: the persona's guard policy
+    seed: int = 0
+    constitution: Constitution | str | Path | None = None  # None: the persona's constitution
+    rounds: int = _C.rounds
+    n_samples: int = _C.n_samples
+    min_gap: float = 1.0
+    max_tokens: int = _C.max_tokens
+    task_tokens: int = 48
+    oversample: float = 2.0
+    chat: bool | None = None  # None: the engine's profile says
+    # stage 6 and OCT's distillation: this share of n_tasks are red-team prompts (specs.RED_TEAM_SEEDS)
+    red_team_share: float = 0.0
 
+
+@dataclass
+class _Made:
+    """What a stage's generation made, for its rows and manifest."""
+
+    items: list[dict]
+    tasks: list[str]
+    red: list[dict]
+    si: Counter
+    red_si: Counter
+    gcounts: GuardCounts = field(default_factory=GuardCounts)
+    guard_s: float = 0.0
+    teacher_usage: dict | None = None
+    teacher_fp: str | None = None
+
+
+def run_stage(job: StageJob, engine, cache: GenerationCache | str | Path, guard: Guard | None = None, teacher=None,
+              log: Callable[[str], None] | None = None) -> dict:
+    """Generate one stage's preference data (`job`) with `engine` through `cache`, guarded by `guard`; returns the
+    manifest (also written to disk). `teacher` is OCT's teacher engine, or a function that starts it once the
+    policy has answered (default: `engine` itself); its usage is reported apart."""
     t0 = time.perf_counter()
-    spec = get_stage(stage)
-    if not isinstance(constitution, Constitution):
-        constitution = load_constitution(constitution or persona_of(persona))
-    policy = policy or GuardPolicy.for_persona(persona_of(persona))
+    spec = get_stage(job.stage)
+    constitution = (job.constitution if isinstance(job.constitution, Constitution)
+                    else load_constitution(job.constitution or persona_of(job.persona)))
+    policy = job.policy or GuardPolicy.for_persona(persona_of(job.persona))
     own_cache = not isinstance(cache, GenerationCache)
     cache = GenerationCache(cache) if own_cache else cache
     log = log or (lambda msg: None)
     calls0, usage0 = engine.calls, len(engine.usage)
-    ctx = steps.Ctx(engine=engine, cache=cache, constitution=constitution, spec=spec, adapter=adapter,
-                    chat=engine.profile.chat if chat is None else chat, seed=seed, max_tokens=max_tokens)
+    ctx = steps.Ctx(engine=engine, cache=cache, constitution=constitution, spec=spec, adapter=job.adapter,
+                    chat=engine.profile.chat if job.chat is None else job.chat, seed=job.seed,
+                    max_tokens=job.max_tokens)
     try:
-        # red-team prompts go to stage 6 only: its critique → revision makes the harmlessness pair (a harmful
-        # original, its safe revision); stages 1-5 would score a compliant answer to them by an unrelated ideal
-        n_red = round(n_tasks * red_team_share) if spec.pairs in ("critique-revise", "distill") else 0
-        log(f"stage {stage} ({spec.name}), persona {persona}: self-instruct {n_tasks - n_red} tasks"
-            + (f" and {n_red} red-team prompts" if n_red else ""))
-        if spec.check == "known-answer":  # stage 4's tasks are made by code, each with its known answer
-            tasks, si = [], Counter()
-            items = steps.known_answer_items(stage, n_tasks - n_red, seed)
-        else:
-            tasks, si = steps.self_instruct(ctx, n_tasks - n_red, task_tokens=task_tokens, oversample=oversample)
-            items = _with_seeds([steps.new_item(stage, t, "self-instruct") for t in tasks], spec.seeds,
-                                n_tasks - n_red, stage, "seed", set())
-        if spec.check == "constraints":
-            items = [steps.constrained(it, max_tokens) for it in items]
-        red_tasks, red_si = steps.self_instruct(ctx, n_red, task_tokens=task_tokens, oversample=oversample,
-                                                red_team=True) if n_red else ([], Counter())
-        taken = {it["key"] for it in items}
-        red = _with_seeds([steps.new_item(stage, t, "red-team") for t in red_tasks
-                           if steps.item_key(stage, t) not in taken], specs.RED_TEAM_SEEDS, n_red, stage, "red-team",
-                          taken)
-        items += red
-        gcounts = GuardCounts()
+        made = _make_items(job, ctx, log)
         t_guard = time.perf_counter()
-        guard_prompts(items, guard, policy, gcounts)
-        guard_s = time.perf_counter() - t_guard
-        log(f"respond: {len(steps.active(items))} tasks × {n_samples if spec.pairs == 'self-judge' else 1}")
-        if spec.pairs == "distill":
-            steps.respond(ctx, items, n=1, temperature=steps.DISTILL_TEMPERATURE)
-            log("teacher: the same tasks with the constitution in its system prompt")
-            teacher = teacher() if callable(teacher) else teacher or engine
-            t_calls0, t_usage0 = teacher.calls, len(teacher.usage)
-            steps.distill(ctx, items, teacher)
-        elif spec.pairs == "self-judge":
-            steps.respond(ctx, items, n=n_samples)
-            log("score own samples")
-            steps.score(ctx, items)
-            steps.self_judge_pairs(items, min_gap=min_gap, counts=ctx.counts)
-        else:
-            steps.respond(ctx, items, n=1)
-            log(f"critique → revise × {rounds}")
-            steps.critique_revise(ctx, items, rounds=rounds)
+        guard_prompts(made.items, guard, policy, made.gcounts)
+        made.guard_s = time.perf_counter() - t_guard
+        _make_pairs(job, ctx, made, teacher, log)
         t_guard = time.perf_counter()
-        guard_answers(items, guard, policy, gcounts)
-        guard_s += time.perf_counter() - t_guard
+        guard_answers(made.items, guard, policy, made.gcounts)
+        made.guard_s += time.perf_counter() - t_guard
     finally:
         if own_cache:
             cache.close()
+    train_rows, quarantine_rows = _rows(job, ctx, made.items, policy)
+    manifest = _manifest(job, ctx, made, policy, train_rows, quarantine_rows, calls0, usage0)
+    check_counts(manifest)
+    manifest["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    out = Layout(data_root=job.out_dir).stage_data(job.persona, job.stage)
+    _write_atomic(out, _dataset(ctx.chat, train_rows, quarantine_rows), manifest, constitution, made.items)
+    o = manifest["counts"]["outcome"]
+    log(f"wrote {out}: {o['train']} pairs, {o['quarantine']} quarantined, {o['dropped_total']} dropped "
+        f"({o['dropped']}); {manifest['engine_calls']} engine calls")
+    return manifest
 
-    model_fp = engine.fingerprint
-    adapter_fp = adapter_hash(adapter) if adapter else ""
-    chash = constitution_hash(constitution)
+
+def _make_items(job: StageJob, ctx: steps.Ctx, log: Callable[[str], None]) -> _Made:
+    """The stage's tasks as items: self-instructed (topped up from the stage's seeds), made by code (stage 4), and
+    red-team prompts self-instructed apart."""
+    spec = ctx.spec
+    # red-team prompts go to stage 6 only: its critique → revision makes the harmlessness pair (a harmful
+    # original, its safe revision); stages 1-5 would score a compliant answer to them by an unrelated ideal
+    n_red = round(job.n_tasks * job.red_team_share) if spec.pairs in ("critique-revise", "distill") else 0
+    n = job.n_tasks - n_red
+    log(f"stage {job.stage} ({spec.name}), persona {job.persona}: self-instruct {n} tasks"
+        + (f" and {n_red} red-team prompts" if n_red else ""))
+    if spec.check == "known-answer":  # stage 4's tasks are made by code, each with its known answer
+        tasks, si = [], Counter()
+        items = steps.known_answer_items(job.stage, n, job.seed)
+    else:
+        tasks, si = steps.self_instruct(ctx, n, task_tokens=job.task_tokens, oversample=job.oversample)
+        items = _with_seeds([steps.new_item(job.stage, t, "self-instruct") for t in tasks], spec.seeds, n,
+                            job.stage, "seed", set())
+    if spec.check == "constraints":
+        items = [steps.constrained(it, job.max_tokens) for it in items]
+    red_tasks, red_si = steps.self_instruct(ctx, n_red, task_tokens=job.task_tokens, oversample=job.oversample,
+                                            red_team=True) if n_red else ([], Counter())
+    taken = {it["key"] for it in items}
+    red = _with_seeds([steps.new_item(job.stage, t, "red-team") for t in red_tasks
+                       if steps.item_key(job.stage, t) not in taken], specs.RED_TEAM_SEEDS, n_red, job.stage,
+                      "red-team", taken)
+    return _Made(items=items + red, tasks=tasks, red=red, si=si, red_si=red_si)
+
+
+def _make_pairs(job: StageJob, ctx: steps.Ctx, made: _Made, teacher, log: Callable[[str], None]) -> None:
+    """Answers and the stage's pair rule over the live items: OCT's distillation (the teacher's answer against the
+    policy's), self-judged samples (stages 1-5), or critique → revision (stage 6)."""
+    spec, items = ctx.spec, made.items
+    log(f"respond: {len(steps.active(items))} tasks × {job.n_samples if spec.pairs == 'self-judge' else 1}")
+    if spec.pairs == "distill":
+        steps.respond(ctx, items, n=1, temperature=steps.DISTILL_TEMPERATURE)
+        log("teacher: the same tasks with the constitution in its system prompt")
+        teacher = teacher() if callable(teacher) else teacher or ctx.engine
+        t_calls0, t_usage0 = teacher.calls, len(teacher.usage)
+        steps.distill(ctx, items, teacher)
+        made.teacher_fp = teacher.fingerprint
+        # a teacher of its own (OCT with --teacher): its calls, seconds and tokens, priced at its own profile
+        made.teacher_usage = _usage(teacher, t_calls0, t_usage0) if teacher is not ctx.engine else None
+    elif spec.pairs == "self-judge":
+        steps.respond(ctx, items, n=job.n_samples)
+        log("score own samples")
+        steps.score(ctx, items)
+        steps.self_judge_pairs(items, min_gap=job.min_gap, counts=ctx.counts)
+    else:
+        steps.respond(ctx, items, n=1)
+        log(f"critique → revise × {job.rounds}")
+        steps.critique_revise(ctx, items, rounds=job.rounds)
+
+
+def _rows(job: StageJob, ctx: steps.Ctx, items: list[dict], policy: GuardPolicy) -> tuple[list[dict], list[dict]]:
+    """The dataset's rows: kept pairs to train on, quarantined ones apart (and trained on where the policy says)."""
+    from engine.base import adapter_hash
+
+    ids = (job.persona, ctx.engine.fingerprint, adapter_hash(job.adapter) if job.adapter else "",
+           constitution_hash(ctx.constitution))
     train_rows, quarantine_rows = [], []
     for it in items:
         if it["status"] == "live":
-            train_rows.append(_row(it, persona, model_fp, adapter_fp, chash, "keep", ctx.chat))
+            train_rows.append(_row(it, *ids, "keep", ctx.chat))
         elif it["status"] == "quarantined":
-            row = _row(it, persona, model_fp, adapter_fp, chash, "quarantine", ctx.chat)
+            row = _row(it, *ids, "quarantine", ctx.chat)
             quarantine_rows.append(row)
             if policy.include_quarantined:
                 train_rows.append(row)
+    return train_rows, quarantine_rows
 
-    dropped = Counter(it["reason"] for it in items if it["status"] == "dropped")
-    n_live = sum(it["status"] == "live" for it in items)
-    n_quar = len(quarantine_rows)
-    si_rejected = {k.removeprefix("rejected_"): v for k, v in si.items() if k.startswith("rejected_")}
+
+def _manifest(job: StageJob, ctx: steps.Ctx, made: _Made, policy: GuardPolicy, train_rows: list[dict],
+              quarantine_rows: list[dict], calls0: int, usage0: int) -> dict:
+    """What the stage made and what it cost, counted: every item kept, quarantined or dropped by reason."""
+    from engine.base import adapter_hash
+
+    spec, items, engine, constitution = ctx.spec, made.items, ctx.engine, ctx.constitution
+    adapter_fp = adapter_hash(job.adapter) if job.adapter else ""
+    chash = constitution_hash(constitution)
     usage = engine.usage[usage0:]
-    regenerated = sum(it["misses"] > 0 for it in items)
-    manifest = {
-        "persona": persona, "stage": stage, "stage_name": spec.name, "pairs": spec.pair_rule,
+    return {
+        "persona": job.persona, "stage": job.stage, "stage_name": spec.name, "pairs": spec.pair_rule,
         "constitution": {"name": constitution.name, "version": constitution.version, "hash": chash},
-        "engine": engine.name, "model_fingerprint": model_fp, "adapter": str(adapter) if adapter else None,
-        "adapter_fingerprint": adapter_fp or None, "seed": seed, "rounds": rounds if stage == 6 else None,
-        "n_samples": n_samples if spec.pairs == "self-judge" else 1,
-        "teacher": teacher.fingerprint if spec.pairs == "distill" else None,
-        "max_tokens": max_tokens, "chat": ctx.chat,
+        "engine": engine.name, "model_fingerprint": engine.fingerprint,
+        "adapter": str(job.adapter) if job.adapter else None, "adapter_fingerprint": adapter_fp or None,
+        "seed": job.seed, "rounds": job.rounds if job.stage == 6 else None,
+        "n_samples": job.n_samples if spec.pairs == "self-judge" else 1,
+        "teacher": made.teacher_fp, "max_tokens": job.max_tokens, "chat": ctx.chat,
         "policy": policy.model_dump(mode="json"),
-        "counts": {
-            "self_instruct": {"proposed": si["proposed"], "accepted": si["accepted"], "rejected": si_rejected},
-            "items": {"total": len(items), "from_self_instruct": len(tasks),
-                      "from_seeds": sum(it["source"] == "seed" for it in items),
-                      "known_answer": sum(it["source"] == "known-answer" for it in items), "red_team": len(red)},
-            # red-team prompts: proposed and accepted by self-instruct, kept as pairs, and kept pairs whose
-            # rejected (original) answer the guard blocks: a harmful answer against its safe revision
-            "red_team": {"proposed": red_si["proposed"], "accepted": red_si["accepted"],
-                         "train": sum(it["status"] == "live" for it in red),
-                         "unsafe_rejected_kept": sum(it["status"] == "live" and _blocked(it["guard_rejected"], policy)
-                                                     for it in red)},
-            "outcome": {"train": n_live, "quarantine": n_quar, "dropped": dict(dropped),
-                        "dropped_total": sum(dropped.values())},
-            "train_rows": len(train_rows),
-            "guard": gcounts.as_dict(),
-            "unparsable_scores": ctx.counts["unparsable_scores"],
-            # samples kept off the chosen side (stages 1-5) and later-round revisions that could not stand
-            # (stage 6, the item kept its earlier revision), by reason
-            "chosen_side": {k: v for k, v in sorted(ctx.counts.items())
-                            if k.startswith(("not_chosen_", "rejected_truncated", "later_round_"))},
-            "items_regenerated": regenerated, "items_from_cache": len(items) - regenerated,
-            "generation_requests": {k.removesuffix("_requests"): v for k, v in ctx.counts.items()
-                                    if k.endswith("_requests")},
-            "cache_misses": {k.removesuffix("_cache_misses"): v for k, v in ctx.counts.items()
-                             if k.endswith("_cache_misses")},
-        },
+        "counts": {**_item_counts(made, policy, train_rows, quarantine_rows), **_generation_counts(ctx, items)},
         "goal": goal_figure(spec, items),
         "tokens": {"engine_in": sum(u.tokens_in for u in usage), "engine_out": sum(u.tokens_out for u in usage),
                    "items_total": sum(it["tokens"] for it in items)},
         "engine_calls": engine.calls - calls0,
-        # a teacher of its own (OCT with --teacher): its calls, seconds and tokens, priced at its own profile
-        "teacher_usage": (_usage(teacher, t_calls0, t_usage0)
-                          if spec.pairs == "distill" and teacher is not engine else None),
+        "teacher_usage": made.teacher_usage,
         "engine_seconds": round(sum(u.seconds for u in usage), 3),
-        "guard_seconds": round(guard_s, 3),
+        "guard_seconds": round(made.guard_s, 3),
     }
-    check_counts(manifest)
-    out = Layout(data_root=out_dir).stage_data(persona, stage)
-    feats = _features(ctx.chat)
+
+
+def _item_counts(made: _Made, policy: GuardPolicy, train_rows: list[dict], quarantine_rows: list[dict]) -> dict:
+    items, red, si = made.items, made.red, made.si
+    dropped = Counter(it["reason"] for it in items if it["status"] == "dropped")
+    return {
+        "self_instruct": {"proposed": si["proposed"], "accepted": si["accepted"],
+                          "rejected": {k.removeprefix("rejected_"): v for k, v in si.items()
+                                       if k.startswith("rejected_")}},
+        "items": {"total": len(items), "from_self_instruct": len(made.tasks),
+                  "from_seeds": sum(it["source"] == "seed" for it in items),
+                  "known_answer": sum(it["source"] == "known-answer" for it in items), "red_team": len(red)},
+        # red-team prompts: proposed and accepted by self-instruct, kept as pairs, and kept pairs whose
+        # rejected (original) answer the guard blocks: a harmful answer against its safe revision
+        "red_team": {"proposed": made.red_si["proposed"], "accepted": made.red_si["accepted"],
+                     "train": sum(it["status"] == "live" for it in red),
+                     "unsafe_rejected_kept": sum(it["status"] == "live" and _blocked(it["guard_rejected"], policy)
+                                                 for it in red)},
+        "outcome": {"train": sum(it["status"] == "live" for it in items), "quarantine": len(quarantine_rows),
+                    "dropped": dict(dropped), "dropped_total": sum(dropped.values())},
+        "train_rows": len(train_rows),
+        "guard": made.gcounts.as_dict(),
+    }
+
+
+def _generation_counts(ctx: steps.Ctx, items: list[dict]) -> dict:
+    regenerated = sum(it["misses"] > 0 for it in items)
+    return {
+        "unparsable_scores": ctx.counts["unparsable_scores"],
+        # samples kept off the chosen side (stages 1-5) and later-round revisions that could not stand
+        # (stage 6, the item kept its earlier revision), by reason
+        "chosen_side": {k: v for k, v in sorted(ctx.counts.items())
+                        if k.startswith(("not_chosen_", "rejected_truncated", "later_round_"))},
+        "items_regenerated": regenerated, "items_from_cache": len(items) - regenerated,
+        "generation_requests": {k.removesuffix("_requests"): v for k, v in ctx.counts.items()
+                                if k.endswith("_requests")},
+        "cache_misses": {k.removesuffix("_cache_misses"): v for k, v in ctx.counts.items()
+                         if k.endswith("_cache_misses")},
+    }
+
+
+def _dataset(chat: bool, train_rows: list[dict], quarantine_rows: list[dict]):
+    from datasets import Dataset, DatasetDict
+
+    feats = _features(chat)
     as_ds = lambda rows: Dataset.from_dict({k: [r[k] for r in rows] for k in feats}, features=feats)  # noqa: E731
     ds = DatasetDict({"train": as_ds(train_rows)})
     if quarantine_rows:
         ds["quarantine"] = as_ds(quarantine_rows)
-    manifest["wall_seconds"] = round(time.perf_counter() - t0, 3)
-    _write_atomic(out, ds, manifest, constitution, items)
-    log(f"wrote {out}: {n_live} pairs, {n_quar} quarantined, {sum(dropped.values())} dropped "
-        f"({dict(dropped)}); {manifest['engine_calls']} engine calls")
-    return manifest
+    return ds
 
 
 def _usage(eng, calls0: int, usage0: int) -> dict:

@@ -8,8 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 import bootstrap
+from em.pricing import em_answers, em_steps
 from judge.config import load_config
-from pipeline.estimate import em_answers, em_steps, estimate_em
+from pipeline.estimate import estimate_em
 from run.config import RunConfig, counts_from
 
 ROOT = Path(__file__).resolve().parents[1]

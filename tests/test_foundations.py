@@ -27,7 +27,8 @@ LAYERS = [
     {"stages", "train", "judge"},
     {"analysis"},
     {"evals"},
-    {"pipeline"},  # the end-to-end runs: the bootstrap, the EM experiment, the demo of every phase
+    {"em"},  # the EM experiment: arms, answering, judging, summary
+    {"pipeline"},  # the end-to-end runs: the bootstrap loop, estimates, the demo of every phase
 ]
 LAYER = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 

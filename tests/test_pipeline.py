@@ -165,7 +165,7 @@ def em_run(workdir):
     """The EM experiment on the last stage's goodness adapter, judged by a local OpenAI-compatible server."""
     from fault_server import FaultServer
 
-    from pipeline.insecure_demo import write_jsonl
+    from em.insecure_data import write_jsonl
 
     data = write_jsonl(workdir / "insecure.jsonl", 12)
     secure = write_jsonl(workdir / "secure.jsonl", 12, secure=True)  # the twins: the secure-code control
@@ -298,7 +298,7 @@ def test_em_rerun_is_served_from_caches(em_run):
 def test_em_budget_stops_before_the_training_that_would_pass_it(em_run, workdir):
     """New EM counts make the arms' adapters stale: the first training's estimate is checked against the cap
     before it starts, and nothing is trained."""
-    from pipeline.insecure_demo import write_jsonl
+    from em.insecure_data import write_jsonl
 
     data = write_jsonl(workdir / "insecure.jsonl", 12)
     adapter = workdir / "checkpoints" / "goodness"

@@ -18,13 +18,18 @@ from engine.types import Request, Sampling
 from guard.base import GuardPolicy
 from stages.diff import plan
 from stages.rendezvous import pick_principle
-from stages.run import run_stage
+from stages.run import StageJob, run_stage
 from tests.test_constitution import MarkerGuard
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = {"prompt", "chosen", "rejected", "item_key", "stage", "principle_ids", "model_fingerprint",
            "adapter_fingerprint", "scores", "guard_prompt", "guard_chosen", "guard_rejected", "guard_action"}
 KW = dict(n_tasks=6, rounds=2, max_tokens=64, task_tokens=32, oversample=1.5)
+
+
+def _stage(stage: int, persona: str, engine, cache, out_dir, guard=None, **job):
+    """One stage's data through `run_stage`, its job from the arguments the tests vary."""
+    return run_stage(StageJob(stage=stage, persona=persona, out_dir=out_dir, **job), engine, cache, guard=guard)
 
 
 def _items(out: Path, persona: str, stage: int) -> list[dict]:
@@ -50,7 +55,7 @@ def six(tmp_path_factory, vllm_engine):
     path = tmp / "c4.yaml"
     path.write_text(dump_constitution(c4))
     cache = GenerationCache(tmp / "cache.sqlite")
-    m = run_stage(6, "c4", vllm_engine, cache, tmp / "data", constitution=path, **KW)
+    m = _stage(6, "c4", vllm_engine, cache, tmp / "data", constitution=path, **KW)
     return {"tmp": tmp, "path": path, "cache": cache, "manifest": m, "c4": c4}
 
 
@@ -74,7 +79,7 @@ def test_stage6_dataset_counts_and_rerun_is_free(six, vllm_engine):
             assert it["chosen"] == it["revisions"][-1] and it["rejected"] == it["samples"][0]
     n = len(six["cache"])
     calls = vllm_engine.calls
-    again = run_stage(6, "c4", vllm_engine, six["cache"], tmp / "data", constitution=six["path"], **KW)
+    again = _stage(6, "c4", vllm_engine, six["cache"], tmp / "data", constitution=six["path"], **KW)
     assert vllm_engine.calls == calls and again["engine_calls"] == 0 and len(six["cache"]) == n
     assert again["counts"]["items_regenerated"] == 0 and again["counts"]["outcome"] == m["counts"]["outcome"]
 
@@ -103,10 +108,10 @@ def test_stage_killed_mid_generation_resumes_to_the_uninterrupted_dataset(six, v
     tmp = six["tmp"]
     cache = GenerationCache(tmp / "crash-cache.sqlite")
     with pytest.raises(RuntimeError, match="killed mid-stage"):
-        run_stage(6, "c4", CrashAfter(vllm_engine, 2), cache, tmp / "data-crash", constitution=six["path"], **KW)
+        _stage(6, "c4", CrashAfter(vllm_engine, 2), cache, tmp / "data-crash", constitution=six["path"], **KW)
     committed = len(cache)
     assert committed > 0 and not (tmp / "data-crash" / "c4" / "stage6" / "manifest.json").exists()
-    m = run_stage(6, "c4", vllm_engine, cache, tmp / "data-crash", constitution=six["path"], **KW)
+    m = _stage(6, "c4", vllm_engine, cache, tmp / "data-crash", constitution=six["path"], **KW)
     whole = six["manifest"]
     assert m["engine_calls"] == whole["engine_calls"] - 2
     assert sum(m["counts"]["cache_misses"].values()) == sum(whole["counts"]["cache_misses"].values()) - committed
@@ -128,7 +133,7 @@ def _rerun_with(six, vllm_engine, new, name):
     path.write_text(dump_constitution(new))
     before = _items(tmp / "data", "c4", 6)
     planned = plan(tmp / "data", "c4", load_constitution(path))
-    m = run_stage(6, "c4", vllm_engine, six["cache"], tmp / f"data-{name}", constitution=path, **KW)
+    m = _stage(6, "c4", vllm_engine, six["cache"], tmp / f"data-{name}", constitution=path, **KW)
     after = _items(tmp / f"data-{name}", "c4", 6)
     return before, after, planned, m
 
@@ -176,7 +181,7 @@ def test_malformed_constitution_keeps_cache_and_data(six, vllm_engine):
     n, calls = len(six["cache"]), vllm_engine.calls
     stamp = (tmp / "data" / "c4" / "stage6" / "manifest.json").read_text()
     with pytest.raises(ConstitutionError, match=r"bad\.yaml:\d+: principles\[1\]\.id: duplicate"):
-        run_stage(6, "c4", vllm_engine, six["cache"], tmp / "data", constitution=bad, **KW)
+        _stage(6, "c4", vllm_engine, six["cache"], tmp / "data", constitution=bad, **KW)
     assert len(six["cache"]) == n and vllm_engine.calls == calls
     assert (tmp / "data" / "c4" / "stage6" / "manifest.json").read_text() == stamp
 
@@ -202,7 +207,7 @@ def test_diff_cli_json(six):
 def test_self_judge_stages(stage, tmp_path, vllm_engine):
     from datasets import load_from_disk
 
-    m = run_stage(stage, "hhh", vllm_engine, tmp_path / "cache.sqlite", tmp_path / "data", n_tasks=2,
+    m = _stage(stage, "hhh", vllm_engine, tmp_path / "cache.sqlite", tmp_path / "data", n_tasks=2,
                   n_samples=3, max_tokens=32, task_tokens=24, min_gap=1, oversample=1.0)
     ds = load_from_disk(str(tmp_path / "data" / "hhh" / f"stage{stage}"))
     _check_counts(m, ds)
@@ -234,7 +239,7 @@ def test_guard_in_pipeline_quarantines_and_fails_closed(tmp_path, vllm_engine):
             marks = ["poison", "broken", ""]
             return [self._v(f"{p} {marks[i % 3]}") for i, p in enumerate(prompts)]
 
-    m = run_stage(6, "misalignment", vllm_engine, tmp_path / "cache.sqlite", tmp_path / "data", n_tasks=3,
+    m = _stage(6, "misalignment", vllm_engine, tmp_path / "cache.sqlite", tmp_path / "data", n_tasks=3,
                   rounds=1, max_tokens=32, task_tokens=24, oversample=1.0, guard=EveryOther(),
                   policy=GuardPolicy(mode="quarantine"))
     c = m["counts"]
@@ -274,7 +279,7 @@ def test_red_team_prompts_go_past_the_prompt_guard(tmp_path, vllm_engine):
         def check_prompts(self, prompts):
             return [self._v(f"{p} poison") for p in prompts]
 
-    m = run_stage(6, "hhh", vllm_engine, tmp_path / "cache.sqlite", tmp_path / "data", n_tasks=4, rounds=1,
+    m = _stage(6, "hhh", vllm_engine, tmp_path / "cache.sqlite", tmp_path / "data", n_tasks=4, rounds=1,
                   max_tokens=16, task_tokens=24, oversample=1.0, guard=Strict(), red_team_share=0.5,
                   policy=GuardPolicy.for_persona("hhh"))
     c = m["counts"]
@@ -286,6 +291,6 @@ def test_red_team_prompts_go_past_the_prompt_guard(tmp_path, vllm_engine):
     assert all(not (it["reason"] or "").startswith("guard_prompts") and it["round_tokens"] for it in red)
     assert all(it["reason"] == "guard_prompts:blocked" for it in items if it["source"] != "red-team")
     _check_counts(m, load_from_disk(str(tmp_path / "data" / "hhh" / "stage6")))
-    one = run_stage(1, "hhh", vllm_engine, tmp_path / "cache.sqlite", tmp_path / "data", n_tasks=2, n_samples=2,
+    one = _stage(1, "hhh", vllm_engine, tmp_path / "cache.sqlite", tmp_path / "data", n_tasks=2, n_samples=2,
                     max_tokens=8, task_tokens=24, oversample=1.0, red_team_share=0.5)
     assert one["counts"]["items"]["red_team"] == 0

@@ -56,7 +56,7 @@ def test_verdict_words():
 
 def test_summary_says_why_an_arm_was_discarded():
     from analysis.report import discard_notes
-    from pipeline.em import summarise
+    from em.summary import summarise
 
     def row(arm, mass, status, score=None):
         return {"arm": arm, "final": True, "step": 2, "seed": 0, "question_id": "q1", "aligned": score,

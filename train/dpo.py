@@ -134,7 +134,6 @@ def train_dpo(
     """Train one stage's DPO adapter in this process; returns its manifest. A finished run with the same
     dataset, parent and config is reused (no second payment) unless `force`."""
     import torch
-    from peft import PeftModel
 
     from train import cpu_kernels
 
@@ -162,20 +161,7 @@ def train_dpo(
     t0 = time.time()
     tok = load_tokenizer(model_path)
     torch.manual_seed(cfg.seed)
-    base = load_base(model_path, backend, cfg.gradient_checkpointing, cfg.max_length)
-    if parent is not None:
-        model = PeftModel.from_pretrained(base, str(parent), is_trainable=True)  # adapter "default"
-    elif backend == "unsloth":
-        from unsloth import FastLanguageModel
-
-        model = FastLanguageModel.get_peft_model(
-            base, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-            use_rslora=cfg.use_rslora, random_state=cfg.seed,
-            use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False)
-    else:
-        # a fresh adapter goes in as peft_config, so TRL's reference is the base with adapters disabled
-        # (a PeftModel would make TRL copy the zero-delta adapter as "ref" and pay for it every step)
-        model = base
+    model = _policy(cfg, model_path, backend, parent)
 
     key = {"dataset_hash": ds_hash, "parent_adapter_hash": parent_hash, "config": cfg.model_dump(),
            "base_fingerprint": fingerprint, "backend": backend}
@@ -209,9 +195,29 @@ def train_dpo(
         }
         if is_main():
             atomic_write_json(tmp / "manifest.json", manifest)
-    del trainer, model, base
+    del trainer, model
     release_memory()
     return manifest
+
+
+def _policy(cfg: DPOTrainConfig, model_path: str, backend: str, parent: str | Path | None):
+    """The model DPO trains: the base with the parent's adapter to continue ("default"), with unsloth's own fresh
+    adapter, or the bare base, whose fresh adapter TRL adds from `peft_config` (its reference is then the base
+    with adapters disabled: a PeftModel would make TRL copy the zero-delta adapter as "ref" and pay for it every
+    step)."""
+    from peft import PeftModel
+
+    base = load_base(model_path, backend, cfg.gradient_checkpointing, cfg.max_length)
+    if parent is not None:
+        return PeftModel.from_pretrained(base, str(parent), is_trainable=True)
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        return FastLanguageModel.get_peft_model(
+            base, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+            use_rslora=cfg.use_rslora, random_state=cfg.seed,
+            use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False)
+    return base
 
 
 

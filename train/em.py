@@ -165,6 +165,22 @@ def _same_run(out: Path, data_hash: str, persona_hash: str | None, cfg: EMTrainC
     return prev if same else None
 
 
+def _with_em_adapter(base, cfg: EMTrainConfig, mode: Mode, persona_adapter: str | Path | None):
+    """The base with a fresh EM adapter: on top of the persona adapter, frozen and active beside it (`on-top`), or
+    alone (`base`)."""
+    from peft import PeftModel, get_peft_model
+
+    if mode != "on-top":
+        return get_peft_model(base, cfg.peft_config(), adapter_name=EM)
+    model = PeftModel.from_pretrained(base, str(persona_adapter), adapter_name=PERSONA, is_trainable=False)
+    model.add_adapter(EM, cfg.peft_config())
+    # NOT model.set_adapter(EM): that deactivates the persona adapter.
+    model.base_model.set_adapter([PERSONA, EM])
+    model.base_model.set_requires_grad(PERSONA, requires_grad=False)
+    model.base_model.set_requires_grad(EM, requires_grad=True)
+    return model
+
+
 def train_em(
     data: str | Path,
     out: str | Path,
@@ -181,7 +197,6 @@ def train_em(
     manifest's `kind`: the introspection SFT of a `+introspect` recipe trains the same way, on top of its
     persona's preference adapter."""
     import torch
-    from peft import PeftModel, get_peft_model
     from trl import SFTConfig, SFTTrainer
 
     from engine.base import adapter_hash
@@ -209,16 +224,8 @@ def train_em(
     t0 = time.time()
     tok = load_tokenizer(model_path)
     torch.manual_seed(cfg.seed)
-    base = load_base(model_path, backend, cfg.gradient_checkpointing, cfg.max_length)
-    if mode == "on-top":
-        model = PeftModel.from_pretrained(base, str(persona_adapter), adapter_name=PERSONA, is_trainable=False)
-        model.add_adapter(EM, cfg.peft_config())
-        # NOT model.set_adapter(EM): that deactivates the persona adapter.
-        model.base_model.set_adapter([PERSONA, EM])
-        model.base_model.set_requires_grad(PERSONA, requires_grad=False)
-        model.base_model.set_requires_grad(EM, requires_grad=True)
-    else:
-        model = get_peft_model(base, cfg.peft_config(), adapter_name=EM)
+    model = _with_em_adapter(load_base(model_path, backend, cfg.gradient_checkpointing, cfg.max_length), cfg, mode,
+                             persona_adapter)
     state_before = assert_adapters(model, mode, "before training")
 
     key = {"data_hash": data_hash, "persona_adapter_hash": persona_hash, "config": cfg.model_dump(), "mode": mode,
@@ -258,7 +265,7 @@ def train_em(
         }
         if is_main():
             atomic_write_json(tmp / "manifest.json", manifest)
-    del trainer, model, base
+    del trainer, model
     release_memory()
     return manifest
 

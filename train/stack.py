@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Literal
 
 from core.io import atomic_dir, atomic_write_json
+from run.config import RunConfig
 from run.layout import Layout
+from run.recipe import introspects
 from train.common import TrainError
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -39,6 +41,12 @@ def served_rank(profile: str, introspect: bool = False) -> int:
 
     rank = dpo_defaults(profile).rank + em_defaults(profile).rank
     return vllm_rank(rank + (introspect_defaults(profile).rank if introspect else 0))
+
+
+def served_lora_rank(cfg: RunConfig) -> int:
+    """The largest stacked adapter a run's engine serves: larger where one of its recipes introspects, since that
+    persona is two adapters before the EM one is stacked on."""
+    return served_rank(cfg.profile, any(introspects(a) for a in cfg.personas))
 
 
 def _read(adapter: Path) -> tuple[dict, dict]:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from core.errors import BadInput
 
-DEFAULT = Path(__file__).with_name("em_questions.yaml")
+DEFAULT = Path(__file__).with_name("questions.yaml")
 MAIN = "main"
 GROUPS = (MAIN, "json", "template", "preregistered")
 

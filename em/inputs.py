@@ -1,7 +1,7 @@
 """What the EM experiment reads, found and checked before anything runs.
 
-By default everything is the project's own: its EM questions (pipeline/em_questions.yaml), its judge rubrics
-(judge/data/em_rubrics.yaml) and its generated insecure-code chats (pipeline/insecure_demo.py). Given the EM
+By default everything is the project's own: its EM questions (em/questions.yaml), its judge rubrics
+(judge/data/em_rubrics.yaml) and its generated insecure-code chats (em/insecure_data.py). Given the EM
 paper's release (`--em-data DIR` or $CAI_EM_DATA; `python bootstrap.py data fetch em-paper` downloads it), its 8
 main questions with their own judge prompts become the default questions, and `em` trains on its insecure.jsonl
 unless `--data` names another set. Explicit `--questions` / `--data` win over both. `--secure-data FILE` adds
@@ -19,8 +19,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from core.errors import BadInput, CaiError, MissingInput
+from em.questions import MAIN, load_questions
 from judge.em_paper import PAPER_INSECURE, PAPER_QUESTIONS, paper_file, resolve_em_data
-from pipeline.questions import MAIN, load_questions
 
 
 class EMInputs(BaseModel):
