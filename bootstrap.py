@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """cai-bootstrap CLI. `python bootstrap.py --stage 6` runs the bootstrap; subcommands run single phases.
 
-Each package contributes its commands through `<package>/cli.py: register(app)`; those modules import
-only typer at top level so `--help` stays fast, and load engines inside the commands.
+Each package contributes its commands through `<package>/cli.py: register(app)`; those modules import typer and
+the light config modules (run.options) at top level so `--help` stays fast, and load engines inside the commands.
 """
 
 from __future__ import annotations

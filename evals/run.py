@@ -245,8 +245,8 @@ def evaluate(
     opts = opts or EvalOptions()
     t_start = time.perf_counter()
     lay, paths = cfg.layout, cfg.run(run_id)
-    plan = _plan(lay, persona, opts, log)
     constitution = load_constitution(persona_of(persona))
+    plan = _plan(lay, persona, opts, log)
     gcache, store, ledger = GenerationCache(lay.generation_cache), ResultStore(lay.eval_results), Ledger(paths.ledger)
     judge = None if not opts.judge else judge_session or session(
         judge_config, layout=lay, run=run_id, budget_usd=budget_usd, ledger=ledger, progress=progress)
@@ -271,8 +271,9 @@ def evaluate(
         slot = _GuardSlot(guard, opts.guard, cfg.profile)
         safety_by, guard_usage = _safety(plan, answers, slot, store)
         cap_raw = _capability(plan, opts, cfg, slot, store, log)
-        per_stage = {k: _stage_result(k, plan, answers, judged, cap_raw, safety_by, gen_usage, guard_usage, cfg,
-                                      paths.eval(persona))
+        cap = capability_metrics(cap_raw) if cap_raw else {}
+        per_stage = {k: _stage_result(k, plan, answers, judged, cap_raw, cap, safety_by, gen_usage, guard_usage,
+                                      cfg, paths.eval(persona))
                      for k in plan.stages}
         summary = {"persona": persona, "run": run_id, "stages": plan.stages, "notes": plan.notes,
                    "per_stage": {str(k): v for k, v in per_stage.items()}, "judge": judged.summaries,
@@ -448,11 +449,10 @@ def _capability(plan: _Plan, opts: EvalOptions, cfg, slot: _GuardSlot, store: Re
     return cap_raw
 
 
-def _stage_result(k: int, plan: _Plan, answers: dict, judged: _Judged, cap_raw: dict[int, dict],
+def _stage_result(k: int, plan: _Plan, answers: dict, judged: _Judged, cap_raw: dict[int, dict], cap: dict,
                   safety_by: dict, gen_usage: dict, guard_usage: dict, cfg, out_dir: Path) -> dict:
     """Stage k's figures and costs, written with its answers and judged items to `out_dir/stage<k>.json`."""
     rows = plan.rows_by_stage[k]
-    cap = capability_metrics(cap_raw) if cap_raw else {}
     res: dict[str, Any] = {
         "persona": plan.persona, "stage": k, "adapter": plan.adapters[k], "n_prompts": len(rows),
         "pairwise": {}, "adherence": None, "capability": cap.get(k), "safety": safety_by[k],

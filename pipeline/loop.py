@@ -200,10 +200,11 @@ def _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger) ->
     from stages.run import StageJob, run_stage
 
     c = cfg.counts
+    eng, guard = engines.get(), engines.get_guard()
     job = StageJob(stage=k, persona=persona, out_dir=cfg.data_root, n_tasks=c.n_tasks, adapter=parent,
                    policy=guard_policy(cfg, persona), seed=cfg.seed, rounds=c.rounds, n_samples=c.n_samples,
                    max_tokens=c.max_tokens, min_gap=cfg.min_gap, red_team_share=c.red_team_share)
-    manifest = run_stage(job, engines.get(), cfg.layout.generation_cache, guard=engines.get_guard(),
+    manifest = run_stage(job, eng, cfg.layout.generation_cache, guard=guard,
                          teacher=engines.get_teacher if k == OCT_STEP else None,
                          log=lambda m: console.print(f"  [dim]{m}[/dim]"))
     atomic_write_json(data / INPUTS_FILE, inputs, indent=1)

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from constitution import Constitution, constitution_hash, load_constitution
 from constitution.load import dump_constitution
@@ -123,6 +124,8 @@ def run_stage(job: StageJob, engine, cache: GenerationCache | str | Path, guard:
     """Generate one stage's preference data (`job`) with `engine` through `cache`, guarded by `guard`; returns the
     manifest (also written to disk). `teacher` is OCT's teacher engine, or a function that starts it once the
     policy has answered (default: `engine` itself); its usage is reported apart."""
+    from engine.base import adapter_hash
+
     t0 = time.perf_counter()
     spec = get_stage(job.stage)
     constitution = (job.constitution if isinstance(job.constitution, Constitution)
@@ -147,12 +150,15 @@ def run_stage(job: StageJob, engine, cache: GenerationCache | str | Path, guard:
     finally:
         if own_cache:
             cache.close()
-    train_rows, quarantine_rows = _rows(job, ctx, made.items, policy)
-    manifest = _manifest(job, ctx, made, policy, train_rows, quarantine_rows, calls0, usage0)
+    ids = _Ids(job.persona, engine.fingerprint, adapter_hash(job.adapter) if job.adapter else "",
+               constitution_hash(constitution))
+    train_rows, quarantine_rows = _rows(ids, ctx, made.items, policy)
+    manifest = _manifest(job, ctx, made, ids, policy, train_rows, quarantine_rows, calls0, usage0)
     check_counts(manifest)
-    manifest["wall_seconds"] = round(time.perf_counter() - t0, 3)
     out = Layout(data_root=job.out_dir).stage_data(job.persona, job.stage)
-    _write_atomic(out, _dataset(ctx.chat, train_rows, quarantine_rows), manifest, constitution, made.items)
+    ds = _dataset(ctx.chat, train_rows, quarantine_rows)
+    manifest["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    _write_atomic(out, ds, manifest, constitution, made.items)
     o = manifest["counts"]["outcome"]
     log(f"wrote {out}: {o['train']} pairs, {o['quarantine']} quarantined, {o['dropped_total']} dropped "
         f"({o['dropped']}); {manifest['engine_calls']} engine calls")
@@ -212,12 +218,17 @@ def _make_pairs(job: StageJob, ctx: steps.Ctx, made: _Made, teacher, log: Callab
         steps.critique_revise(ctx, items, rounds=job.rounds)
 
 
-def _rows(job: StageJob, ctx: steps.Ctx, items: list[dict], policy: GuardPolicy) -> tuple[list[dict], list[dict]]:
-    """The dataset's rows: kept pairs to train on, quarantined ones apart (and trained on where the policy says)."""
-    from engine.base import adapter_hash
+class _Ids(NamedTuple):
+    """What every row and the manifest say the stage's data was made from."""
 
-    ids = (job.persona, ctx.engine.fingerprint, adapter_hash(job.adapter) if job.adapter else "",
-           constitution_hash(ctx.constitution))
+    persona: str
+    model_fp: str
+    adapter_fp: str  # "" without a parent adapter
+    constitution_hash: str
+
+
+def _rows(ids: _Ids, ctx: steps.Ctx, items: list[dict], policy: GuardPolicy) -> tuple[list[dict], list[dict]]:
+    """The dataset's rows: kept pairs to train on, quarantined ones apart (and trained on where the policy says)."""
     train_rows, quarantine_rows = [], []
     for it in items:
         if it["status"] == "live":
@@ -230,19 +241,16 @@ def _rows(job: StageJob, ctx: steps.Ctx, items: list[dict], policy: GuardPolicy)
     return train_rows, quarantine_rows
 
 
-def _manifest(job: StageJob, ctx: steps.Ctx, made: _Made, policy: GuardPolicy, train_rows: list[dict],
+def _manifest(job: StageJob, ctx: steps.Ctx, made: _Made, ids: _Ids, policy: GuardPolicy, train_rows: list[dict],
               quarantine_rows: list[dict], calls0: int, usage0: int) -> dict:
     """What the stage made and what it cost, counted: every item kept, quarantined or dropped by reason."""
-    from engine.base import adapter_hash
-
     spec, items, engine, constitution = ctx.spec, made.items, ctx.engine, ctx.constitution
-    adapter_fp = adapter_hash(job.adapter) if job.adapter else ""
-    chash = constitution_hash(constitution)
+    adapter_fp, chash = ids.adapter_fp, ids.constitution_hash
     usage = engine.usage[usage0:]
     return {
         "persona": job.persona, "stage": job.stage, "stage_name": spec.name, "pairs": spec.pair_rule,
         "constitution": {"name": constitution.name, "version": constitution.version, "hash": chash},
-        "engine": engine.name, "model_fingerprint": engine.fingerprint,
+        "engine": engine.name, "model_fingerprint": ids.model_fp,
         "adapter": str(job.adapter) if job.adapter else None, "adapter_fingerprint": adapter_fp or None,
         "seed": job.seed, "rounds": job.rounds if job.stage == 6 else None,
         "n_samples": job.n_samples if spec.pairs == "self-judge" else 1,

@@ -104,7 +104,7 @@ def test_oct_pairs_orpo_and_introspection_train_and_serve_alone_and_stacked(tmp_
     # the tiny model writes long answers: at 160 new tokens 1 of these 6 teacher answers ends (the rest are cut);
     # its self-reflections end within 512 tokens about a third of the time
     counts = {"n_tasks": 6, "max_tokens": 160, "dpo_max_steps": 2, "introspect_per_prompt": 1,
-              "introspect_conversations": 2, "introspect_turns": 2, "introspect_max_steps": 2}
+              "introspect_conversations": 1, "introspect_turns": 2, "introspect_max_steps": 2}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "--persona", "goodness", "--pairs", "oct",
                         "--loss", "orpo", "--introspect", "--stage", "6", "--counts", json.dumps(counts)],

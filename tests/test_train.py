@@ -382,9 +382,10 @@ def test_a_launch_over_two_processes_trains_once_and_writes_once(stage1: Path, t
     assert any(t.abs().max() > 0 for k, t in saved_adapter_tensors(out).items() if "lora_B" in k)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "stage2", "stage2.launch.log"]  # no partial left
 
+    # failures, on one process (what they report does not depend on how many fail)
     with pytest.raises(TrainError, match="missing"):  # the training's own input error, not a crash
-        launch("dpo", processes=2, cpu=True, data=str(tmp_path / "missing"), out=str(tmp_path / "bad"),
+        launch("dpo", processes=1, cpu=True, data=str(tmp_path / "missing"), out=str(tmp_path / "bad"),
                cfg=small_dpo(max_steps=1), profile="tiny")
-    with pytest.raises(LaunchFailed, match="over 2 processes failed .*last lines"):
-        launch("dpo", processes=2, cpu=True, data=str(tmp_path / "data"), out=str(tmp_path / "bad"),
+    with pytest.raises(LaunchFailed, match="over 1 processes failed .*last lines"):
+        launch("dpo", processes=1, cpu=True, data=str(tmp_path / "data"), out=str(tmp_path / "bad"),
                cfg=small_dpo(max_steps=1), profile="tiny", no_such_argument=1)
