@@ -83,7 +83,6 @@ class RayEngine(Engine):
     # the generation cache keys on this name: Ray's workers run the same vLLM engine, so a run that moves between
     # `--ray` and the plain engine reuses what either made (tests/test_ray_engine.py: same texts)
     name = "vllm"
-    runs_on = "ray"
 
     def __init__(self, profile: Profile | str = "tiny", address: str = LOCAL, max_lora_rank: int | None = None,
                  replicas: int | None = None) -> None:
