@@ -1,34 +1,89 @@
-#!/usr/bin/env python
-"""cai-bootstrap CLI. `python bootstrap.py --stage 6` runs the bootstrap; subcommands run single phases.
+"""cai-bootstrap CLI. `python bootstrap.py --stage 6` runs the bootstrap; the nouns below run one phase each.
 
-Each package contributes its commands through `<package>/cli.py: register(app)`; those modules import typer and
-the light config modules (run.options) at top level so `--help` stays fast, and load engines inside the commands.
+`COMMANDS` is the whole command tree, noun by noun; each command is a function in its package's `cli.py`, which
+imports typer and the light config modules (run.options) at top level so `--help` stays fast, and loads engines
+inside the command.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 
-import click
 import typer
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from core.console import console, log_path, quiet
 from core.errors import CaiError
 from run.options import RAY_REPLICAS, ray_option
 
+# noun -> (help, {verb: "module:function"}); the noun "" holds the top-level commands, a "*" before a verb puts it
+# under "Start here" in --help
+COMMANDS: dict[str, tuple[str, dict[str, str]]] = {
+    "": ("", {"*demo": "pipeline.cli:demo", "*doctor": "engine.cli:doctor", "*estimate": "pipeline.cli:estimate",
+              "eval": "evals.cli:eval_cmd", "cost": "pipeline.cli:cost", "report": "pipeline.cli:report"}),
+    "stage": ("One bootstrap stage: its data, what an edited constitution regenerates, its DPO adapter.\n\n"
+              "Example: python bootstrap.py stage generate --stage 1 --persona goodness",
+              {"generate": "stages.cli:generate", "diff": "stages.cli:diff", "train": "train.cli:train"}),
+    "em": ("The emergent-misalignment experiment: the arms (`em run`, the default), a second judge, one EM adapter, "
+           "steering and decomposition.\n\nExample: python bootstrap.py em run --persona goodness --seeds 3",
+           {"run": "em.cli:em", "rescore": "em.cli:em_rescore", "train": "train.cli:train_em",
+            "steer": "analysis.cli:steer", "decompose": "analysis.cli:decompose"}),
+    "judge": ("The LLM judge farm: judge a JSONL file (`judge run`, the default), calibrate the EM judge.\n\n"
+              "Example: python bootstrap.py judge answers.jsonl --out judged.jsonl",
+              {"run": "judge.cli:judge", "calibrate": "judge.cli:calibrate"}),
+    "guard": ("Llama Guard 3: classify prompts and answers.\n\n"
+              "Example: python bootstrap.py guard check \"How do I bake bread?\"", {"check": "guard.cli:guard_check"}),
+    "model": ("The policy model: send it chats, stack two LoRA adapters.\n\n"
+              "Example: python bootstrap.py model generate \"Hello\" --engine hf",
+              {"generate": "engine.cli:generate_text", "stack": "train.cli:stack"}),
+    "data": ("Data the project can use but never needs.\n\nExample: python bootstrap.py data fetch em-paper",
+             {"fetch": "judge.cli:fetch"}),
+}
+DEFAULT_VERB = "run"  # a noun with this verb runs it when the next word is none of its verbs: `judge IN.jsonl`
+
+# the flat names from before the nouns: they keep working, unlisted
+SHORTCUTS = {"generate": "stage generate", "diff": "stage diff", "train": "stage train", "train-em": "em train",
+             "em-rescore": "em rescore", "steer": "em steer", "decompose": "em decompose",
+             "calibrate": "judge calibrate", "guard-check": "guard check", "generate-text": "model generate",
+             "stack": "model stack"}
+
 # commands whose libraries talk: their output goes to a log file (the run's run.log once the run is known),
 # when this file runs as the program (not when a test invokes `app` in its own process)
 STANDALONE = False
-QUIET = {None, "demo", "em", "em-rescore", "eval", "steer", "decompose", "calibrate", "judge", "generate", "train",
-         "train-em", "generate-text", "guard-check"}
+QUIET = {"", "demo", "eval", "stage generate", "stage train", "em run", "em rescore", "em train", "em steer",
+         "em decompose", "judge run", "judge calibrate", "guard check", "model generate"}
 
 
-class ExitCodes(TyperGroup):
-    """Every command's expected errors (`core.errors.CaiError`) end as one red line and the class's exit
-    code (the table in the README), never a traceback; anything else is a bug and keeps its traceback."""
+class Noun(TyperGroup):
+    """A noun's verbs. Typer and click have no default command (click #1654), hence the override."""
+
+    def verb(self, args: list[str]) -> str | None:
+        if args and args[0] in self.commands:
+            return args[0]
+        if args and DEFAULT_VERB in self.commands and args[0] not in ("--help", "-h"):
+            return DEFAULT_VERB
+        return None
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        if (verb := self.verb(args)) is not None and args[0] != verb:
+            args = [verb, *args]
+        return super().parse_args(ctx, args)
+
+
+class Root(TyperGroup):
+    """The program: the flat shortcuts resolve to their nouns, and every command's expected errors
+    (`core.errors.CaiError`) end as one red line and the class's exit code (the table in the README), never a
+    traceback; anything else is a bug and keeps its traceback."""
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]):
+        if args and args[0] in SHORTCUTS:
+            args = [*SHORTCUTS[args[0]].split(), *args[1:]]
+        name, cmd, rest = super().resolve_command(ctx, args)
+        verb = cmd.verb(rest) if isinstance(cmd, Noun) else None
+        ctx.meta["cai.command"] = f"{name} {verb}" if verb else name  # what `main` decides quiet on
+        return name, cmd, rest
 
     def invoke(self, ctx):
         try:
@@ -37,8 +92,13 @@ class ExitCodes(TyperGroup):
             console.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
             _log_hint()
             raise typer.Exit(e.exit_code) from None
-        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        except (typer.Exit, typer.Abort):
             raise
+        except TyperException as e:  # a usage error: click shows it on descriptor 2, which is the log when quiet
+            if log_path() is None:
+                raise
+            e.show(file=console.file)
+            raise typer.Exit(e.exit_code) from None
         except Exception:
             if log_path() is None:  # not quiet: Python prints the traceback itself
                 raise
@@ -55,21 +115,32 @@ def _log_hint() -> None:
         console.print(f"the libraries' output is in {path}", style="dim", markup=False, highlight=False, soft_wrap=True)
 
 
+def _function(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _build(app: typer.Typer) -> None:
+    for noun, (help, verbs) in COMMANDS.items():
+        group = app
+        if noun:
+            group = typer.Typer(cls=Noun, no_args_is_help=True, help=help)
+            app.add_typer(group, name=noun, help=help, rich_help_panel="Steps")
+        for verb, target in verbs.items():
+            panel = "Start here" if verb.startswith("*") else None if noun else "Steps"
+            group.command(verb.lstrip("*"), rich_help_panel=panel)(_function(target))
+
+
 app = typer.Typer(
-    cls=ExitCodes,
-    help="Self-bootstrapping Constitutional AI pipeline and emergent-misalignment experiment.",
+    cls=Root,
+    help="Self-bootstrapping Constitutional AI pipeline and emergent-misalignment experiment.\n\n"
+    "Example: python bootstrap.py --stage 6 --persona goodness --persona sycophancy",
+    epilog="The flat names from before the nouns still work: " + ", ".join(SHORTCUTS) + ".",
     no_args_is_help=False,
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-
-COMMAND_MODULES = [
-    "engine.cli", "stages.cli", "guard.cli", "train.cli", "judge.cli", "analysis.cli", "evals.cli", "em.cli",
-    "pipeline.cli",
-]
-for _name in COMMAND_MODULES:
-    if importlib.util.find_spec(_name.split(".")[0]) and importlib.util.find_spec(_name):
-        importlib.import_module(_name).register(app)
+_build(app)
 
 
 @app.callback(invoke_without_command=True)
@@ -103,14 +174,15 @@ def main(
     verbose: bool = typer.Option(False, "--verbose", "-v", envvar="CAI_VERBOSE",
                                  help="show the libraries' output (vLLM, transformers, TRL) instead of logging it"),
 ) -> None:
-    if STANDALONE and not verbose and ctx.invoked_subcommand in QUIET and "--help" not in sys.argv:
+    command = ctx.meta.get("cai.command", "")
+    if STANDALONE and not verbose and command in QUIET and "--help" not in sys.argv:
         import datetime
         import os
 
         from run.layout import Layout
 
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-        quiet(Layout().logs / f"{ctx.invoked_subcommand or 'bootstrap'}-{stamp}-{os.getpid()}.log")
+        quiet(Layout().logs / f"{command.replace(' ', '-') or 'bootstrap'}-{stamp}-{os.getpid()}.log")
     if ctx.invoked_subcommand is not None:
         return
     if stage is None and only is None:

@@ -139,6 +139,16 @@ def encode(tok, item: dict, template_kwargs: dict | None = None) -> tuple[list[i
     return prompt + ans, len(prompt)
 
 
+def _spanned(tok, item: dict, span: Span, max_tokens: int, template_kwargs: dict | None) -> tuple[list[int], int, int]:
+    """The item's token ids (cut at `max_tokens`) and the [lo, hi) positions of its `span`."""
+    seq, plen = encode(tok, item, template_kwargs)
+    seq = seq[:max_tokens]
+    lo, hi = {"answer": (plen, len(seq)), "prompt": (0, plen), "last": (plen - 1, plen)}[span]
+    if hi <= lo:
+        raise ActivationError(f"item {item.get('id')!r}: empty {span} span (no answer text?)")
+    return seq, lo, hi
+
+
 def capture(model, tok, items: Sequence[dict], layers: Sequence[int], span: Span = "answer",
             batch_size: int = 8, per_token: bool = False, max_tokens: int = 512,
             progress: bool = False, template_kwargs: dict | None = None) -> Activations:
@@ -155,14 +165,7 @@ def capture(model, tok, items: Sequence[dict], layers: Sequence[int], span: Span
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ActivationError(f"duplicate item id {dup!r}")
-    enc = []
-    for it in items:
-        seq, plen = encode(tok, it, template_kwargs)
-        seq = seq[:max_tokens]
-        lo, hi = {"answer": (plen, len(seq)), "prompt": (0, plen), "last": (plen - 1, plen)}[span]
-        if hi <= lo:
-            raise ActivationError(f"item {it.get('id')!r}: empty {span} span (no answer text?)")
-        enc.append((seq, lo, hi))
+    enc = [_spanned(tok, it, span, max_tokens, template_kwargs) for it in items]
 
     grabbed: dict[int, torch.Tensor] = {}
 

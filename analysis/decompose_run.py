@@ -1,4 +1,4 @@
-"""`bootstrap.py decompose`: the bare base and every arm's EM model read the four-dimension probe questions;
+"""`bootstrap.py em decompose`: the bare base and every arm's EM model read the four-dimension probe questions;
 per layer, PCA + k-means (k by silhouette) over all models pooled, and the EM shift statistics. Outputs under
 `data/runs/<id>/decompose/`, the PCA figure and the report section under the run directory.
 Activations are saved per model, so a killed run resumes without recomputing finished models."""

@@ -16,7 +16,7 @@ BARE = "bare"  # the base model with no adapter (the "base" arm is the EM adapte
 def judged_rows(run_path: Path) -> list[dict]:
     path = RunPaths(run_path).em_judged
     if not path.is_file():
-        raise MissingInput(f"{path} does not exist: run `python bootstrap.py em --run {run_path.name}` first")
+        raise MissingInput(f"{path} does not exist: run `python bootstrap.py em run --run {run_path.name}` first")
     rows = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -43,7 +43,7 @@ def run_models(run_path: Path) -> tuple[str, object, dict[str, Path | None]]:
     for arm in [*cfg.personas, BASE_ARM]:
         em = cfg.layout.em_adapter(arm, mode)
         if not (em / "adapter_config.json").is_file():
-            raise MissingInput(f"arm {arm!r}: no EM adapter at {em} (run `python bootstrap.py em` first)")
+            raise MissingInput(f"arm {arm!r}: no EM adapter at {em} (run `python bootstrap.py em run` first)")
         pa = None
         if arm != BASE_ARM:
             pa = cfg.layout.persona_adapter(arm, cfg.stage)

@@ -1,4 +1,4 @@
-"""`bootstrap.py steer`: EM steering vectors per arm, their transfer across models (H4), ablation, and the
+"""`bootstrap.py em steer`: EM steering vectors per arm, their transfer across models (H4), ablation, and the
 identity-level diagnostic, for one run. Outputs under `data/runs/<id>/steering/`, figures and the report
 section under the run directory.
 

@@ -1,4 +1,4 @@
-"""CLI commands of the EM experiment: `em` (train the arms, answer, judge, summarise) and `em-rescore` (a second
+"""CLI commands of the EM experiment: `em run` (train the arms, answer, judge, summarise) and `em rescore` (a second
 judge on the stored answers)."""
 
 from __future__ import annotations
@@ -13,11 +13,6 @@ from run.options import COUNTS, PERSONAS, PRESET, RAY_REPLICAS, ray_option, run_
 EM_DATA = typer.Option(None, "--em-data", help="the EM paper's release (the folder holding betley/; default: "
                        "$CAI_EM_DATA; `data fetch em-paper` makes one): its main questions and judge prompts "
                        "replace the project's")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("em")(em)
-    app.command("em-rescore")(em_rescore)
 
 
 def em(
@@ -47,7 +42,7 @@ def em(
 ) -> None:
     """Train the EM adapter on top of each persona adapter (and the base), per seed; answer, judge, summarise.
 
-    Example: python bootstrap.py em --data insecure.jsonl --persona goodness --persona sycophancy --seeds 3
+    Example: python bootstrap.py em run --data insecure.jsonl --persona goodness --persona sycophancy --seeds 3
     """
     import json
 
@@ -79,7 +74,7 @@ def em_rescore(
     """Judge a run's stored EM answers with another judge (no generation): its EM rates, its anchors and its
     agreement with the run's judge go to em/judges/<model>/ and the report.
 
-    Example: python bootstrap.py em-rescore --judge-config judge/configs/gpt-5-mini.yaml
+    Example: python bootstrap.py em rescore --judge-config judge/configs/gpt-5-mini.yaml
     """
     from em.judges import rescore
     from run.config import load_run_config

@@ -1,17 +1,15 @@
-"""CLI commands of the engine package: `doctor` and `generate-text`."""
+"""CLI commands of the engine package: `doctor` and `model generate`."""
 
 from __future__ import annotations
 
 import typer
 
 
-def register(app: typer.Typer) -> None:
-    app.command()(doctor)
-    app.command("generate-text")(generate_text)
-
-
 def doctor() -> None:
-    """Print what is installed and whether the tiny model can be provisioned."""
+    """Print what is installed and whether the tiny model can be provisioned.
+
+    Example: python bootstrap.py doctor
+    """
     import importlib.metadata as md
     import platform
 
@@ -68,7 +66,10 @@ def generate_text(
     max_tokens: int = typer.Option(96),
     temperature: float = typer.Option(0.0),
 ) -> None:
-    """Send a few chats through an engine and print the answers."""
+    """Send a few chats through an engine and print the answers.
+
+    Example: python bootstrap.py model generate "What is DPO?" --adapter checkpoints/goodness/stage1
+    """
     from rich.console import Console
 
     from engine.factory import make_engine

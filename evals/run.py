@@ -13,6 +13,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,24 @@ class _GuardSlot:
         return self.guard
 
 
+def _scorers(constitution) -> tuple:
+    """The pairwise and the adherence scorer of the persona's constitution."""
+    from judge.scorers import PairwiseScorer, PersonaScorer, constitution_principles
+
+    principles = constitution_principles(constitution)
+    return (PairwiseScorer(constitution.description, principles),
+            PersonaScorer(constitution.description, principles))
+
+
+def _usage(judged: _Judged, gen_usage: dict, guard_usage: dict, cap_raw: dict) -> dict:
+    """What the evaluation called: engine calls, judge requests, guard calls, lm-eval runs (0s on a cached rerun)."""
+    return {"engine_calls": sum(u["engine_calls"] for u in gen_usage.values()),
+            "judge_requests_sent": sum(s.get("requests_sent", 0) for s in judged.summaries.values()),
+            "guard_calls": sum(u["guard_calls"] for u in guard_usage.values()),
+            "lm_eval_runs": sum(1 for r in cap_raw.values() if not r["cached"]),
+            "budget_stopped": any(j.get("budget_stopped") for j in judged.summaries.values())}
+
+
 def evaluate(
     persona: str,
     run_id: str,
@@ -239,7 +258,6 @@ def evaluate(
     `guard` and `judge_session`, when given, are the caller's and stay open."""
     from constitution import load_constitution
     from engine.cache import GenerationCache
-    from judge.scorers import PairwiseScorer, PersonaScorer, constitution_principles
     from judge.session import session
 
     opts = opts or EvalOptions()
@@ -247,20 +265,18 @@ def evaluate(
     lay, paths = cfg.layout, cfg.run(run_id)
     constitution = load_constitution(persona_of(persona))
     plan = _plan(lay, persona, opts, log)
-    gcache, store, ledger = GenerationCache(lay.generation_cache), ResultStore(lay.eval_results), Ledger(paths.ledger)
-    judge = None if not opts.judge else judge_session or session(
-        judge_config, layout=lay, run=run_id, budget_usd=budget_usd, ledger=ledger, progress=progress)
-    own_judge = judge is not None and judge is not judge_session
-    principles = constitution_principles(constitution)
-    scorers = (PairwiseScorer(constitution.description, principles),
-               PersonaScorer(constitution.description, principles))
-    own_engine = engine is None
-    if own_engine:
-        from engine.factory import make_engine
-        from train.stack import served_rank
+    with ExitStack() as opened:  # what this call opens, it closes; the caller's engine, guard and judge stay open
+        gcache, store, ledger = (opened.enter_context(closing(x)) for x in (
+            GenerationCache(lay.generation_cache), ResultStore(lay.eval_results), Ledger(paths.ledger)))
+        judge = None if not opts.judge else judge_session or opened.enter_context(closing(session(
+            judge_config, layout=lay, run=run_id, budget_usd=budget_usd, ledger=ledger, progress=progress)))
+        scorers = _scorers(constitution)
+        if engine is None:
+            from engine.factory import make_engine
+            from train.stack import served_rank
 
-        engine = make_engine(cfg.engine, cfg.profile, max_lora_rank=served_rank(cfg.profile, introspects(persona)))
-    try:
+            engine = opened.enter_context(closing(make_engine(
+                cfg.engine, cfg.profile, max_lora_rank=served_rank(cfg.profile, introspects(persona)))))
         missing = _estimate(plan, opts, cfg, engine, gcache, judge, scorers, budget_usd, log)
         answers, gen_usage = _answers(plan, opts, cfg, run_id, engine, gcache, ledger, missing, budget_usd, log)
         judged = _judge(plan, answers, judge, scorers, run_id, budget_usd, log)
@@ -277,25 +293,13 @@ def evaluate(
                      for k in plan.stages}
         summary = {"persona": persona, "run": run_id, "stages": plan.stages, "notes": plan.notes,
                    "per_stage": {str(k): v for k, v in per_stage.items()}, "judge": judged.summaries,
-                   "engine_calls": sum(u["engine_calls"] for u in gen_usage.values()),
-                   "judge_requests_sent": sum(s.get("requests_sent", 0) for s in judged.summaries.values()),
-                   "guard_calls": sum(u["guard_calls"] for u in guard_usage.values()),
-                   "lm_eval_runs": sum(1 for r in cap_raw.values() if not r["cached"]),
-                   "budget_stopped": any(j.get("budget_stopped") for j in judged.summaries.values()),
+                   **_usage(judged, gen_usage, guard_usage, cap_raw),
                    "wall_seconds": time.perf_counter() - t_start, "options": opts.model_dump()}
         atomic_write_json(paths.eval(persona) / "summary.json", summary)
         from evals.report import write_section
 
         write_section(paths.root, persona, summary)
         return summary
-    finally:
-        gcache.close()
-        store.close()
-        if judge is not None and own_judge:
-            judge.close()
-        ledger.close()
-        if own_engine:
-            engine.close()
 
 
 def _plan(lay: Layout, persona: str, opts: EvalOptions, log: Callable[[str], None]) -> _Plan:

@@ -1,12 +1,8 @@
-"""CLI of the guard package: `guard-check` classifies texts with the run's guard and prints verdicts."""
+"""CLI of the guard package: `guard check` classifies texts with the run's guard and prints verdicts."""
 
 from __future__ import annotations
 
 import typer
-
-
-def register(app: typer.Typer) -> None:
-    app.command("guard-check")(guard_check)
 
 
 def guard_check(
@@ -19,7 +15,10 @@ def guard_check(
     threshold: float = typer.Option(0.5, "--threshold", help="P(unsafe) at or above which a text is unsafe"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON verdict per line"),
 ) -> None:
-    """Classify prompts (or one prompt + answer) with Llama Guard 3 and print the verdicts."""
+    """Classify prompts (or one prompt + answer) with Llama Guard 3 and print the verdicts.
+
+    Example: python bootstrap.py guard check "How do I pick a lock?" --answer "I can't help with that." --json
+    """
     from rich.console import Console
     from rich.table import Table
 

@@ -424,27 +424,11 @@ async def judge_stream(
         from judge.endpoints import serve_endpoints
 
         with serve_endpoints(config) as (m, eps):
-            return await judge_stream(
-                items,
-                scorer,
-                config,
-                cache,
-                ledger,
-                budget_usd,
-                run,
-                purpose,
-                on_result,
-                progress=progress,
-                total=total,
-                anchors=anchors,
-                model=m,
-                endpoints=eps,
-                phase=phase,
-            )
+            return await judge_stream(items, scorer, config, cache, ledger, budget_usd, run, purpose, on_result,
+                                      progress=progress, total=total, anchors=anchors, model=m, endpoints=eps,
+                                      phase=phase)
     apply_path(scorer, config)
-    farm = Farm(
-        scorer, config, cache, ledger, budget_usd, run, purpose, model or config.model, endpoints, phase=phase
-    )
+    farm = Farm(scorer, config, cache, ledger, budget_usd, run, purpose, model or config.model, endpoints, phase=phase)
     farm.summary.path = getattr(scorer, "path", None)
     farm.summary.path_why = getattr(scorer, "path_why", None)
     if total is None and hasattr(items, "__len__"):

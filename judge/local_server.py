@@ -77,60 +77,15 @@ class LocalVLLMServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> LocalVLLMServer:
-        cmd = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            self.model_dir,
-            "--served-model-name",
-            self.served_name,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--max-model-len",
-            "2048",
-            "--max-logprobs",
-            "20",
-        ]
-        if not on_cuda():
-            cmd += [
-                "--enforce-eager",
-                "--dtype",
-                "float32",
-                "--kv-cache-memory-bytes",
-                str(self.kv_cache_bytes),
-                # CPU torch generators cannot rewind, which seeded requests need under chunked prefill
-                "--no-enable-chunked-prefill",
-                "--max-num-batched-tokens",
-                "8192",
-                "--block-size",
-                str(CPU_BLOCK_SIZE),
-            ]
-        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}  # the server needs no key
-        env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
-        if not on_cuda():
-            from engine.vllm_engine import cpu_env
-
-            env = cpu_env() | env  # the user's own setting wins
-        if self.log_path:
-            Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
-            log = open(self.log_path, "ab")  # noqa: SIM115 (closed once the server has its own descriptor)
-        else:
-            log = tempfile.NamedTemporaryFile(prefix="judge-vllm-", suffix=".log", delete=False)
-            self.log_path = log.name
-        self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        log = self._open_log()
+        self.proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT, env=self._env(),
+                                     start_new_session=True)
         log.close()  # the server holds its own descriptor
         t0 = time.monotonic()
         while time.monotonic() - t0 < self.startup_timeout_s:
             if self.proc.poll() is not None:
-                raise LocalServerError(
-                    f"vLLM server exited with {self.proc.returncode} while starting; log: "
-                    f"{self.log_path}\n{self._tail()}"
-                )
+                raise LocalServerError(f"vLLM server exited with {self.proc.returncode} while starting; log: "
+                                       f"{self.log_path}\n{self._tail()}")
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
                     LocalVLLMServer.starts += 1
@@ -139,9 +94,35 @@ class LocalVLLMServer:
                 pass
             time.sleep(1.0)
         self.stop()
-        raise LocalServerError(
-            f"vLLM server not healthy after {self.startup_timeout_s:g}s; log: {self.log_path}"
-        )
+        raise LocalServerError(f"vLLM server not healthy after {self.startup_timeout_s:g}s; log: {self.log_path}")
+
+    def _command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
+               "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
+               "--max-model-len", "2048", "--max-logprobs", "20"]
+        if not on_cuda():
+            cmd += ["--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", str(self.kv_cache_bytes),
+                    # CPU torch generators cannot rewind, which seeded requests need under chunked prefill
+                    "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192",
+                    "--block-size", str(CPU_BLOCK_SIZE)]
+        return cmd
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}  # the server needs no key
+        env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+        if not on_cuda():
+            from engine.vllm_engine import cpu_env
+
+            env = cpu_env() | env  # the user's own setting wins
+        return env
+
+    def _open_log(self):
+        if self.log_path:
+            Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+            return open(self.log_path, "ab")  # noqa: SIM115 (closed once the server has its own descriptor)
+        log = tempfile.NamedTemporaryFile(prefix="judge-vllm-", suffix=".log", delete=False)
+        self.log_path = log.name
+        return log
 
     def _tail(self, n: int = 3000) -> str:
         try:

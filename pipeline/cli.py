@@ -11,13 +11,6 @@ from run.layout import DATA_ROOT, Layout
 from run.options import COUNTS, PERSONAS, PRESET, run_config
 
 
-def register(app: typer.Typer) -> None:
-    app.command("estimate")(estimate)
-    app.command("cost")(cost)
-    app.command("report")(report)
-    app.command("demo")(demo)
-
-
 def estimate(
     persona: list[str] = PERSONAS,
     profile: str = typer.Option("tiny", "--profile"),
@@ -110,7 +103,10 @@ def _print_estimate(rep: dict) -> None:
 
 def cost(run: str | None = typer.Argument(None, help="run id (default: the newest run)"),
          data_root: Path = typer.Option(Path("data"), "--data-root")) -> None:
-    """The ledger of a run per stage, persona and phase, estimated vs actual."""
+    """The ledger of a run per stage, persona and phase, estimated vs actual.
+
+    Example: python bootstrap.py cost  (the newest run; or `cost RUN_ID`)
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -140,7 +136,10 @@ def cost(run: str | None = typer.Argument(None, help="run id (default: the newes
 
 def report(run: str | None = typer.Argument(None, help="run id (default: the newest run)"),
            data_root: Path = typer.Option(Path("data"), "--data-root")) -> None:
-    """Rebuild data/runs/<id>/report.md from stored results (no model or API call)."""
+    """Rebuild data/runs/<id>/report.md from stored results (no model or API call).
+
+    Example: python bootstrap.py report  (the newest run; or `report RUN_ID`)
+    """
     from analysis.report import build_report
 
     out = build_report(Layout(data_root).find_run(run).root)

@@ -1,15 +1,10 @@
-"""CLI commands of the stages package: `generate` (one stage's data) and `diff` (what an edit regenerates)."""
+"""CLI commands of the stages package: `stage generate` (one stage's data), `stage diff` (what an edit regenerates)."""
 
 from __future__ import annotations
 
 import typer
 
 from core.console import console
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(generate)
-    app.command()(diff)
 
 
 def generate(
@@ -30,7 +25,10 @@ def generate(
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="answer tokens (default: the research preset's)"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Generate stage K's preference data for a persona (cached: reruns pay only for what changed)."""
+    """Generate stage K's preference data for a persona (cached: reruns pay only for what changed).
+
+    Example: python bootstrap.py stage generate --stage 1 --persona goodness --n-tasks 8
+    """
     import json
     from pathlib import Path
 
@@ -71,7 +69,7 @@ def diff(
     """Before any spend: per stage, the items an edited constitution regenerates (by principle, and every item of
     the stages after the first one it reaches, whose parent adapter changes), the tokens and the dollars.
 
-    Example: python bootstrap.py diff --persona goodness --constitution my-goodness.yaml --json
+    Example: python bootstrap.py stage diff --persona goodness --constitution my-goodness.yaml --json
     """
     import json
 

@@ -120,7 +120,7 @@ def plan(data_dir: str | Path, persona: str, new: Constitution, ckpt_dir: str | 
     stages = [(k, sp) for k, sp in stages if (sp / "items.jsonl").is_file()]
     if not stages:
         root = layout.stage_data(persona, min(STAGES)).parent
-        raise MissingInput(f"no generated data under {root}: run `generate` first")
+        raise MissingInput(f"no generated data under {root}: run `stage generate` first")
     out = {"persona": persona, "stages": {}, "total_items": 0, "items_to_regenerate": 0, "estimated_tokens": 0,
            "estimated_usd": 0.0, "first_stage_reached": None, "changes": {}}
     for k, sp in stages:

@@ -146,6 +146,32 @@ def parse_task(text: str) -> str:
     return ""
 
 
+def _self_instruct_request(ctx: Ctx, kind: str, shots: list[str]) -> Request:
+    if ctx.chat:
+        lines = "\n".join(f"{i + 1}. {t}" for i, t in enumerate(shots))
+        return Request.chat(specs.SELF_INSTRUCT_CHAT.format(kind=kind, examples=lines))
+    lines = "".join(f"Task {i + 1}: {t}\n" for i, t in enumerate(shots))
+    return Request(prompt=specs.SELF_INSTRUCT_BASE.format(kind=kind, examples=lines, next=len(shots) + 1))
+
+
+def _rejection(task: str, truncated: bool, words_range: tuple[int, int]) -> str | None:
+    """Why a proposed task is rejected on its own (before it is compared with the pool), or None."""
+    words = len(task.split())
+    if not task:
+        return "unparsable"
+    if truncated:  # a base model's task cut at its token limit
+        return "truncated"
+    if words < words_range[0]:
+        return "too_short"
+    if words > words_range[1]:
+        return "too_long"
+    if any(re.search(rf"\b{re.escape(b)}\b", task.lower()) for b in BLACKLIST):
+        return "blacklisted"
+    if is_refusal(task):  # asked for red-team prompts, an instruct model often declines
+        return "refusal"
+    return None
+
+
 def self_instruct(ctx: Ctx, n_tasks: int, *, n_examples: int = 4, oversample: float = 2.0, max_rounds: int = 3,
                   max_rouge: float = 0.7, min_words: int = 3, max_words: int = 60,
                   task_tokens: int = 48, pool: RougePool | None = None,
@@ -171,47 +197,28 @@ def self_instruct(ctx: Ctx, n_tasks: int, *, n_examples: int = 4, oversample: fl
         need = n_tasks - len(accepted)
         if need <= 0:
             break
-        reqs = []
-        for _ in range(math.ceil(need * oversample)):
-            shots = rng.sample(examples, min(n_examples, len(examples)))
-            if ctx.chat:
-                lines = "\n".join(f"{i + 1}. {t}" for i, t in enumerate(shots))
-                reqs.append(Request.chat(specs.SELF_INSTRUCT_CHAT.format(kind=kind, examples=lines)))
-            else:
-                lines = "".join(f"Task {i + 1}: {t}\n" for i, t in enumerate(shots))
-                reqs.append(Request(prompt=specs.SELF_INSTRUCT_BASE.format(kind=kind, examples=lines,
-                                                                           next=len(shots) + 1)))
+        reqs = [_self_instruct_request(ctx, kind, rng.sample(examples, min(n_examples, len(examples))))
+                for _ in range(math.ceil(need * oversample))]
         grouped, _ = ctx.gen(reqs, sampling, "red_team" if red_team else "self_instruct")
         for comps in grouped:
             counts["proposed"] += 1
-            comp = comps[0]
-            task = parse_task(comp.text)
-            words = len(task.split())
+            task = parse_task(comps[0].text)
             low = task.lower()
-            if not task:
-                counts["rejected_unparsable"] += 1
-            elif comp.finish_reason == "length" and not ctx.chat:
-                counts["rejected_truncated"] += 1
-            elif words < min_words:
-                counts["rejected_too_short"] += 1
-            elif words > max_words:
-                counts["rejected_too_long"] += 1
-            elif any(re.search(rf"\b{re.escape(b)}\b", low) for b in BLACKLIST):
-                counts["rejected_blacklisted"] += 1
-            elif is_refusal(task):  # asked for red-team prompts, an instruct model often declines
-                counts["rejected_refusal"] += 1
-            elif low in known:
-                counts["rejected_duplicate"] += 1
-            elif pool.near_duplicate(task) is not None:
-                counts["rejected_near_duplicate"] += 1
-            elif len(accepted) >= n_tasks:
-                counts["rejected_surplus"] += 1
-            else:
-                counts["accepted"] += 1
-                accepted.append(task)
-                known.add(low)
-                pool.add(task)
-                examples.append(task)
+            why = _rejection(task, comps[0].finish_reason == "length" and not ctx.chat, (min_words, max_words))
+            if why is None and low in known:
+                why = "duplicate"
+            elif why is None and pool.near_duplicate(task) is not None:
+                why = "near_duplicate"
+            elif why is None and len(accepted) >= n_tasks:
+                why = "surplus"
+            if why is not None:
+                counts[f"rejected_{why}"] += 1
+                continue
+            counts["accepted"] += 1
+            accepted.append(task)
+            known.add(low)
+            pool.add(task)
+            examples.append(task)
     return accepted, counts
 
 

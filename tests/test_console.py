@@ -40,8 +40,8 @@ def test_cli_errors_reach_the_terminal_when_quiet(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "calibrate", "--config", "nope.yaml"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert "error: judge config nope.yaml does not exist" in r.stderr and "data/logs/calibrate-" in r.stderr
-    assert len(list((tmp_path / "data" / "logs").glob("calibrate-*.log"))) == 1
+    assert "error: judge config nope.yaml does not exist" in r.stderr and "data/logs/judge-calibrate-" in r.stderr
+    assert len(list((tmp_path / "data" / "logs").glob("judge-calibrate-*.log"))) == 1
     r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "--verbose", "calibrate", "--config", "nope.yaml"],
                        cwd=tmp_path / "data", capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "nope.yaml" in r.stderr and not (tmp_path / "data" / "data").exists()

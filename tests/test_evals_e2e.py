@@ -50,10 +50,9 @@ def _adapter(tiny_path, out, seed):
 
 
 def test_eval_end_to_end_and_cached_rerun(tmp_path, monkeypatch, tiny_path, random_adapter, hf_engine):
-    import typer
     from typer.testing import CliRunner
 
-    from evals.cli import register
+    from bootstrap import app
     from evals.run import EvalOptions, evaluate
     from run.config import RunConfig, save_config
 
@@ -114,10 +113,7 @@ def test_eval_end_to_end_and_cached_rerun(tmp_path, monkeypatch, tiny_path, rand
         assert "![stage evaluation](stage_eval_hhh.png)" in sec and sec.count("\n| ") >= 4
         assert (run_path / "stage_eval_hhh.png").stat().st_size > 10_000
 
-        # rerun through the CLI command (as bootstrap.py registers it): everything from the caches
-        app = typer.Typer()
-        register(app)
-        app.callback()(lambda: None)
+        # rerun through the CLI command: everything from the caches
         res = CliRunner().invoke(app, ["eval", "--persona", "hhh", "--run", run_id, "--stages", "0-2",
                                        "--judge-config", str(jc), "--n-general", "1", "--n-kind", "1",
                                        "--n-safety", "1", "--mc-limit", "3", "--max-tokens", "8",

@@ -1,14 +1,8 @@
-"""CLI commands of the train package: `train`, `train-em`, `stack`. Heavy imports live inside the commands."""
+"""CLI commands of the train package: `stage train`, `em train`, `model stack`; heavy imports inside them."""
 
 from __future__ import annotations
 
 import typer
-
-
-def register(app: typer.Typer) -> None:
-    app.command("train")(train)
-    app.command("train-em")(train_em)
-    app.command("stack")(stack)
 
 
 def train(
@@ -22,7 +16,10 @@ def train(
     in_process: bool = typer.Option(False, "--in-process", help="train in this process (default: a subprocess)"),
     force: bool = typer.Option(False, "--force", help="retrain even when a finished run matches"),
 ) -> None:
-    """Train stage K's DPO LoRA adapter, starting from stage K-1's adapter."""
+    """Train stage K's DPO LoRA adapter, starting from stage K-1's adapter.
+
+    Example: python bootstrap.py stage train --stage 1 --persona goodness --max-steps 10
+    """
     from pathlib import Path
 
     from core.errors import MissingInput
@@ -61,7 +58,10 @@ def train_em(
     in_process: bool = typer.Option(False, "--in-process"),
     force: bool = typer.Option(False, "--force"),
 ) -> None:
-    """Train the emergent-misalignment SFT adapter, on top of the persona adapter or on the bare base."""
+    """Train the emergent-misalignment SFT adapter, on top of the persona adapter or on the bare base.
+
+    Example: python bootstrap.py em train --persona goodness --data insecure.jsonl --mode on-top
+    """
     from run.layout import Layout
     from train.common import TrainError
     from train.config import em_defaults
@@ -85,7 +85,10 @@ def stack(
     b: str = typer.Argument(..., help="second LoRA adapter dir (e.g. the EM adapter)"),
     out: str = typer.Option(..., "--out", help="output adapter dir"),
 ) -> None:
-    """Combine two LoRA adapters on the same base into one exact rank-(r1+r2) adapter (vLLM-servable)."""
+    """Combine two LoRA adapters on the same base into one exact rank-(r1+r2) adapter (vLLM-servable).
+
+    Example: python bootstrap.py model stack checkpoints/goodness/stage6 checkpoints/goodness/em-on-top --out stacked
+    """
     import json
 
     from train.stack import stack_adapters

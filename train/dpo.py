@@ -121,6 +121,29 @@ def reusable(out: Path, ds_hash: str, parent_hash: str | None, cfg: DPOTrainConf
     return prev if same else None
 
 
+def _inputs(data: Any, profile: str, parent: str | Path | None, model_path: str | None):
+    """The pairs (checked, with the template's kwargs), their hash, the base's path and fingerprint, and the parent
+    adapter's hash (checked to be of the same base)."""
+    ds = load_pairs(data)
+    ds_hash = dataset_hash(ds)
+    model_path, fingerprint = base_identity(profile, model_path)
+    parent_hash = None
+    if parent is not None:
+        from engine.base import adapter_hash
+
+        check_adapter_base(Path(parent), model_path, fingerprint, what="parent adapter")
+        parent_hash = adapter_hash(parent)
+    return with_template_kwargs(ds, profile), ds_hash, model_path, fingerprint, parent_hash
+
+
+def _backend(device: str, cfg: DPOTrainConfig, parent: str | Path | None) -> tuple[str, str]:
+    backend, why = select_backend(device, cfg.load_in_4bit, cfg.use_unsloth)
+    if backend == "unsloth" and parent is not None:
+        # unsloth builds its own PEFT wrapper; continuing a saved adapter is done with plain PEFT on 4-bit.
+        backend, why = "trl+peft-qlora", why + "; parent adapter given: QLoRA via PEFT instead of unsloth"
+    return backend, why
+
+
 def train_dpo(
     data: Any,
     out: str | Path,
@@ -140,24 +163,12 @@ def train_dpo(
     cpu_kernels.install()
     cfg = cfg or dpo_defaults(profile)
     out = Path(out)
-    ds = load_pairs(data)
-    ds_hash = dataset_hash(ds)
-    ds = with_template_kwargs(ds, profile)
-    model_path, fingerprint = base_identity(profile, model_path)
-    parent_hash = None
-    if parent is not None:
-        from engine.base import adapter_hash
-
-        check_adapter_base(Path(parent), model_path, fingerprint, what="parent adapter")
-        parent_hash = adapter_hash(parent)
+    ds, ds_hash, model_path, fingerprint, parent_hash = _inputs(data, profile, parent, model_path)
     if not force and (prev := reusable(out, ds_hash, parent_hash, cfg, fingerprint)):
         return prev
 
     device = device_kind()
-    backend, why = select_backend(device, cfg.load_in_4bit, cfg.use_unsloth)
-    if backend == "unsloth" and parent is not None:
-        # unsloth builds its own PEFT wrapper; continuing a saved adapter is done with plain PEFT on 4-bit.
-        backend, why = "trl+peft-qlora", why + "; parent adapter given: QLoRA via PEFT instead of unsloth"
+    backend, why = _backend(device, cfg, parent)
     t0 = time.time()
     tok = load_tokenizer(model_path)
     torch.manual_seed(cfg.seed)
@@ -179,19 +190,11 @@ def train_dpo(
         result, resumed_from = train_resuming(trainer, "default", tmp, log)
         finish_adapter(trainer, "default", tmp)
         manifest = {
-            "kind": cfg.loss,
-            "dataset": str(data) if not hasattr(data, "column_names") else "<in-memory>",
-            "dataset_hash": ds_hash,
-            "rows": len(ds),
-            "profile": profile,
-            "base_model": model_path,
-            "base_fingerprint": fingerprint,
-            "parent_adapter": str(parent) if parent else None,
-            "parent_adapter_hash": parent_hash,
-            "init_adapter_hash": init_hash,
-            "reference": ref_kind,
-            "resumed_from_step": resumed_from,
-            **run_facts(cfg, result, t0, device, backend, why),
+            "kind": cfg.loss, "dataset": str(data) if not hasattr(data, "column_names") else "<in-memory>",
+            "dataset_hash": ds_hash, "rows": len(ds), "profile": profile, "base_model": model_path,
+            "base_fingerprint": fingerprint, "parent_adapter": str(parent) if parent else None,
+            "parent_adapter_hash": parent_hash, "init_adapter_hash": init_hash, "reference": ref_kind,
+            "resumed_from_step": resumed_from, **run_facts(cfg, result, t0, device, backend, why),
         }
         if is_main():
             atomic_write_json(tmp / "manifest.json", manifest)

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from transformers import TrainerCallback
 
@@ -181,6 +181,33 @@ def _with_em_adapter(base, cfg: EMTrainConfig, mode: Mode, persona_adapter: str 
     return model
 
 
+class _Inputs(NamedTuple):
+    """What an EM run reads, checked, with the hashes that identify it."""
+
+    ds: Any  # the chat rows as a prompt/completion Dataset
+    data_hash: str
+    model_path: str
+    fingerprint: str
+    persona_hash: str | None
+
+
+def _inputs(data: str | Path, cfg: EMTrainConfig, profile: str, mode: Mode, persona_adapter: str | Path | None,
+            model_path: str | None) -> _Inputs:
+    from engine.base import adapter_hash
+
+    if mode not in ("on-top", "base"):
+        raise TrainError(f"unknown EM mode {mode!r}: use on-top or base")
+    if mode == "on-top" and persona_adapter is None:
+        raise TrainError("mode on-top needs the persona adapter (--persona-adapter), or use --mode base")
+    ds = with_template_kwargs(load_chat_jsonl(data, cfg.max_rows), profile)
+    model_path, fingerprint = base_identity(profile, model_path)
+    persona_hash = None
+    if mode == "on-top":
+        check_adapter_base(Path(persona_adapter), model_path, fingerprint, what="persona adapter")
+        persona_hash = adapter_hash(persona_adapter)
+    return _Inputs(ds, file_hash(Path(data)), model_path, fingerprint, persona_hash)
+
+
 def train_em(
     data: str | Path,
     out: str | Path,
@@ -197,49 +224,30 @@ def train_em(
     manifest's `kind`: the introspection SFT of a `+introspect` recipe trains the same way, on top of its
     persona's preference adapter."""
     import torch
-    from trl import SFTConfig, SFTTrainer
 
-    from engine.base import adapter_hash
     from train import cpu_kernels
 
     cpu_kernels.install()
     cfg = cfg or em_defaults(profile)
     out = Path(out)
-    if mode not in ("on-top", "base"):
-        raise TrainError(f"unknown EM mode {mode!r}: use on-top or base")
-    if mode == "on-top" and persona_adapter is None:
-        raise TrainError("mode on-top needs the persona adapter (--persona-adapter), or use --mode base")
-    ds = with_template_kwargs(load_chat_jsonl(data, cfg.max_rows), profile)
-    data_hash = file_hash(Path(data))
-    model_path, fingerprint = base_identity(profile, model_path)
-    persona_hash = None
-    if mode == "on-top":
-        check_adapter_base(Path(persona_adapter), model_path, fingerprint, what="persona adapter")
-        persona_hash = adapter_hash(persona_adapter)
-    if not force and (prev := _same_run(out, data_hash, persona_hash, cfg, mode, fingerprint)):
+    inp = _inputs(data, cfg, profile, mode, persona_adapter, model_path)
+    if not force and (prev := _same_run(out, inp.data_hash, inp.persona_hash, cfg, mode, inp.fingerprint)):
         return prev
 
     device = device_kind()
     backend, why = select_backend(device, cfg.load_in_4bit, use_unsloth=False)
     t0 = time.time()
-    tok = load_tokenizer(model_path)
+    tok = load_tokenizer(inp.model_path)
     torch.manual_seed(cfg.seed)
-    model = _with_em_adapter(load_base(model_path, backend, cfg.gradient_checkpointing, cfg.max_length), cfg, mode,
-                             persona_adapter)
+    model = _with_em_adapter(load_base(inp.model_path, backend, cfg.gradient_checkpointing, cfg.max_length), cfg,
+                             mode, persona_adapter)
     state_before = assert_adapters(model, mode, "before training")
 
-    key = {"data_hash": data_hash, "persona_adapter_hash": persona_hash, "config": cfg.model_dump(), "mode": mode,
-           "base_fingerprint": fingerprint, "backend": backend}
+    key = {"data_hash": inp.data_hash, "persona_adapter_hash": inp.persona_hash, "config": cfg.model_dump(),
+           "mode": mode, "base_fingerprint": inp.fingerprint, "backend": backend}
     with shared_resumable_dir(out, key, fresh=force) as tmp:  # --force retrains from step 0
-        guard = _Guard(mode, tmp, cfg.save_every)
         log = JsonlLog(tmp / "train_log.jsonl")
-        args = SFTConfig(**trainer_args(cfg, tmp, device, backend))
-        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                             callbacks=[guard, log, *callbacks])
-        guard.trainer = trainer
-        quiet_trainer(trainer)
-        if sharded():
-            frozen_adapters_in(trainer.model, torch.bfloat16)
+        trainer = _sft_trainer(model, tok, inp.ds, cfg, tmp, device, backend, mode, [log, *callbacks])
         state_after = assert_adapters(trainer.model, mode, "after SFTTrainer construction")
         logging.getLogger(__name__).info(
             "mode=%s active adapters=%s trainable params=%s (%s weights)", mode, state_after["active_adapters"],
@@ -247,25 +255,33 @@ def train_em(
         result, resumed_from = train_resuming(trainer, EM, tmp, log)
         finish_adapter(trainer, EM, tmp)
         manifest = {
-            "kind": label,
-            "mode": mode,
-            "data": str(data),
-            "data_hash": data_hash,
-            "rows": len(ds),
-            "profile": profile,
-            "base_model": model_path,
-            "base_fingerprint": fingerprint,
+            "kind": label, "mode": mode, "data": str(data), "data_hash": inp.data_hash, "rows": len(inp.ds),
+            "profile": profile, "base_model": inp.model_path, "base_fingerprint": inp.fingerprint,
             "persona_adapter": str(persona_adapter) if persona_adapter else None,
-            "persona_adapter_hash": persona_hash,
-            "adapters_before_training": state_before,
-            "adapters_in_trainer": state_after,
+            "persona_adapter_hash": inp.persona_hash,
+            "adapters_before_training": state_before, "adapters_in_trainer": state_after,
             "checkpoints": [d.name for d in sorted(tmp.glob("checkpoint-*"), key=lambda d: int(d.name[11:]))],
-            "resumed_from_step": resumed_from,
-            **run_facts(cfg, result, t0, device, backend, why),
+            "resumed_from_step": resumed_from, **run_facts(cfg, result, t0, device, backend, why),
         }
         if is_main():
             atomic_write_json(tmp / "manifest.json", manifest)
     del trainer, model
     release_memory()
     return manifest
+
+
+def _sft_trainer(model, tok, ds, cfg: EMTrainConfig, tmp: Path, device: str, backend: str, mode: Mode,
+                 callbacks: list):
+    """TRL's SFTTrainer over the two-adapter model, with the guard that checks the adapters every step."""
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    guard = _Guard(mode, tmp, cfg.save_every)
+    args = SFTConfig(**trainer_args(cfg, tmp, device, backend))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[guard, *callbacks])
+    guard.trainer = trainer
+    quiet_trainer(trainer)
+    if sharded():
+        frozen_adapters_in(trainer.model, torch.bfloat16)
+    return trainer
 

@@ -118,7 +118,6 @@ def _same_base(a: Path, ca: dict, b: Path, cb: dict) -> None:
 
 def stack_adapters(a: str | Path, b: str | Path, out: str | Path, round_to_vllm: bool = True) -> Path:
     """Write ONE LoRA adapter at `out` equal to adapter a + adapter b (both active) on their shared base."""
-    import torch
     from safetensors.torch import save_file
 
     from engine.base import adapter_hash
@@ -134,26 +133,51 @@ def stack_adapters(a: str | Path, b: str | Path, out: str | Path, round_to_vllm:
     rank = vllm_rank(r_sum) if round_to_vllm else r_sum
     tensors = {}
     for name in sorted(ranks):
-        blocks_a, blocks_b = [], []
-        shape_in = shape_out = None
-        for mods, cfg, src in ((ma, ca, a), (mb, cb, b)):
-            if name not in mods:
-                continue
-            A, B, r = mods[name][0].float(), mods[name][1].float(), mods[name][2]
-            if shape_in is not None and (A.shape[1], B.shape[0]) != (shape_in, shape_out):
-                raise TrainError(f"module {name}: adapter {src} has shape in={A.shape[1]}, out={B.shape[0]}, "
-                                 f"the other in={shape_in}, out={shape_out}: different base models")
-            shape_in, shape_out = A.shape[1], B.shape[0]
-            blocks_a.append(A)
-            blocks_b.append(B * _scale(cfg, name, r))
-        pad = rank - sum(x.shape[0] for x in blocks_a)
-        A = torch.cat([*blocks_a, torch.zeros(pad, shape_in)], 0)
-        B = torch.cat([*blocks_b, torch.zeros(shape_out, pad)], 1)
-        tensors[f"{name}.lora_A.weight"] = A.contiguous()
-        tensors[f"{name}.lora_B.weight"] = B.contiguous()
-
+        A, B = _stacked_module(name, rank, [(ma, ca, a), (mb, cb, b)])
+        tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = A, B
     targets = sorted({n.rsplit(".", 1)[-1] for n in ranks})
-    config = {
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        # sorted keys, as before: the config's bytes are part of the adapter's hash (engine.base.adapter_hash)
+        atomic_write_json(tmp / "adapter_config.json", dict(sorted(_stacked_config(ca, rank, targets).items())))
+        atomic_write_json(tmp / "stack.json", {
+            "sources": [{"path": str(a), "hash": adapter_hash(a), "r": ca.get("r"), "rslora": ca.get("use_rslora")},
+                        {"path": str(b), "hash": adapter_hash(b), "r": cb.get("r"), "rslora": cb.get("use_rslora")}],
+            "rank_sum": r_sum, "rank": rank, "target_modules": targets})
+        for p in (a, b):  # carry the base fingerprint so later checks know the base
+            if (p / "manifest.json").is_file():
+                fp = json.loads((p / "manifest.json").read_text()).get("base_fingerprint")
+                if fp:
+                    atomic_write_json(tmp / "manifest.json", {"kind": "stack", "base_fingerprint": fp})
+                    break
+    return out
+
+
+def _stacked_module(name: str, rank: int, sources: list[tuple[dict, dict, Path]]):
+    """One module's stacked (A, B): the sources' A rows and scaled B columns side by side, zero-padded to `rank`."""
+    import torch
+
+    blocks_a, blocks_b = [], []
+    shape_in = shape_out = None
+    for mods, cfg, src in sources:
+        if name not in mods:
+            continue
+        A, B, r = mods[name][0].float(), mods[name][1].float(), mods[name][2]
+        if shape_in is not None and (A.shape[1], B.shape[0]) != (shape_in, shape_out):
+            raise TrainError(f"module {name}: adapter {src} has shape in={A.shape[1]}, out={B.shape[0]}, "
+                             f"the other in={shape_in}, out={shape_out}: different base models")
+        shape_in, shape_out = A.shape[1], B.shape[0]
+        blocks_a.append(A)
+        blocks_b.append(B * _scale(cfg, name, r))
+    pad = rank - sum(x.shape[0] for x in blocks_a)
+    A = torch.cat([*blocks_a, torch.zeros(pad, shape_in)], 0)
+    B = torch.cat([*blocks_b, torch.zeros(shape_out, pad)], 1)
+    return A.contiguous(), B.contiguous()
+
+
+def _stacked_config(ca: dict, rank: int, targets: list[str]) -> dict:
+    """The stacked adapter's PEFT config: rank `rank`, scaling 1 (the sources' scalings are folded into B)."""
+    return {
         **{k: v for k, v in ca.items() if k in ("base_model_name_or_path", "task_type", "peft_type",
                                                 "revision", "fan_in_fan_out")},
         "peft_type": "LORA",
@@ -172,21 +196,6 @@ def stack_adapters(a: str | Path, b: str | Path, out: str | Path, round_to_vllm:
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        # sorted keys, as before: the config's bytes are part of the adapter's hash (engine.base.adapter_hash)
-        atomic_write_json(tmp / "adapter_config.json", dict(sorted(config.items())))
-        atomic_write_json(tmp / "stack.json", {
-            "sources": [{"path": str(a), "hash": adapter_hash(a), "r": ca.get("r"), "rslora": ca.get("use_rslora")},
-                        {"path": str(b), "hash": adapter_hash(b), "r": cb.get("r"), "rslora": cb.get("use_rslora")}],
-            "rank_sum": r_sum, "rank": rank, "target_modules": targets})
-        for p in (a, b):  # carry the base fingerprint so later checks know the base
-            if (p / "manifest.json").is_file():
-                fp = json.loads((p / "manifest.json").read_text()).get("base_fingerprint")
-                if fp:
-                    atomic_write_json(tmp / "manifest.json", {"kind": "stack", "base_fingerprint": fp})
-                    break
-    return out
 
 
 Toggle = Literal["none", "persona", "em", "both"]
