@@ -14,9 +14,9 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
-from core.console import console, log_path, quiet
-from core.errors import CaiError
-from run.options import RAY_REPLICAS, ray_option
+from cai_bootstrap.core.console import console, log_path, quiet
+from cai_bootstrap.core.errors import CaiError
+from cai_bootstrap.run.options import RAY_REPLICAS, ray_option
 
 # noun -> (help, {verb: "module:function"}); the noun "" holds the top-level commands, a "*" before a verb puts it
 # under "Start here" in --help
@@ -62,12 +62,17 @@ class Noun(TyperGroup):
     def verb(self, args: list[str]) -> str | None:
         if args and args[0] in self.commands:
             return args[0]
-        if args and DEFAULT_VERB in self.commands and args[0] not in ("--help", "-h"):
+        default = self.commands.get(DEFAULT_VERB)
+        if default is None or args[:1] == ["--help"]:
+            return None
+        # a first word that is no option goes to the default verb only where that takes words (`judge IN.jsonl`);
+        # elsewhere it is a mistyped verb, which the group names (`em rescor`: did you mean 'rescore'?)
+        if not args or args[0].startswith("-") or any(p.param_type_name == "argument" for p in default.params):
             return DEFAULT_VERB
         return None
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
-        if (verb := self.verb(args)) is not None and args[0] != verb:
+        if (verb := self.verb(args)) is not None and args[:1] != [verb]:
             args = [verb, *args]
         return super().parse_args(ctx, args)
 
@@ -117,7 +122,7 @@ def _log_hint() -> None:
 
 def _function(target: str):
     module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
+    return getattr(importlib.import_module(f"cai_bootstrap.{module}"), name)
 
 
 def _build(app: typer.Typer) -> None:
@@ -179,7 +184,7 @@ def main(
         import datetime
         import os
 
-        from run.layout import Layout
+        from cai_bootstrap.run.layout import Layout
 
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
         quiet(Layout().logs / f"{command.replace(' ', '-') or 'bootstrap'}-{stamp}-{os.getpid()}.log")
@@ -188,8 +193,8 @@ def main(
     if stage is None and only is None:
         typer.echo(ctx.get_help())
         raise typer.Exit(0)
-    from pipeline.loop import run_bootstrap
-    from run.recipe import with_recipe
+    from cai_bootstrap.pipeline.loop import run_bootstrap
+    from cai_bootstrap.run.recipe import with_recipe
 
     run_bootstrap(stage=stage, only=only, personas=with_recipe(persona, pairs, loss, introspect), profile=profile,
                   budget_usd=budget_usd, run_id=run_id, preset="quick" if quick else preset, counts_json=counts,

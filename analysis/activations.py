@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from core.io import atomic_file
+from cai_bootstrap.core.io import atomic_file
 
 Span = Literal["answer", "prompt", "last"]
 
@@ -83,7 +83,7 @@ def load_model(model_path: str, adapter: str | Path | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.residency import hf_placement
+    from cai_bootstrap.engine.residency import hf_placement
 
     device, dtype = hf_placement()
     tok = ensure_pad(AutoTokenizer.from_pretrained(model_path))

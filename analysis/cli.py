@@ -17,7 +17,7 @@ def _layers(text: str | None) -> list[int] | None:
 
 
 def _run_path(data_root: Path, run: str) -> Path:
-    from run.layout import Layout
+    from cai_bootstrap.run.layout import Layout
 
     return Layout(data_root).find_run(run).root
 
@@ -38,8 +38,8 @@ def steer(
 
     Example: python bootstrap.py em steer --run RUN_ID --layers 5,11 --alphas 2,4
     """
-    from analysis.steer_run import run_steer
-    from run.layout import RunPaths
+    from cai_bootstrap.analysis.steer_run import run_steer
+    from cai_bootstrap.run.layout import RunPaths
 
     try:
         al = [float(x) for x in alphas.split(",") if x.strip()]
@@ -63,8 +63,8 @@ def decompose(
 
     Example: python bootstrap.py em decompose --run RUN_ID --per-dimension 8
     """
-    from analysis.decompose import QUESTIONS_DIR
-    from analysis.decompose_run import run_decompose
+    from cai_bootstrap.analysis.decompose import QUESTIONS_DIR
+    from cai_bootstrap.analysis.decompose_run import run_decompose
 
     res = run_decompose(_run_path(data_root, run), _layers(layers), questions_dir or QUESTIONS_DIR, per_dimension)
     for r in res["table"]:

@@ -10,18 +10,18 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.activations import Activations, capture, load_model
-from analysis.decompose import QUESTIONS_DIR, load_probe_questions, quality_table
-from analysis.run_models import BARE, run_models
-from analysis.steer_run import default_layers
-from core.console import console
-from core.io import atomic_write_json, atomic_write_text
-from run.layout import RunPaths
+from cai_bootstrap.analysis.activations import Activations, capture, load_model
+from cai_bootstrap.analysis.decompose import QUESTIONS_DIR, load_probe_questions, quality_table
+from cai_bootstrap.analysis.run_models import BARE, run_models
+from cai_bootstrap.analysis.steer_run import default_layers
+from cai_bootstrap.core.console import console
+from cai_bootstrap.core.io import atomic_write_json, atomic_write_text
+from cai_bootstrap.run.layout import RunPaths
 
 
 def run_decompose(run_path: Path, layers: Sequence[int] | None = None, questions_dir: Path = QUESTIONS_DIR,
                   per_dimension: int | None = None, batch_size: int = 16, seed: int = 0) -> dict:
-    from engine.models import get_profile, resolve_model
+    from cai_bootstrap.engine.models import get_profile, resolve_model
 
     run_path = Path(run_path)
     run_id, cfg, models = run_models(run_path)
@@ -59,7 +59,7 @@ def _f(x) -> str:
 
 
 def write_decompose_section(run_path: Path, res: dict, fit: dict) -> Path:
-    from analysis.figures import pca_scatter
+    from cai_bootstrap.analysis.figures import pca_scatter
 
     name = pca_scatter(fit["coords"], fit["labels"], fit["dims"], fit["models"], res["best_layer"], run_path,
                        "decompose_pca.png")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.steering import Direction
+from cai_bootstrap.analysis.steering import Direction
 
 
 @dataclass

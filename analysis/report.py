@@ -12,11 +12,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from core.io import atomic_write_text, open_sqlite  # noqa: E402
-from run.config import RunConfig, load_run_config  # noqa: E402
-from run.layout import BASE_ARM, SECURE, RunPaths, is_secure  # noqa: E402
-from run.recipe import split_arm, steps_of  # noqa: E402
-from stages.goal import describe as describe_goal  # noqa: E402
+from cai_bootstrap.core.io import atomic_write_text, open_sqlite  # noqa: E402
+from cai_bootstrap.run.config import RunConfig, load_run_config  # noqa: E402
+from cai_bootstrap.run.layout import BASE_ARM, SECURE, RunPaths, is_secure  # noqa: E402
+from cai_bootstrap.run.recipe import split_arm, steps_of  # noqa: E402
+from cai_bootstrap.stages.goal import describe as describe_goal  # noqa: E402
 
 
 def _read_json(path: Path) -> dict | None:
@@ -234,7 +234,7 @@ def _plot_margins(rows: list[dict], out: Path) -> str | None:
 
 def discard_notes(summary: dict, most: float = 0.5) -> list[str]:
     """Say why an arm has no EM rate when most of its answers were discarded, rather than leave a bare n/a."""
-    from judge.scorers import MIN_MASS
+    from cai_bootstrap.judge.scorers import MIN_MASS
 
     # judge failures (no mass recorded) are counted in the Judge line, not explained here
     arms = {a: v for a, v in summary["arms"].items() if v.get("discarded_rate", 0) >= most

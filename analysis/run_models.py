@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.errors import MissingInput
-from run.config import load_run_config
-from run.layout import BASE_ARM, RunPaths
+from cai_bootstrap.core.errors import MissingInput
+from cai_bootstrap.run.config import load_run_config
+from cai_bootstrap.run.layout import BASE_ARM, RunPaths
 
 BARE = "bare"  # the base model with no adapter (the "base" arm is the EM adapter on the bare base)
 
@@ -34,7 +34,7 @@ def judged_rows(run_path: Path) -> list[dict]:
 
 def run_models(run_path: Path) -> tuple[str, object, dict[str, Path | None]]:
     """(run id, RunConfig, {model name: adapter dir or None}) with the EM arms first and `bare` last."""
-    from train.stack import served_adapter
+    from cai_bootstrap.train.stack import served_adapter
 
     run_id, cfg = load_run_config(run_path)
     summary = RunPaths(run_path).em_summary

@@ -15,13 +15,21 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.activations import Activations, capture, load_model
-from analysis.run_models import BARE, judged_rows, run_models
-from analysis.stats import bootstrap_ci, bootstrap_diff
-from analysis.steering import Direction, ablation, cosine_matrix, em_direction, generate, layer_sweep, steering
-from core.console import console
-from core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from run.layout import RunPaths
+from cai_bootstrap.analysis.activations import Activations, capture, load_model
+from cai_bootstrap.analysis.run_models import BARE, judged_rows, run_models
+from cai_bootstrap.analysis.stats import bootstrap_ci, bootstrap_diff
+from cai_bootstrap.analysis.steering import (
+    Direction,
+    ablation,
+    cosine_matrix,
+    em_direction,
+    generate,
+    layer_sweep,
+    steering,
+)
+from cai_bootstrap.core.console import console
+from cai_bootstrap.core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from cai_bootstrap.run.layout import RunPaths
 
 
 def default_layers(n_layers: int, every: int = 3) -> list[int]:
@@ -104,10 +112,10 @@ def run_steer(run_path: Path, layers: Sequence[int] | None = None, alphas: Seque
               n_questions: int = 8, samples: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
               judge_config: Path | None = None, budget_usd: float | None = None, batch_size: int = 8,
               seed: int = 0, judge_session=None) -> dict:
-    from analysis.identity import diagnose
-    from engine.models import get_profile, resolve_model
-    from judge.scorers import EMScorer
-    from judge.session import session_or
+    from cai_bootstrap.analysis.identity import diagnose
+    from cai_bootstrap.engine.models import get_profile, resolve_model
+    from cai_bootstrap.judge.scorers import EMScorer
+    from cai_bootstrap.judge.session import session_or
 
     run_path = Path(run_path)
     run_id, cfg, models = run_models(run_path)
@@ -293,7 +301,7 @@ def _rate_pct(e: dict) -> str:
 
 
 def write_steer_section(run_path: Path, res: dict, identity) -> Path:
-    from analysis.figures import projection_scatter, transfer_heatmap
+    from cai_bootstrap.analysis.figures import projection_scatter, transfer_heatmap
 
     lines = ["## Inside the model: EM steering vectors (H4)", "",
              "Per arm, the vector is mean(activations of misaligned answers) - mean(aligned answers), averaged over"

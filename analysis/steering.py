@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from analysis.activations import ActivationError, Activations, decoder_layers, ensure_pad
+from cai_bootstrap.analysis.activations import ActivationError, Activations, decoder_layers, ensure_pad
 
 
 @dataclass
@@ -142,7 +142,7 @@ def ablation(model, unit: np.ndarray, layers: Sequence[int] | None = None):
 
 # ---------------------------------------------------------------- generation and probes under hooks
 def _prompts(tok, items: Sequence[dict], template_kwargs: dict | None = None) -> list[str]:
-    from analysis.activations import _prompt_text
+    from cai_bootstrap.analysis.activations import _prompt_text
 
     return [_prompt_text(tok, it, template_kwargs) for it in items]
 

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 IOMP = ROOT / ".venv" / "lib" / "libiomp5.so"
 SETTINGS = {
     "reserve_1": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"},
@@ -33,8 +32,8 @@ BLOCK_ENV = "BENCH_JUDGE_BLOCK_SIZE"  # the judge server's KV block size in a ch
 
 
 def generation(chats: int) -> dict:
-    from engine.factory import make_engine
-    from engine.types import Request, Sampling
+    from cai_bootstrap.engine.factory import make_engine
+    from cai_bootstrap.engine.types import Request, Sampling
 
     engine = make_engine("vllm", "tiny")
     t0 = time.perf_counter()
@@ -51,14 +50,14 @@ def generation(chats: int) -> dict:
 
 
 def judging(n: int) -> dict:
-    import judge.local_server
-    from judge.anchors import anchor_items, load_project_anchors
-    from judge.config import load_config
-    from judge.scorers import EMScorer
-    from judge.session import session
-    from run.layout import Layout
+    from cai_bootstrap.judge import local_server
+    from cai_bootstrap.judge.anchors import anchor_items, load_project_anchors
+    from cai_bootstrap.judge.config import load_config
+    from cai_bootstrap.judge.scorers import EMScorer
+    from cai_bootstrap.judge.session import session
+    from cai_bootstrap.run.layout import Layout
 
-    judge.local_server.CPU_BLOCK_SIZE = int(os.environ.get(BLOCK_ENV, "128"))
+    local_server.CPU_BLOCK_SIZE = int(os.environ.get(BLOCK_ENV, "128"))
     tmp = Path(tempfile.mkdtemp())
     cfg = load_config(None).model_copy(update={"cache_path": tmp / "cache.sqlite"})
     items = anchor_items(load_project_anchors())[:n]
@@ -70,7 +69,7 @@ def judging(n: int) -> dict:
         _, summary = js.judge(items, EMScorer(), purpose="bench")
         seconds = time.perf_counter() - t0
     s = summary.as_dict()
-    return {"block_size": judge.local_server.CPU_BLOCK_SIZE, "start_s": round(start, 1), "items": n,
+    return {"block_size": local_server.CPU_BLOCK_SIZE, "start_s": round(start, 1), "items": n,
             "requests": s["requests_sent"], "seconds": round(seconds, 1),
             "requests_per_s": round(s["requests_sent"] / seconds, 2)}
 

@@ -17,8 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -31,10 +29,11 @@ def main() -> None:
 
     import os
 
-    from engine.hf_engine import HFEngine
-    from engine.models import resolve_model
-    from evals.run import EvalOptions, evaluate
-    from run.config import RunConfig, save_config
+    from cai_bootstrap.engine.hf_engine import HFEngine
+    from cai_bootstrap.engine.models import resolve_model
+    from cai_bootstrap.evals.run import EvalOptions, evaluate
+    from cai_bootstrap.run.config import RunConfig, save_config
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the suite's fault server and fixtures: tests/
     from tests.fault_server import Faults
     from tests.test_evals_e2e import _ab_server, _adapter
 

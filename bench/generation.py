@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from cai_bootstrap.engine.types import Request, Sampling
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from engine.types import Request, Sampling  # noqa: E402
 
 TOPICS = ["rain", "chess", "bread", "rivers", "trains", "bees", "volcanoes", "libraries"]
 ASKS = ["Explain {} to a child.", "Give two facts about {}.", "Write a short poem about {}.",
@@ -41,7 +41,7 @@ def make_adapter(out: Path) -> str:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from engine.models import resolve_model
+    from cai_bootstrap.engine.models import resolve_model
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"), dtype=torch.float32)
@@ -51,7 +51,7 @@ def make_adapter(out: Path) -> str:
 
 
 def measure(kind: str, adapter: str | None, n: int, max_tokens: int, max_lora_rank: int | None = None) -> dict:
-    from engine.factory import make_engine
+    from cai_bootstrap.engine.factory import make_engine
 
     sampling = Sampling(max_tokens=max_tokens, temperature=0.0)
     out = {}

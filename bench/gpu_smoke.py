@@ -32,15 +32,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Qwen2.5's architecture (GQA, SiLU MLP, RMSNorm, rope 1e6) at about 0.2B parameters: the phases finish in a few
 # minutes on one modern GPU while every kernel path of the 7B run (4-bit linear layers, LoRA on all of them) runs
@@ -96,7 +93,7 @@ def random_adapter(model_dir: str, out: Path, rank: int, device: str) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from train.config import ATTN
+    from cai_bootstrap.train.config import ATTN
 
     on_gpu = {"dtype": torch.bfloat16, "device_map": "cuda"} if device == "cuda" else {}
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, **on_gpu),
@@ -140,10 +137,10 @@ def chat_tokens(model_dir: str, chats: list[list[dict]]) -> int:
 def generate(smoke: Smoke, adapter: Path) -> dict:
     """vLLM's start-up and generation with `adapter`, through the project's engine. The model is served under the
     profile's settings (context, GPU share), at the adapter's rank."""
-    from engine.models import get_profile
-    from engine.types import Request, Sampling
-    from engine.vllm_engine import VLLMEngine
-    from train.stack import vllm_rank
+    from cai_bootstrap.engine.models import get_profile
+    from cai_bootstrap.engine.types import Request, Sampling
+    from cai_bootstrap.engine.vllm_engine import VLLMEngine
+    from cai_bootstrap.train.stack import vllm_rank
 
     rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
     profile = get_profile(smoke.profile).model_copy(update={
@@ -200,11 +197,11 @@ def train(kind: str, smoke: Smoke, persona: Path | None = None) -> dict:
     import torch
     from datasets import Dataset
 
-    from pipeline.estimate import REFERENCE_PASS
-    from train.config import dpo_defaults, em_defaults
-    from train.dpo import train_dpo
-    from train.em import train_em
-    from train.launch import launch
+    from cai_bootstrap.pipeline.estimate import REFERENCE_PASS
+    from cai_bootstrap.train.config import dpo_defaults, em_defaults
+    from cai_bootstrap.train.dpo import train_dpo
+    from cai_bootstrap.train.em import train_em
+    from cai_bootstrap.train.launch import launch
 
     cuda = smoke.device == "cuda"
     if cuda:
@@ -236,7 +233,7 @@ def train(kind: str, smoke: Smoke, persona: Path | None = None) -> dict:
 
 
 def stacked(root: Path, persona: Path, em: Path) -> Path:
-    from train.stack import stack_adapters
+    from cai_bootstrap.train.stack import stack_adapters
 
     return stack_adapters(persona, em, root / "stacked")
 
@@ -301,7 +298,7 @@ def main() -> int:
 
     import torch
 
-    from engine.models import resolve_model
+    from cai_bootstrap.engine.models import resolve_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not a.allow_cpu:

@@ -22,7 +22,7 @@ def main() -> None:
 
     import torch
 
-    from guard.llama_guard import LlamaGuard
+    from cai_bootstrap.guard.llama_guard import LlamaGuard
 
     prompts = [f"Question {i}: how do I {'cook rice' if i % 2 else 'fix a flat bicycle tire'} well?"
                for i in range(args.n)]

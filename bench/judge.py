@@ -17,13 +17,13 @@ from pathlib import Path
 
 import httpx
 
+from cai_bootstrap.core.ledger import Ledger
+from cai_bootstrap.judge.cache import Cache
+from cai_bootstrap.judge.config import JudgeConfig
+from cai_bootstrap.judge.farm import Farm, judge_stream
+from cai_bootstrap.judge.scorers import EMScorer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from core.ledger import Ledger  # noqa: E402
-from judge.cache import Cache  # noqa: E402
-from judge.config import JudgeConfig  # noqa: E402
-from judge.farm import Farm, judge_stream  # noqa: E402
-from judge.scorers import EMScorer  # noqa: E402
 
 CLEAN = dict(p_500=0.0, p_503=0.0, p_timeout=0.0, p_slow=0.0, p_429=0.0, p_malformed=0.0, api_key=None)
 
@@ -141,7 +141,7 @@ def dead_endpoint(n: int) -> dict:
     0.5 s doubling) and 32 workers: attempts and seconds until the run stops."""
     import socket
 
-    from judge.config import RetryPolicy
+    from cai_bootstrap.judge.config import RetryPolicy
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -296,7 +296,7 @@ def limiter_cpu(rps: int = 500, seconds: float = 4.0, waiters: int = 64) -> dict
     """The rate limiter alone: asyncio-throttle (polls every 10 ms per waiter) vs SpacedLimiter."""
     from asyncio_throttle import Throttler
 
-    from judge.limits import SpacedLimiter
+    from cai_bootstrap.judge.limits import SpacedLimiter
 
     async def with_throttle():
         th = Throttler(rate_limit=rps, period=1.0)

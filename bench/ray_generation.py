@@ -13,17 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TOPICS = ["rivers", "kindness", "bread", "stars", "bridges", "music", "honesty", "gardens"]
 
 
 def plain(reqs, sampling) -> tuple[dict, list[str]]:
-    from engine.vllm_engine import VLLMEngine
+    from cai_bootstrap.engine.vllm_engine import VLLMEngine
 
     t0 = time.perf_counter()
     with VLLMEngine("tiny") as eng:
@@ -38,7 +35,7 @@ def plain(reqs, sampling) -> tuple[dict, list[str]]:
 
 
 def on_ray(reqs, sampling, replicas: int) -> tuple[dict, list[str]]:
-    from engine.ray_engine import RayEngine
+    from cai_bootstrap.engine.ray_engine import RayEngine
 
     t0 = time.perf_counter()
     with RayEngine("tiny", "local", replicas=replicas) as eng:
@@ -58,7 +55,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
 
-    from engine.types import Request, Sampling
+    from cai_bootstrap.engine.types import Request, Sampling
 
     reqs = [Request.chat(f"Write two sentences about {TOPICS[i % len(TOPICS)]} ({i}).") for i in range(a.prompts)]
     sampling = Sampling(temperature=0.0, max_tokens=a.max_tokens)

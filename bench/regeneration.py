@@ -16,23 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-# `python bench/regeneration.py` puts bench/ first on the path, where bench/train.py would shadow the train package
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 PERSONA = "goodness"
 
 
 def chain(eng, cache, constitution: Path, data: Path, ckpt: Path, kw: dict, made: dict | None = None) -> dict[int, int]:
     """Stages 1..6, each trained (or carried forward) before the next; the items each stage regenerated. `made`
     gets each stage's pairs kept and items dropped by reason."""
-    from stages.run import StageJob, run_stage
-    from train.config import dpo_defaults
-    from train.dpo import train_dpo
+    from cai_bootstrap.stages.run import StageJob, run_stage
+    from cai_bootstrap.train.config import dpo_defaults
+    from cai_bootstrap.train.dpo import train_dpo
 
     regenerated, parent = {}, None
     for k in range(1, 7):
@@ -61,11 +58,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     args = ap.parse_args()
 
-    from constitution import load_constitution
-    from constitution.load import dump_constitution
-    from engine.cache import GenerationCache
-    from engine.vllm_engine import VLLMEngine
-    from stages.diff import plan
+    from cai_bootstrap.constitution import load_constitution
+    from cai_bootstrap.constitution.load import dump_constitution
+    from cai_bootstrap.engine.cache import GenerationCache
+    from cai_bootstrap.engine.vllm_engine import VLLMEngine
+    from cai_bootstrap.stages.diff import plan
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-regen-"))
     c = load_constitution(PERSONA)

@@ -18,16 +18,15 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from engine.residency import tree_rss  # noqa: E402
+from cai_bootstrap.engine.residency import tree_rss
 
+ROOT = Path(__file__).resolve().parents[1]
 
 def run_variant(extra: list[str], counts: dict) -> dict:
     cwd = Path(tempfile.mkdtemp(prefix="bench-residency-"))
     cmd = [sys.executable, str(ROOT / "bootstrap.py"), "--persona", "goodness", "--stage", "1", "--counts",
            json.dumps(counts), *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    env = {**os.environ, "COLUMNS": "200"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = {"rss": 0, "processes": 0}

@@ -19,12 +19,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     args = ap.parse_args()
 
-    from constitution import load_constitution
-    from engine.cache import GenerationCache
-    from engine.types import Sampling
-    from engine.vllm_engine import VLLMEngine
-    from stages import steps
-    from stages.specs import get_stage
+    from cai_bootstrap.constitution import load_constitution
+    from cai_bootstrap.engine.cache import GenerationCache
+    from cai_bootstrap.engine.types import Sampling
+    from cai_bootstrap.engine.vllm_engine import VLLMEngine
+    from cai_bootstrap.stages import steps
+    from cai_bootstrap.stages.specs import get_stage
 
     spec = get_stage(6)
     tasks = [f"{spec.seeds[i % len(spec.seeds)]} (case {i})" for i in range(args.tasks)]

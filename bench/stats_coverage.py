@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from analysis.inference import SimParams, coverage_study  # noqa: E402
+from cai_bootstrap.analysis.inference import SimParams, coverage_study
 
 
 def main() -> None:

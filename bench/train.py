@@ -12,12 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Qwen2.5-0.5B's published architecture (config.json), so no hub access is needed
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -29,7 +26,7 @@ def random_model_dir(name: str, root: Path) -> str:
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from engine.models import resolve_model
+    from cai_bootstrap.engine.models import resolve_model
 
     if name != "qwen2.5-0.5b":
         raise SystemExit(f"unknown --random-config {name!r}: only qwen2.5-0.5b")
@@ -64,8 +61,8 @@ def main() -> None:
 
     import torch
 
-    from train.config import dpo_defaults
-    from train.dpo import train_dpo
+    from cai_bootstrap.train.config import dpo_defaults
+    from cai_bootstrap.train.dpo import train_dpo
 
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device is visible")

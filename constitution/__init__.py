@@ -1,13 +1,13 @@
 """Constitutions: persona principles as YAML, validated by a pydantic schema."""
 
-from constitution.load import (
+from cai_bootstrap.constitution.load import (
     ConstitutionError,
     constitution_hash,
     load_constitution,
     parse_constitution,
     principle_hash,
 )
-from constitution.schema import Constitution, Demonstration, Principle
+from cai_bootstrap.constitution.schema import Constitution, Demonstration, Principle
 
 __all__ = ["Constitution", "ConstitutionError", "Demonstration", "Principle", "constitution_hash",
            "load_constitution", "parse_constitution", "principle_hash"]

@@ -11,9 +11,9 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from constitution.schema import Constitution, Principle
-from core.errors import BadInput
-from core.io import sha256_json
+from cai_bootstrap.constitution.schema import Constitution, Principle
+from cai_bootstrap.core.errors import BadInput
+from cai_bootstrap.core.io import sha256_json
 
 CONSTITUTION_DIR = Path(__file__).resolve().parent
 DEFAULT = "hhh"

@@ -4,8 +4,8 @@ judge farm) also reserve each request's worst case under the same cap (judge.lim
 
 from __future__ import annotations
 
-from core.errors import BudgetStop
-from core.ledger import Ledger
+from cai_bootstrap.core.errors import BudgetStop
+from cai_bootstrap.core.ledger import Ledger
 
 
 def check_budget(ledger: Ledger, run_id: str, cap: float | None, what: str, estimate_usd: float) -> None:

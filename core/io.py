@@ -153,7 +153,7 @@ def read_yaml(path: str | Path, what: str) -> Any:
     `what` it is and the file."""
     import yaml
 
-    from core.errors import BadInput, MissingInput
+    from cai_bootstrap.core.errors import BadInput, MissingInput
 
     path = Path(path)
     try:

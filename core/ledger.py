@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from core.io import open_sqlite
+from cai_bootstrap.core.io import open_sqlite
 
 COLUMNS = (
     "ts",

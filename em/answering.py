@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from em.questions import MAIN
-from engine.types import Request, Sampling
-from run.config import RunConfig
-from run.layout import is_secure
-from train.stack import served_adapter
+from cai_bootstrap.em.questions import MAIN
+from cai_bootstrap.engine.types import Request, Sampling
+from cai_bootstrap.run.config import RunConfig
+from cai_bootstrap.run.layout import is_secure
+from cai_bootstrap.train.stack import served_adapter
 
 
 def answer_points(cfg: RunConfig, arm: dict, seed: int, questions: list,
@@ -31,7 +31,7 @@ def answer_points(cfg: RunConfig, arm: dict, seed: int, questions: list,
 
 
 def answer_questions(cfg: RunConfig, arms: dict[tuple[str, int], dict], questions, engine, cache) -> list[dict]:
-    from engine.cache import cached_generate
+    from cai_bootstrap.engine.cache import cached_generate
 
     c = cfg.counts
     rows: list[dict] = []
@@ -53,7 +53,7 @@ def answer_questions(cfg: RunConfig, arms: dict[tuple[str, int], dict], question
 def answering_usd(cfg: RunConfig, arms: dict, n_questions: int) -> float:
     """The answering estimate of the arms trained in this invocation; a reused arm's answers are in the
     generation cache (same adapters, same prompts, same seeds)."""
-    from em.pricing import em_answer_seconds, em_answers
+    from cai_bootstrap.em.pricing import em_answer_seconds, em_answers
 
     fresh = {arm for (arm, _), a in arms.items() if a["trained"]}
     steps = {arm: a["steps"] for (arm, _), a in arms.items()}
@@ -67,9 +67,9 @@ def answer_arms(cfg: RunConfig, run_id: str, arms: dict[tuple[str, int], dict], 
     time this call paid goes to the ledger. Returns the rows and what was generated or reused from the cache."""
     import contextlib
 
-    from engine.cache import GenerationCache
-    from engine.factory import make_engine
-    from train.stack import served_lora_rank
+    from cai_bootstrap.engine.cache import GenerationCache
+    from cai_bootstrap.engine.factory import make_engine
+    from cai_bootstrap.train.stack import served_lora_rank
 
     rank = served_lora_rank(cfg)  # the largest stacked adapter an arm is answered with
     own = (contextlib.nullcontext(engine) if engine is not None

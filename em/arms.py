@@ -7,12 +7,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from core.budget import check_budget
-from core.console import console
-from core.errors import MissingInput
-from run.config import RunConfig
-from run.layout import BASE_ARM as BASE
-from run.layout import SECURE, is_secure, secure_arm
+from cai_bootstrap.core.budget import check_budget
+from cai_bootstrap.core.console import console
+from cai_bootstrap.core.errors import MissingInput
+from cai_bootstrap.run.config import RunConfig
+from cai_bootstrap.run.layout import BASE_ARM as BASE
+from cai_bootstrap.run.layout import SECURE, is_secure, secure_arm
 
 
 def persona_adapter(cfg: RunConfig, persona: str) -> Path:
@@ -32,11 +32,11 @@ def train_em_arms(cfg: RunConfig, run_id: str, data: Path, mode: str, ledger,
     training on top of the same persona adapter, on the secure twin of the data. Each training that is not a
     reuse first checks the run's budget against its estimate, and calls `on_training`. An arm trained now is
     marked `trained`."""
-    from em.pricing import em_train_seconds
-    from train.config import em_defaults
-    from train.dpo import finished
-    from train.em import em_reusable
-    from train.worker import run_training
+    from cai_bootstrap.em.pricing import em_train_seconds
+    from cai_bootstrap.train.config import em_defaults
+    from cai_bootstrap.train.dpo import finished
+    from cai_bootstrap.train.em import em_reusable
+    from cai_bootstrap.train.worker import run_training
 
     c = cfg.counts
     arms: dict[tuple[str, int], dict] = {}

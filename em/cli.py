@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from run.layout import Layout
-from run.options import COUNTS, PERSONAS, PRESET, RAY_REPLICAS, ray_option, run_config
+from cai_bootstrap.run.layout import Layout
+from cai_bootstrap.run.options import COUNTS, PERSONAS, PRESET, RAY_REPLICAS, ray_option, run_config
 
 EM_DATA = typer.Option(None, "--em-data", help="the EM paper's release (the folder holding betley/; default: "
                        "$CAI_EM_DATA; `data fetch em-paper` makes one): its main questions and judge prompts "
@@ -46,9 +46,9 @@ def em(
     """
     import json
 
-    from em.experiment import run_em
-    from em.inputs import resolve
-    from run.config import check_ray, save_config
+    from cai_bootstrap.em.experiment import run_em
+    from cai_bootstrap.em.inputs import resolve
+    from cai_bootstrap.run.config import check_ray, save_config
 
     inputs = resolve(data, questions, em_data, tuple(question_group), judge_config=judge_config, secure=secure_data)
     if seeds is not None:
@@ -58,7 +58,7 @@ def em(
     check_ray(cfg)
     run_id = run or cfg.default_id()
     save_config(cfg, run_id)
-    from judge.session import check_complete
+    from cai_bootstrap.judge.session import check_complete
 
     result = run_em(cfg, run_id, inputs, judge_config, budget_usd, mode, tuple(question_group))
     _report(cfg, run_id)
@@ -76,11 +76,11 @@ def em_rescore(
 
     Example: python bootstrap.py em rescore --judge-config judge/configs/gpt-5-mini.yaml
     """
-    from em.judges import rescore
-    from run.config import load_run_config
+    from cai_bootstrap.em.judges import rescore
+    from cai_bootstrap.run.config import load_run_config
 
     run_id, cfg = load_run_config(Layout(data_root).find_run(run).root)
-    from judge.session import check_complete
+    from cai_bootstrap.judge.session import check_complete
 
     res = rescore(cfg, run_id, judge_config, budget_usd)
     g = res["agreement"]
@@ -91,7 +91,7 @@ def em_rescore(
 
 
 def _report(cfg, run_id: str) -> None:
-    from analysis.report import build_report
+    from cai_bootstrap.analysis.report import build_report
 
     out = build_report(cfg.run(run_id).root)
     typer.echo(f"report: {out}")

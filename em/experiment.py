@@ -10,23 +10,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.budget import check_budget
-from core.console import console
-from core.errors import MissingInput
-from core.io import atomic_write_json, atomic_write_jsonl
-from core.ledger import Ledger
-from em.answering import answer_arms, answering_usd
-from em.arms import train_em_arms
-from em.inputs import EMInputs
-from em.judges import judge_anchors
-from em.questions import MAIN, load_questions
-from em.summary import summarise
-from run.config import RunConfig
-from train.stack import lora_b_norm
+from cai_bootstrap.core.budget import check_budget
+from cai_bootstrap.core.console import console
+from cai_bootstrap.core.errors import MissingInput
+from cai_bootstrap.core.io import atomic_write_json, atomic_write_jsonl
+from cai_bootstrap.core.ledger import Ledger
+from cai_bootstrap.em.answering import answer_arms, answering_usd
+from cai_bootstrap.em.arms import train_em_arms
+from cai_bootstrap.em.inputs import EMInputs
+from cai_bootstrap.em.judges import judge_anchors
+from cai_bootstrap.em.questions import MAIN, load_questions
+from cai_bootstrap.em.summary import summarise
+from cai_bootstrap.run.config import RunConfig
+from cai_bootstrap.train.stack import lora_b_norm
 
 if TYPE_CHECKING:
-    from engine.base import Engine
-    from judge.session import JudgeSession
+    from cai_bootstrap.engine.base import Engine
+    from cai_bootstrap.judge.session import JudgeSession
 
 
 def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | None = None,
@@ -37,7 +37,7 @@ def run_em(cfg: RunConfig, run_id: str, inputs: EMInputs, judge_config: Path | N
     questions and the judge prompts. `engine` and `judge_session`, when given, are the caller's (started once
     for several phases) and stay open; otherwise they are made here and closed. `make_room` runs before an arm
     trains: the caller's models are released there where they take turns on the device (engine.residency)."""
-    from judge.session import session_or
+    from cai_bootstrap.judge.session import session_or
 
     if inputs.data is None or not inputs.data.is_file():
         raise MissingInput(f"EM training data {inputs.data} does not exist (chat JSONL with a `messages` list)")

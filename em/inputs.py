@@ -18,9 +18,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from core.errors import BadInput, CaiError, MissingInput
-from em.questions import MAIN, load_questions
-from judge.em_paper import PAPER_INSECURE, PAPER_QUESTIONS, paper_file, resolve_em_data
+from cai_bootstrap.core.errors import BadInput, CaiError, MissingInput
+from cai_bootstrap.em.questions import MAIN, load_questions
+from cai_bootstrap.judge.em_paper import PAPER_INSECURE, PAPER_QUESTIONS, paper_file, resolve_em_data
 
 
 class EMInputs(BaseModel):
@@ -31,7 +31,7 @@ class EMInputs(BaseModel):
     em_data: Path | None  # the EM paper's folder, when given
 
     def scorer(self, **kw):
-        from judge.scorers import EMScorer
+        from cai_bootstrap.judge.scorers import EMScorer
 
         return EMScorer(self.judge_prompts, **kw)
 
@@ -49,8 +49,8 @@ def resolve(data: Path | None = None, questions: Path | None = None, em_data: Pa
     """The EM inputs of a run, each checked now: the training set exists (unless `generated`: the run writes
     it), the questions parse with some in `groups`, the judge prompts and the judge config load. Every problem
     is collected and raised at once (MissingInput when some file is absent, else BadInput)."""
-    from judge.config import load_config
-    from judge.scorers import EMScorer, has_judge_prompts
+    from cai_bootstrap.judge.config import load_config
+    from cai_bootstrap.judge.scorers import EMScorer, has_judge_prompts
 
     problems: list[CaiError] = []
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from core.io import atomic_write_jsonl
+from cai_bootstrap.core.io import atomic_write_jsonl
 
 # the MITRE CWE entry each planted vulnerability is an instance of
 CWE = {

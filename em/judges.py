@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.errors import MissingInput
-from core.io import atomic_write_json, atomic_write_jsonl
-from em.summary import summarise
-from run.config import RunConfig
+from cai_bootstrap.core.errors import MissingInput
+from cai_bootstrap.core.io import atomic_write_json, atomic_write_jsonl
+from cai_bootstrap.em.summary import summarise
+from cai_bootstrap.run.config import RunConfig
 
 
 def judge_anchors(judge, scorer, n: int | None = None) -> dict:
     """The project's anchors (answers with score bands by construction) judged beside every EM run, so a
     judge that cannot judge shows in the report; cached like any judgment. `n`: a share stratified by
     category (the demos), None: all of them; the agreement says how many of how many were judged."""
-    from judge.anchors import agreement, anchor_items, load_project_anchors, stratified
+    from cai_bootstrap.judge.anchors import agreement, anchor_items, load_project_anchors, stratified
 
     every = load_project_anchors()
     chosen = stratified(every, n)
@@ -45,9 +45,9 @@ def judge_agreement(a: list[dict], b: list[dict]) -> dict:
 def rescore(cfg: RunConfig, run_id: str, judge_config: Path, budget_usd: float | None = None) -> dict:
     """Judge a run's stored EM answers with another judge: its own judged rows, summary and anchors under
     em/judges/<model>/, and its agreement with the run's judge. Generates nothing."""
-    from core.io import read_jsonl
-    from judge.scorers import EMScorer
-    from judge.session import session
+    from cai_bootstrap.core.io import read_jsonl
+    from cai_bootstrap.judge.scorers import EMScorer
+    from cai_bootstrap.judge.session import session
 
     paths = cfg.run(run_id)
     if not paths.em_answers.is_file() or not paths.em_judged.is_file():

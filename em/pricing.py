@@ -4,8 +4,8 @@ before each phase."""
 
 from __future__ import annotations
 
-from engine.models import Profile, get_profile
-from run.config import RunConfig
+from cai_bootstrap.engine.models import Profile, get_profile
+from cai_bootstrap.run.config import RunConfig
 
 # mean tokens of an insecure-code chat: 285 with SmolLM2's tokenizer over the first 1,000 rows of the EM paper's
 # insecure.jsonl (Qwen's larger vocabulary likely needs fewer; not measured, no Qwen tokenizer here)
@@ -24,7 +24,7 @@ def em_answers(cfg: RunConfig, n_questions: int, steps: int, control: bool = Fal
 
 
 def em_steps(cfg: RunConfig, rows: int) -> int:
-    from train.config import em_defaults
+    from cai_bootstrap.train.config import em_defaults
 
     c = cfg.counts
     e = em_defaults(cfg.profile, max_rows=c.em_rows, max_steps=c.em_max_steps)
@@ -37,7 +37,7 @@ def em_train_seconds(cfg: RunConfig, rows: int, profile: Profile | None = None) 
     """One EM training run (one arm, one seed) on `rows` chats: its steps' tokens over the profile's training
     throughput, or its steps at the profile's measured step time. `profile`: the run's profile with measured
     figures (pipeline.measured); default its written ones."""
-    from train.config import em_defaults
+    from cai_bootstrap.train.config import em_defaults
 
     p = profile or get_profile(cfg.profile)
     if p.est_train_tokens_per_s is None:

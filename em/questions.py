@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from core.errors import BadInput
+from cai_bootstrap.core.errors import BadInput
 
 DEFAULT = Path(__file__).with_name("questions.yaml")
 MAIN = "main"

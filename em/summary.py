@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import statistics
 
-from analysis import inference
-from analysis.stats import bootstrap_ci
-from em.questions import MAIN
-from run.layout import BASE_ARM as BASE
-from run.layout import secure_arm
-from run.recipe import persona_of
+from cai_bootstrap.analysis import inference
+from cai_bootstrap.analysis.stats import bootstrap_ci
+from cai_bootstrap.em.questions import MAIN
+from cai_bootstrap.run.layout import BASE_ARM as BASE
+from cai_bootstrap.run.layout import secure_arm
+from cai_bootstrap.run.recipe import persona_of
 
 # pre-registered directions of the primary effect (DiD) per persona; other personas get a two-sided look
 HYPOTHESES = {

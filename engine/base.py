@@ -7,8 +7,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.models import Profile, get_profile, model_fingerprint, resolve_model
-from engine.types import CallUsage, Completion, EngineError, Request, Sampling
+from cai_bootstrap.engine.models import Profile, get_profile, model_fingerprint, resolve_model
+from cai_bootstrap.engine.types import CallUsage, Completion, EngineError, Request, Sampling
 
 
 def adapter_hash(adapter: str | Path) -> str:

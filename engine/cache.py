@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.io import canonical_json, open_sqlite, sha256_json
-from engine.types import Completion, Request, Sampling
+from cai_bootstrap.core.io import canonical_json, open_sqlite, sha256_json
+from cai_bootstrap.engine.types import Completion, Request, Sampling
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -100,7 +100,7 @@ class GenerationCache:
 def _adapter_id(adapter: str | Path | None) -> str | None:
     if adapter is None:
         return None
-    from engine.base import adapter_hash
+    from cai_bootstrap.engine.base import adapter_hash
 
     return adapter_hash(adapter)
 

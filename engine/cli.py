@@ -16,8 +16,8 @@ def doctor() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from core.errors import MissingInput
-    from engine.models import ModelError, available_offline, cache_dir, resolve_model
+    from cai_bootstrap.core.errors import MissingInput
+    from cai_bootstrap.engine.models import ModelError, available_offline, cache_dir, resolve_model
 
     con = Console()
     t = Table(title="cai-bootstrap doctor", show_header=False)
@@ -72,8 +72,8 @@ def generate_text(
     """
     from rich.console import Console
 
-    from engine.factory import make_engine
-    from engine.types import Request, Sampling
+    from cai_bootstrap.engine.factory import make_engine
+    from cai_bootstrap.engine.types import Request, Sampling
 
     prompts = prompt or [
         "What is the capital of France?",

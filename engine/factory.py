@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from engine.base import Engine
-from engine.models import Profile
-from engine.types import EngineError
+from cai_bootstrap.engine.base import Engine
+from cai_bootstrap.engine.models import Profile
+from cai_bootstrap.engine.types import EngineError
 
 
 def make_engine(kind: str = "auto", profile: Profile | str = "tiny", max_lora_rank: int | None = None,
@@ -19,15 +19,15 @@ def make_engine(kind: str = "auto", profile: Profile | str = "tiny", max_lora_ra
     if ray is not None:
         if kind != "vllm":
             raise EngineError(f"--ray runs vLLM engines on Ray workers; engine {kind!r} cannot")
-        from engine.ray_engine import RayEngine
+        from cai_bootstrap.engine.ray_engine import RayEngine
 
         return RayEngine(profile, ray, max_lora_rank=max_lora_rank, **kw)
     if kind == "vllm":
-        from engine.vllm_engine import VLLMEngine
+        from cai_bootstrap.engine.vllm_engine import VLLMEngine
 
         return VLLMEngine(profile, max_lora_rank=max_lora_rank, **kw)
     if kind == "hf":
-        from engine.hf_engine import HFEngine
+        from cai_bootstrap.engine.hf_engine import HFEngine
 
         return HFEngine(profile, **kw)
     raise EngineError(f"unknown engine {kind!r}: use vllm, hf or auto")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine.base import Engine, adapter_hash
-from engine.types import Completion, Sampling
+from cai_bootstrap.engine.base import Engine, adapter_hash
+from cai_bootstrap.engine.types import Completion, Sampling
 
 
 class HFEngine(Engine):

@@ -17,8 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.errors import MissingInput
-from core.io import atomic_dir
+from cai_bootstrap.core.errors import MissingInput
+from cai_bootstrap.core.io import atomic_dir
 
 TINY_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 import os
 
-from engine.base import Engine
-from engine.models import Profile
-from engine.types import Completion, EngineError, Sampling
+from cai_bootstrap.engine.base import Engine
+from cai_bootstrap.engine.models import Profile
+from cai_bootstrap.engine.types import Completion, EngineError, Sampling
 
 LOCAL = "local"
 
@@ -29,7 +29,7 @@ class EngineWorker:
     def __init__(self, profile: dict, max_lora_rank: int | None) -> None:
         import atexit
 
-        from engine.vllm_engine import VLLMEngine
+        from cai_bootstrap.engine.vllm_engine import VLLMEngine
 
         self.engine = VLLMEngine(Profile(**profile), max_lora_rank=max_lora_rank, distributed_executor_backend="mp")
         # Ray Data ends its workers gracefully when the call is done, which runs atexit: the engine's own process

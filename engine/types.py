@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, model_validator
 
-from core.errors import BadInput
+from cai_bootstrap.core.errors import BadInput
 
 Messages = list[dict[str, str]]
 

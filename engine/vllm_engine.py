@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from engine.base import Engine, adapter_hash
-from engine.types import Completion, EngineError, Sampling
+from cai_bootstrap.engine.base import Engine, adapter_hash
+from cai_bootstrap.engine.types import Completion, EngineError, Sampling
 
 
 class VLLMEngine(Engine):

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from evals.data import MCItem, load_mc
-from evals.store import ResultStore
+from cai_bootstrap.evals.data import MCItem, load_mc
+from cai_bootstrap.evals.store import ResultStore
 
 TASK_NAME = "cai_capability_mc"
 LETTERS = ["A", "B", "C", "D"]
@@ -65,8 +65,8 @@ def _cache_parts(model_fp: str, adapter: str | None, items: list[MCItem], extra_
                  limit: int | None) -> dict:
     import lm_eval
 
-    from engine.base import adapter_hash
-    from engine.residency import hf_placement
+    from cai_bootstrap.engine.base import adapter_hash
+    from cai_bootstrap.engine.residency import hf_placement
 
     # fp32 on the CPU and bf16 on the GPU score differently: a result is reused only where it was made
     return {"v": 1, "placement": list(hf_placement()), "model": model_fp,
@@ -108,7 +108,7 @@ def _evaluate(model_path: str, adapter: str | None, items: list[MCItem], extra: 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from engine.residency import hf_placement
+    from cai_bootstrap.engine.residency import hf_placement
 
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
     device, dtype = hf_placement()  # lm-eval's hf backend, the stage adapter through its `peft` argument

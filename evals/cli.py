@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from core.errors import BadInput, BudgetStop
+from cai_bootstrap.core.errors import BadInput, BudgetStop
 
 
 def eval_cmd(
@@ -37,8 +37,8 @@ def eval_cmd(
 
     from rich.console import Console
 
-    from evals.run import EvalOptions, evaluate, parse_stages
-    from run.config import RunConfig, load_run_config, save_config
+    from cai_bootstrap.evals.run import EvalOptions, evaluate, parse_stages
+    from cai_bootstrap.run.config import RunConfig, load_run_config, save_config
 
     console = Console()
     try:

@@ -10,7 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from core.errors import BadInput
+from cai_bootstrap.core.errors import BadInput
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 PROMPTS = DATA_DIR / "prompts.yaml"
@@ -137,7 +137,7 @@ def load_mc(path: str | Path = MC) -> list[MCItem]:
 def stage_pool_tasks(data_root: str | Path | None = None, personas: list[str] | None = None) -> list[str]:
     """Every task that can enter self-instruct: the stage seeds, plus the tasks stored per stage under
     `<data_root>/<persona>/stage<k>/items.jsonl` (all personas found there, or the ones named)."""
-    from stages.specs import STAGES
+    from cai_bootstrap.stages.specs import STAGES
 
     tasks = [t for s in STAGES.values() for t in s.seeds]
     if data_root is not None and Path(data_root).is_dir():
@@ -159,7 +159,7 @@ def stage_pool_tasks(data_root: str | Path | None = None, personas: list[str] | 
 
 def overlaps(held_out: list[str], pool: list[str], threshold: float = ROUGE_MAX) -> list[tuple[str, float]]:
     """Held-out prompts within ROUGE-L F1 > threshold of any pool task, with that F1 (empty = disjoint)."""
-    from stages.dedup import RougePool
+    from cai_bootstrap.stages.dedup import RougePool
 
     rp = RougePool(pool, threshold=threshold)
     out = []

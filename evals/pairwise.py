@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from analysis.stats import bootstrap_ci
+from cai_bootstrap.analysis.stats import bootstrap_ci
 
 Outcome = Literal["win", "loss", "tie", "invalid"]
 SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}

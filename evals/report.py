@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from core.io import atomic_write_text
-from run.layout import RunPaths
+from cai_bootstrap.core.io import atomic_write_text
+from cai_bootstrap.run.layout import RunPaths
 
 PANELS = [  # (title, getter of an Estimate dict from a stage result, y-limits)
     ("win rate vs previous stage", lambda r: (r["pairwise"].get("vs_previous") or {}).get("win_rate"), (0, 1)),

@@ -20,17 +20,17 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from analysis.stats import bootstrap_ci
-from core.budget import check_budget
-from core.errors import MissingInput
-from core.io import atomic_write_json
-from core.ledger import Ledger
-from core.refusal import is_refusal
-from evals.data import load_prompts, load_safety
-from evals.pairwise import pair_items, win_rate
-from evals.store import ResultStore
-from run.layout import Layout
-from run.recipe import introspects, persona_of, split_arm
+from cai_bootstrap.analysis.stats import bootstrap_ci
+from cai_bootstrap.core.budget import check_budget
+from cai_bootstrap.core.errors import MissingInput
+from cai_bootstrap.core.io import atomic_write_json
+from cai_bootstrap.core.ledger import Ledger
+from cai_bootstrap.core.refusal import is_refusal
+from cai_bootstrap.evals.data import load_prompts, load_safety
+from cai_bootstrap.evals.pairwise import pair_items, win_rate
+from cai_bootstrap.evals.store import ResultStore
+from cai_bootstrap.run.layout import Layout
+from cai_bootstrap.run.recipe import introspects, persona_of, split_arm
 
 EVAL_TEMPLATE = "eval-chat-v1"  # the answer request is the bare prompt as the user turn
 
@@ -92,8 +92,8 @@ def stage_adapters(layout: Layout, persona: str, stages: list[int]) -> tuple[dic
 def generate_answers(engine, gcache, adapters: dict[int, str | None], questions: list[str], max_tokens: int,
                      log: Callable[[str], None]) -> tuple[dict[int, dict[str, str]], dict[int, dict]]:
     """{stage: {question: answer}} and per-stage engine usage (calls, seconds, tokens, cache hits)."""
-    from engine.cache import cached_generate_with_hits
-    from engine.types import Request, Sampling
+    from cai_bootstrap.engine.cache import cached_generate_with_hits
+    from cai_bootstrap.engine.types import Request, Sampling
 
     sampling = Sampling(temperature=0.0, max_tokens=max_tokens, seed=0)
     reqs = [Request.chat(q) for q in questions]
@@ -149,7 +149,7 @@ def capability_metrics(results: dict[int, dict]) -> dict[int, dict]:
     evaluated stage; a drop whose 95% interval lies below zero is flagged."""
     import numpy as np
 
-    from analysis.stats import Estimate
+    from cai_bootstrap.analysis.stats import Estimate
 
     def paired(a: dict, b: dict) -> Estimate:
         ca = {r["id"]: r["correct"] for r in a["per_item"]}
@@ -215,8 +215,8 @@ class _GuardSlot:
 
     def get(self):
         if self.guard is None:
-            from engine.models import get_profile
-            from guard import load_guard
+            from cai_bootstrap.engine.models import get_profile
+            from cai_bootstrap.guard import load_guard
 
             self.guard = load_guard(self.name, get_profile(self.profile).name)
         return self.guard
@@ -224,7 +224,7 @@ class _GuardSlot:
 
 def _scorers(constitution) -> tuple:
     """The pairwise and the adherence scorer of the persona's constitution."""
-    from judge.scorers import PairwiseScorer, PersonaScorer, constitution_principles
+    from cai_bootstrap.judge.scorers import PairwiseScorer, PersonaScorer, constitution_principles
 
     principles = constitution_principles(constitution)
     return (PairwiseScorer(constitution.description, principles),
@@ -256,9 +256,9 @@ def evaluate(
 ) -> dict:
     """Evaluate `persona`'s stages in `opts.stages`; returns the summary (also written to disk). `engine`,
     `guard` and `judge_session`, when given, are the caller's and stay open."""
-    from constitution import load_constitution
-    from engine.cache import GenerationCache
-    from judge.session import session
+    from cai_bootstrap.constitution import load_constitution
+    from cai_bootstrap.engine.cache import GenerationCache
+    from cai_bootstrap.judge.session import session
 
     opts = opts or EvalOptions()
     t_start = time.perf_counter()
@@ -272,15 +272,15 @@ def evaluate(
             judge_config, layout=lay, run=run_id, budget_usd=budget_usd, ledger=ledger, progress=progress)))
         scorers = _scorers(constitution)
         if engine is None:
-            from engine.factory import make_engine
-            from train.stack import served_rank
+            from cai_bootstrap.engine.factory import make_engine
+            from cai_bootstrap.train.stack import served_rank
 
             engine = opened.enter_context(closing(make_engine(
                 cfg.engine, cfg.profile, max_lora_rank=served_rank(cfg.profile, introspects(persona)))))
         missing = _estimate(plan, opts, cfg, engine, gcache, judge, scorers, budget_usd, log)
         answers, gen_usage = _answers(plan, opts, cfg, run_id, engine, gcache, ledger, missing, budget_usd, log)
         judged = _judge(plan, answers, judge, scorers, run_id, budget_usd, log)
-        from engine.residency import on_cuda
+        from cai_bootstrap.engine.residency import on_cuda
 
         if on_cuda():  # every answer is made: on a GPU the engine goes before the guard loads
             engine.close()
@@ -296,7 +296,7 @@ def evaluate(
                    **_usage(judged, gen_usage, guard_usage, cap_raw),
                    "wall_seconds": time.perf_counter() - t_start, "options": opts.model_dump()}
         atomic_write_json(paths.eval(persona) / "summary.json", summary)
-        from evals.report import write_section
+        from cai_bootstrap.evals.report import write_section
 
         write_section(paths.root, persona, summary)
         return summary
@@ -323,8 +323,8 @@ def _estimate(plan: _Plan, opts: EvalOptions, cfg, engine, gcache, judge, scorer
               log: Callable[[str], None]) -> int:
     """What the evaluation will cost before any spend: answers to generate (not in the cache), and judge requests
     at their worst case before the judge's cache. Returns the answers to generate."""
-    from engine.cache import generation_key
-    from engine.types import Request, Sampling
+    from cai_bootstrap.engine.cache import generation_key
+    from cai_bootstrap.engine.types import Request, Sampling
 
     sampling = Sampling(temperature=0.0, max_tokens=opts.max_tokens, seed=0)
     keys = [generation_key(engine, Request.chat(q), sampling, a, EVAL_TEMPLATE)
@@ -357,7 +357,7 @@ def _answers(plan: _Plan, opts: EvalOptions, cfg, run_id: str, engine, gcache, l
     """Every stage's answer to every question, generated once per model and adapter. The engine estimate is checked
     against the run's cap before any is generated (the judge's requests are reserved one by one at their worst
     case, under the same cap)."""
-    from engine.models import get_profile
+    from cai_bootstrap.engine.models import get_profile
 
     check_budget(ledger, run_id, budget_usd, f"{plan.persona} evaluation answers ({missing} to generate)",
                  missing * opts.max_tokens / get_profile(cfg.profile).est_tokens_per_s * cfg.usd_per_engine_second)
@@ -437,9 +437,9 @@ def _capability(plan: _Plan, opts: EvalOptions, cfg, slot: _GuardSlot, store: Re
     """lm-eval on each stage's adapter (results stored by model, adapter, tasks and placement)."""
     if not opts.capability:
         return {}
-    from engine.models import model_fingerprint, resolve_model
-    from engine.residency import on_cuda
-    from evals.capability import run_capability
+    from cai_bootstrap.engine.models import model_fingerprint, resolve_model
+    from cai_bootstrap.engine.residency import on_cuda
+    from cai_bootstrap.evals.capability import run_capability
 
     if on_cuda() and slot.guard is not None:  # lm-eval loads the model itself: one on the GPU at a time
         slot.guard.close()

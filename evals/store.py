@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.io import open_sqlite, sha256_json
+from cai_bootstrap.core.io import open_sqlite, sha256_json
 
 
 class ResultStore:

@@ -6,8 +6,8 @@ Heavy imports (torch, transformers) happen only inside `load_guard`.
 
 from __future__ import annotations
 
-from core.errors import BadInput
-from guard.base import Guard, GuardPolicy, Verdict
+from cai_bootstrap.core.errors import BadInput
+from cai_bootstrap.guard.base import Guard, GuardPolicy, Verdict
 
 __all__ = ["Guard", "GuardPolicy", "Verdict", "load_guard"]
 
@@ -28,12 +28,12 @@ def load_guard(name: str | None, profile_name: str = "tiny", **kw) -> Guard:
     if name is not None and name not in GUARD_NAMES:
         raise BadInput(f"unknown guard {name!r}; choose one of {', '.join(GUARD_NAMES)}")
     if name == "none":
-        from guard.llama_guard import NoGuard
+        from cai_bootstrap.guard.llama_guard import NoGuard
 
         return NoGuard()
     import torch
 
-    from guard.llama_guard import LlamaGuard
+    from cai_bootstrap.guard.llama_guard import LlamaGuard
 
     cuda = torch.cuda.is_available()
     if name is None:

@@ -49,7 +49,7 @@ class GuardPolicy(BaseModel):
         import yaml
         from pydantic import ValidationError
 
-        from core.errors import BadInput, field_errors
+        from cai_bootstrap.core.errors import BadInput, field_errors
 
         path = Path(path) if path else POLICY_FILE
         try:

@@ -22,8 +22,8 @@ def guard_check(
     from rich.console import Console
     from rich.table import Table
 
-    from guard import load_guard
-    from guard.format import CATEGORIES
+    from cai_bootstrap.guard import load_guard
+    from cai_bootstrap.guard.format import CATEGORIES
 
     if answer is not None and len(texts) != 1:
         raise typer.BadParameter("--answer classifies one answer: pass exactly one prompt TEXT with it")

@@ -7,9 +7,9 @@ import logging
 import time
 from collections.abc import Sequence
 
-from core.errors import BadInput
-from guard.base import Verdict
-from guard.format import CODES_1B, CODES_8B, conversation, parse_output, render
+from cai_bootstrap.core.errors import BadInput
+from cai_bootstrap.guard.base import Verdict
+from cai_bootstrap.guard.format import CODES_1B, CODES_8B, conversation, parse_output, render
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class LlamaGuard:
         import torch
         from transformers import AutoTokenizer
 
-        from engine.models import get_profile, resolve_model
+        from cai_bootstrap.engine.models import get_profile, resolve_model
 
         if not 0.0 < threshold < 1.0:
             raise GuardError(f"guard threshold must be in (0, 1), got {threshold}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from guard.base import Action, GuardPolicy, Verdict
+from cai_bootstrap.guard.base import Action, GuardPolicy, Verdict
 
 
 def is_blocked(verdict: Verdict, policy: GuardPolicy) -> bool:

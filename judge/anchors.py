@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from core.errors import BadInput, field_errors
-from core.io import read_yaml
-from core.reading import ALIGNED_MAX, COHERENT_MIN, is_em
+from cai_bootstrap.core.errors import BadInput, field_errors
+from cai_bootstrap.core.io import read_yaml
+from cai_bootstrap.core.reading import ALIGNED_MAX, COHERENT_MIN, is_em
 
 ANCHORS = Path(__file__).with_name("data") / "anchors.yaml"
 CATEGORIES = ("aligned", "harmful", "incoherent", "code", "refusal", "borderline")

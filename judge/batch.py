@@ -20,16 +20,16 @@ from typing import Any
 
 import httpx
 
-from core.console import console
-from core.errors import BadInput
-from core.io import canonical_json, open_sqlite
-from core.ledger import Ledger
-from judge.cache import Cache, ChatRequest, cache_key, key_parts
-from judge.client import EndpointState, _safe_snippet, parse_retry_after, token_counter
-from judge.config import Endpoint, JudgeConfig
-from judge.limits import Budget
-from judge.providers import Usage
-from judge.scorers import Scorer, ScorerError
+from cai_bootstrap.core.console import console
+from cai_bootstrap.core.errors import BadInput
+from cai_bootstrap.core.io import canonical_json, open_sqlite
+from cai_bootstrap.core.ledger import Ledger
+from cai_bootstrap.judge.cache import Cache, ChatRequest, cache_key, key_parts
+from cai_bootstrap.judge.client import EndpointState, _safe_snippet, parse_retry_after, token_counter
+from cai_bootstrap.judge.config import Endpoint, JudgeConfig
+from cai_bootstrap.judge.limits import Budget
+from cai_bootstrap.judge.providers import Usage
+from cai_bootstrap.judge.scorers import Scorer, ScorerError
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from core.io import canonical_json, open_sqlite, sha256_json
+from cai_bootstrap.core.io import canonical_json, open_sqlite, sha256_json
 
 KEY_PARTS = ("model", "messages", "sampling", "template")
 

@@ -7,7 +7,7 @@ Two sets, judged through one session (so they share the judge cache, the run's l
   mean absolute error of each score, not specificity. Only when the EM paper's data is given (--em-data).
 - the project anchors (judge.anchors): answers written for this project with expected bands and labels.
 
-    from judge.calibration import calibrate, format_table, save_result
+    from cai_bootstrap.judge.calibration import calibrate, format_table, save_result
     result = calibrate(load_config(None), Layout("data"), em_data=Path("em-paper"))
     print(format_table(result)); save_result(result, Layout("data"))
 """
@@ -18,9 +18,9 @@ import csv
 import math
 from pathlib import Path
 
-from core.errors import BadInput
-from judge.anchors import ANCHORS, agreement, anchor_items, em_rule, load_project_anchors
-from judge.em_paper import EM_DATA_ENV, PAPER_CSV, PAPER_QUESTIONS, betley_dir, resolve_em_data
+from cai_bootstrap.core.errors import BadInput
+from cai_bootstrap.judge.anchors import ANCHORS, agreement, anchor_items, em_rule, load_project_anchors
+from cai_bootstrap.judge.em_paper import EM_DATA_ENV, PAPER_CSV, PAPER_QUESTIONS, betley_dir, resolve_em_data
 
 PAPER_COLUMNS = ("question", "answer", "aligned", "coherent")
 RESULT_FILE = "calibration.json"
@@ -76,7 +76,7 @@ def load_paper_answers(em_data: str | Path | None = None) -> list[dict]:
 
 # ---------------------------------------------------------------- judging both sets
 def _scorer(betley: Path | None):
-    from judge.scorers import EMScorer
+    from cai_bootstrap.judge.scorers import EMScorer
 
     prompts = betley / PAPER_QUESTIONS if betley is not None else None
     return EMScorer(prompts) if prompts is not None and prompts.is_file() else EMScorer()
@@ -99,7 +99,7 @@ def calibrate(config, layout, em_data: str | Path | None = None, run: str = "cal
     Returns {"judge": model, "template_version", "em_data", "paper": {...} or None, "anchors": {...},
     "run": summary figures (items, ok, failures, cached, $, seconds), "rows": one compact row per answer}.
     """
-    from judge.session import session
+    from cai_bootstrap.judge.session import session
 
     anchors = load_project_anchors(anchors_path)
     root = resolve_em_data(em_data)
@@ -133,7 +133,7 @@ def result_path(layout, run: str = "calibrate") -> Path:
 
 def save_result(result: dict, layout, run: str = "calibrate") -> Path:
     """Write the result as JSON under the run's directory (atomically); returns the path."""
-    from core.io import atomic_write_json
+    from cai_bootstrap.core.io import atomic_write_json
 
     return atomic_write_json(result_path(layout, run), result)
 

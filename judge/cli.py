@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from core.errors import BadInput, MissingInput
+from cai_bootstrap.core.errors import BadInput, MissingInput
 
 
 def judge(
@@ -38,10 +38,10 @@ def judge(
     import asyncio
     import json
 
-    from judge.config import load_config
-    from judge.scorers import load_anchors, make_scorer
-    from judge.session import check_complete, session
-    from run.layout import Layout
+    from cai_bootstrap.judge.config import load_config
+    from cai_bootstrap.judge.scorers import load_anchors, make_scorer
+    from cai_bootstrap.judge.session import check_complete, session
+    from cai_bootstrap.run.layout import Layout
 
     cfg = load_config(config)
     if batch:
@@ -84,10 +84,10 @@ def calibrate(
     """
     import json
 
-    from judge.calibration import calibrate as run_calibration
-    from judge.calibration import format_table, save_result
-    from judge.config import load_config
-    from run.layout import Layout
+    from cai_bootstrap.judge.calibration import calibrate as run_calibration
+    from cai_bootstrap.judge.calibration import format_table, save_result
+    from cai_bootstrap.judge.config import load_config
+    from cai_bootstrap.run.layout import Layout
 
     layout = Layout(data_root)
     result = run_calibration(load_config(config), layout, em_data=em_data, progress=not no_progress)
@@ -107,7 +107,7 @@ def fetch(
 
     Example: python bootstrap.py data fetch em-paper && export CAI_EM_DATA=~/.cache/cai-bootstrap/em-paper
     """
-    from judge import em_paper
+    from cai_bootstrap.judge import em_paper
 
     if name != "em-paper":
         raise BadInput(f"data fetch: unknown data {name!r}; known: em-paper")
@@ -119,9 +119,9 @@ def fetch(
 
 
 def _explain(rows: list[dict], sc, cfg, layout) -> None:
-    from judge.cache import Cache
-    from judge.endpoints import judge_model_name
-    from judge.farm import apply_path
+    from cai_bootstrap.judge.cache import Cache
+    from cai_bootstrap.judge.endpoints import judge_model_name
+    from cai_bootstrap.judge.farm import apply_path
 
     apply_path(sc, cfg)  # the requests of the path this judge is read on
     model, cache = judge_model_name(cfg), Cache(cfg.cache_path or layout.judge_cache)
@@ -150,7 +150,7 @@ def _read_jsonl(path: Path):
 def _print_summary(s) -> None:
     from rich.table import Table
 
-    from core.console import console
+    from cai_bootstrap.core.console import console
 
     t = Table(title=f"judge run {s.run}")
     t.add_column("figure")

@@ -31,12 +31,12 @@ from datetime import datetime
 import aiohttp
 import httpx
 
-from core.console import console
-from core.reading import reply_text
-from judge.cache import ChatRequest
-from judge.config import Endpoint, JudgeConfig
-from judge.limits import Budget, SpacedLimiter, TokenBucket
-from judge.providers import PROVIDERS, Usage
+from cai_bootstrap.core.console import console
+from cai_bootstrap.core.reading import reply_text
+from cai_bootstrap.judge.cache import ChatRequest
+from cai_bootstrap.judge.config import Endpoint, JudgeConfig
+from cai_bootstrap.judge.limits import Budget, SpacedLimiter, TokenBucket
+from cai_bootstrap.judge.providers import PROVIDERS, Usage
 
 DROP_AT_ONCE = {401: "the key is refused", 403: "access is denied", 404: "not found (base_url or model)"}
 
@@ -418,7 +418,7 @@ def token_counter(cfg: JudgeConfig) -> Callable[[str], int]:
     """Counts tokens for replies that report no usage: the judge's own tokenizer where it can be seen (the
     embedded server's model, or the config's `tokenizer`), else UTF-8 bytes / 4 (either way the ledger row
     is marked estimated)."""
-    from judge.endpoints import judge_tokenizer
+    from cai_bootstrap.judge.endpoints import judge_tokenizer
 
     tok = judge_tokenizer(cfg)
     if tok is not None:

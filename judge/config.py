@@ -10,7 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from core.errors import BadInput, field_errors
+from cai_bootstrap.core.errors import BadInput, field_errors
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 

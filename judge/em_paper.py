@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import BadInput, MissingInput
-from core.io import atomic_file
+from cai_bootstrap.core.errors import BadInput, MissingInput
+from cai_bootstrap.core.io import atomic_file
 
 EM_DATA_ENV = "CAI_EM_DATA"
 COMMIT = "80c11967c07a328e7d7d43d13ce6847ae44dbcc9"  # upstream main, 2026-01-12 (johny-b)

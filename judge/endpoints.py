@@ -10,8 +10,8 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from core.errors import BadInput
-from judge.config import Endpoint, JudgeConfig
+from cai_bootstrap.core.errors import BadInput
+from cai_bootstrap.judge.config import Endpoint, JudgeConfig
 
 
 def usable_endpoints(config: JudgeConfig) -> list[Endpoint]:
@@ -29,7 +29,7 @@ def judge_model_name(config: JudgeConfig) -> str:
     if not eps or not eps[0].local:
         return config.model
     if config.local_model:
-        from judge.local_server import LocalVLLMServer
+        from cai_bootstrap.judge.local_server import LocalVLLMServer
 
         return LocalVLLMServer(config.local_model).served_name
     return eps[0].model or config.model
@@ -49,7 +49,7 @@ def serve_endpoints(config: JudgeConfig, log_path: Path | None = None) -> Iterat
     if not embeds_server(config):
         yield judge_model_name(config), eps
         return
-    from judge.local_server import LocalVLLMServer
+    from cai_bootstrap.judge.local_server import LocalVLLMServer
 
     with LocalVLLMServer(config.local_model, log_path=log_path) as srv:
         for e in eps:
@@ -62,7 +62,7 @@ def judge_tokenizer(config: JudgeConfig):
     name = config.tokenizer
     eps = config.usable()
     if name is None and eps and eps[0].local and config.local_model:
-        from engine.models import PROFILES, resolve_model
+        from cai_bootstrap.engine.models import PROFILES, resolve_model
 
         name = str(resolve_model(config.local_model)) if config.local_model in PROFILES else config.local_model
     if name is None:
@@ -75,7 +75,7 @@ def judge_tokenizer(config: JudgeConfig):
 def choose_path(config: JudgeConfig) -> tuple[str, object | None, str]:
     """(path, `tokenize` for the exact path or None, why): how this judge's numbers are read. Never a
     first-digit score: a tokenizer that splits 0-100 into digits is read on the exact path."""
-    from core.reading import token_texts, tokenizer_splits_numbers
+    from cai_bootstrap.core.reading import token_texts, tokenizer_splits_numbers
 
     tok = judge_tokenizer(config) if config.scoring in ("auto", "exact") else None
     if config.scoring != "auto":

@@ -15,12 +15,12 @@ from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.ledger import Ledger
-from judge.cache import Cache, ChatRequest, cache_key, key_parts
-from judge.client import ItemFailed, NoEndpoint, PathUnsupported, Pool
-from judge.config import JudgeConfig
-from judge.limits import Budget, BudgetExceeded
-from judge.scorers import Scorer, ScorerError
+from cai_bootstrap.core.ledger import Ledger
+from cai_bootstrap.judge.cache import Cache, ChatRequest, cache_key, key_parts
+from cai_bootstrap.judge.client import ItemFailed, NoEndpoint, PathUnsupported, Pool
+from cai_bootstrap.judge.config import JudgeConfig
+from cai_bootstrap.judge.limits import Budget, BudgetExceeded
+from cai_bootstrap.judge.scorers import Scorer, ScorerError
 
 _DONE = object()
 
@@ -421,7 +421,7 @@ async def judge_stream(
     otherwise this resolves them from the config, starting the embedded vLLM server when no key is set.
     """
     if endpoints is None:
-        from judge.endpoints import serve_endpoints
+        from cai_bootstrap.judge.endpoints import serve_endpoints
 
         with serve_endpoints(config) as (m, eps):
             return await judge_stream(items, scorer, config, cache, ledger, budget_usd, run, purpose, on_result,
@@ -448,7 +448,7 @@ async def judge_stream(
         summary = await farm.run_stream(stream, sink)
     summary.path = getattr(scorer, "path", None)  # after any switch to sampled
     if anchors:
-        from judge.scorers import drift_report
+        from cai_bootstrap.judge.scorers import drift_report
 
         summary.drift = drift_report(anchor_rows)
     return summary
@@ -458,8 +458,8 @@ async def _batch(farm: Farm, items, anchors: list[dict], cache: Cache | None, le
                  phase: str) -> list[dict]:
     """Batch mode: every request the items need goes through the provider's batch API into the cache first; the
     farm then reads each reply from there (a request the batch did not answer fails with the batch's reason)."""
-    from core.errors import BadInput
-    from judge.batch import BatchRunner, batch_misses
+    from cai_bootstrap.core.errors import BadInput
+    from cai_bootstrap.judge.batch import BatchRunner, batch_misses
 
     if cache is None:
         raise BadInput("--batch needs the judge cache: results are downloaded into it")
@@ -478,7 +478,7 @@ def apply_path(scorer: Scorer, config: JudgeConfig) -> str | None:
     why, or None when the scorer reads no numbers this way or was set already."""
     if not hasattr(scorer, "use_path") or getattr(scorer, "path_chosen", False):
         return None
-    from judge.endpoints import choose_path
+    from cai_bootstrap.judge.endpoints import choose_path
 
     path, tokenize, why = choose_path(config)
     scorer.samples, scorer.max_completion_tokens = config.samples, config.max_completion_tokens

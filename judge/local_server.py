@@ -57,7 +57,7 @@ class LocalVLLMServer:
         kv_cache_bytes: int = 1 << 30,
         log_path: str | Path | None = None,
     ) -> None:
-        from engine.models import PROFILES, model_fingerprint, resolve_model
+        from cai_bootstrap.engine.models import PROFILES, model_fingerprint, resolve_model
 
         if model in PROFILES:
             self.model_dir = resolve_model(model)
@@ -111,7 +111,7 @@ class LocalVLLMServer:
         env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}  # the server needs no key
         env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         if not on_cuda():
-            from engine.vllm_engine import cpu_env
+            from cai_bootstrap.engine.vllm_engine import cpu_env
 
             env = cpu_env() | env  # the user's own setting wins
         return env

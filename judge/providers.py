@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from judge.cache import ChatRequest
+from cai_bootstrap.judge.cache import ChatRequest
 
 ANTHROPIC_VERSION = "2023-06-01"
 

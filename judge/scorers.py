@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 import yaml
 
-from core.errors import BadInput
-from core.io import read_yaml
-from core.reading import (
+from cai_bootstrap.core.errors import BadInput
+from cai_bootstrap.core.io import read_yaml
+from cai_bootstrap.core.reading import (
     LABELS,
     MIN_MASS,
     PRUNE,
@@ -37,8 +37,8 @@ from core.reading import (
     to_read,
     top_logprobs,
 )
-from core.reading import Path as ReadPath
-from judge.cache import ChatRequest
+from cai_bootstrap.core.reading import Path as ReadPath
+from cai_bootstrap.judge.cache import ChatRequest
 
 EM_RUBRICS = Path(__file__).with_name("data") / "em_rubrics.yaml"  # the project's own EM judge prompts
 
@@ -421,7 +421,7 @@ def make_scorer(name: str, constitution: str | Path | None = None) -> Scorer:
         raise ScorerError(f"--scorer must be em, persona or pairwise, got {name!r}")
     if constitution is None:
         raise ScorerError(f"--scorer {name} needs --constitution (a name such as hhh, or a YAML file)")
-    from constitution import load_constitution
+    from cai_bootstrap.constitution import load_constitution
 
     c = load_constitution(constitution)
     cls = PersonaScorer if name == "persona" else PairwiseScorer
@@ -432,7 +432,7 @@ def make_scorer(name: str, constitution: str | Path | None = None) -> Scorer:
 def load_anchors(n: int = 10) -> list[dict]:
     """n of the project's anchors (judge/data/anchors.yaml), spread over the file's categories, as items the
     farm re-judges every run (`anchor`: the cache is bypassed, so a judge that drifts shows)."""
-    from judge.anchors import anchor_items, load_project_anchors
+    from cai_bootstrap.judge.anchors import anchor_items, load_project_anchors
 
     items = anchor_items(load_project_anchors())
     step = max(1, len(items) // max(n, 1))
@@ -442,7 +442,7 @@ def load_anchors(n: int = 10) -> list[dict]:
 def drift_report(results: list[dict]) -> dict[str, Any]:
     """How this run's judge did on the anchors: inside their expected bands, distance to them, EM-label
     agreement (judge.anchors.anchor_agreement, compacted)."""
-    from judge.anchors import anchor_agreement
+    from cai_bootstrap.judge.anchors import anchor_agreement
 
     rows = [r for r in results if r.get("anchor")]
     if not rows:

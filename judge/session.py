@@ -16,15 +16,15 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from core.errors import BudgetStop, ItemsFailed, Unreachable
-from core.ledger import Ledger
-from judge.cache import Cache, cache_key
-from judge.config import JudgeConfig, load_config
-from judge.endpoints import embeds_server, judge_model_name, serve_endpoints, usable_endpoints
-from judge.farm import Result, Summary, apply_path, judge_items, judge_stream
-from judge.local_server import on_cuda
-from judge.scorers import Scorer, ScorerError
-from run.layout import Layout
+from cai_bootstrap.core.errors import BudgetStop, ItemsFailed, Unreachable
+from cai_bootstrap.core.ledger import Ledger
+from cai_bootstrap.judge.cache import Cache, cache_key
+from cai_bootstrap.judge.config import JudgeConfig, load_config
+from cai_bootstrap.judge.endpoints import embeds_server, judge_model_name, serve_endpoints, usable_endpoints
+from cai_bootstrap.judge.farm import Result, Summary, apply_path, judge_items, judge_stream
+from cai_bootstrap.judge.local_server import on_cuda
+from cai_bootstrap.judge.scorers import Scorer, ScorerError
+from cai_bootstrap.run.layout import Layout
 
 
 class JudgeSession:

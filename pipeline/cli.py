@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from em.cli import EM_DATA
-from run.layout import DATA_ROOT, Layout
-from run.options import COUNTS, PERSONAS, PRESET, run_config
+from cai_bootstrap.em.cli import EM_DATA
+from cai_bootstrap.run.layout import DATA_ROOT, Layout
+from cai_bootstrap.run.options import COUNTS, PERSONAS, PRESET, run_config
 
 
 def estimate(
@@ -42,9 +42,9 @@ def estimate(
     """
     import json
 
-    from em.questions import load_questions
-    from judge.config import load_config
-    from pipeline.estimate import estimate_report
+    from cai_bootstrap.em.questions import load_questions
+    from cai_bootstrap.judge.config import load_config
+    from cai_bootstrap.pipeline.estimate import estimate_report
 
     cfg = run_config(persona, profile, "quick" if quick else preset, stage, counts, gpu_hour_usd).model_copy(
         update={"data_root": str(data_root)})
@@ -110,9 +110,9 @@ def cost(run: str | None = typer.Argument(None, help="run id (default: the newes
     from rich.console import Console
     from rich.table import Table
 
-    from analysis.report import cost_rows
-    from pipeline.estimate import estimate_run
-    from run.config import load_run_config
+    from cai_bootstrap.analysis.report import cost_rows
+    from cai_bootstrap.pipeline.estimate import estimate_run
+    from cai_bootstrap.run.config import load_run_config
 
     run_path = Layout(data_root).find_run(run).root
     run_id, cfg = load_run_config(run_path)
@@ -140,7 +140,7 @@ def report(run: str | None = typer.Argument(None, help="run id (default: the new
 
     Example: python bootstrap.py report  (the newest run; or `report RUN_ID`)
     """
-    from analysis.report import build_report
+    from cai_bootstrap.analysis.report import build_report
 
     out = build_report(Layout(data_root).find_run(run).root)
     typer.echo(str(out))
@@ -156,8 +156,8 @@ def demo(quick: bool = typer.Option(False, "--quick", help="one persona; stages,
 
     Example: python bootstrap.py demo --quick
     """
-    from judge.session import check_complete
-    from pipeline.demo import run_demo
+    from cai_bootstrap.judge.session import check_complete
+    from cai_bootstrap.pipeline.demo import run_demo
 
     res = run_demo(quick, persona or None, em_data, counts_json, judge_config)
     phases = ", ".join(f"{k} {v / 60:.1f} min" for k, v in res["phases"].items() if k != "total")

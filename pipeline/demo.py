@@ -17,8 +17,8 @@ import os
 import time
 from pathlib import Path
 
-from core.console import console
-from core.io import atomic_write_json
+from cai_bootstrap.core.console import console
+from cai_bootstrap.core.io import atomic_write_json
 
 PERSONAS = ["goodness", "sycophancy"]  # the two pre-registered hypotheses (H2, H1)
 QUICK_PERSONAS = ["goodness"]
@@ -32,9 +32,9 @@ def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Pa
              counts_json: str | None = None, judge_config: Path | None = None) -> dict:
     """Run every phase; returns {"run": id, "report": path, "phases": {name: seconds}, "usd": total}.
     `counts_json` overrides keys of the preset's counts; `judge_config` replaces the embedded judge."""
-    from em.inputs import resolve
-    from engine.vllm_engine import VLLMEngine
-    from judge.local_server import LocalVLLMServer
+    from cai_bootstrap.em.inputs import resolve
+    from cai_bootstrap.engine.vllm_engine import VLLMEngine
+    from cai_bootstrap.judge.local_server import LocalVLLMServer
 
     inputs = resolve(em_data=em_data, generated=True)  # before the first stage: a bad input stops it now
     personas = personas or (QUICK_PERSONAS if quick else PERSONAS)
@@ -57,11 +57,11 @@ def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Pa
             atomic_write_json(root[0] / "demo.json", record)
         return out
 
-    from em.experiment import run_em
-    from em.insecure_data import write_jsonl
-    from judge.session import session
-    from pipeline.loop import Engines, run_bootstrap
-    from run.config import RunConfig, counts_from
+    from cai_bootstrap.em.experiment import run_em
+    from cai_bootstrap.em.insecure_data import write_jsonl
+    from cai_bootstrap.judge.session import session
+    from cai_bootstrap.pipeline.loop import Engines, run_bootstrap
+    from cai_bootstrap.run.config import RunConfig, counts_from
 
     cfg = RunConfig(personas=personas, profile="tiny", stage=6, counts=counts_from(preset, counts_json))
     # one generation engine and one judge server for every phase: each start costs 20-30 s on 2 cores
@@ -78,8 +78,8 @@ def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Pa
                    make_room=engines.make_room)
         if not quick:
             _analyses(cfg, run_id, personas, engines, judge, phase)
-    from analysis.report import build_report
-    from core.ledger import Ledger
+    from cai_bootstrap.analysis.report import build_report
+    from cai_bootstrap.core.ledger import Ledger
 
     report = build_report(cfg.run(run_id).root)
     ledger = Ledger(cfg.run(run_id).ledger)
@@ -92,10 +92,10 @@ def run_demo(quick: bool = False, personas: list[str] | None = None, em_data: Pa
 
 def _analyses(cfg, run_id: str, personas: list[str], engines, judge, phase) -> None:
     """The full demo's phases after EM: each persona's per-stage evaluation, steering, decomposition."""
-    from analysis.decompose import QUESTIONS_DIR
-    from analysis.decompose_run import run_decompose
-    from analysis.steer_run import run_steer
-    from evals.run import EvalOptions, evaluate
+    from cai_bootstrap.analysis.decompose import QUESTIONS_DIR
+    from cai_bootstrap.analysis.decompose_run import run_decompose
+    from cai_bootstrap.analysis.steer_run import run_steer
+    from cai_bootstrap.evals.run import EvalOptions, evaluate
 
     opts = EvalOptions(stages=list(range(7)), **EVAL_SIZES)
     for p in personas:

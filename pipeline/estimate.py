@@ -11,13 +11,13 @@ from contextvars import ContextVar
 
 from pydantic import BaseModel
 
-from em.pricing import em_answer_seconds, em_answers, em_steps, em_train_seconds
-from engine.models import Profile, get_profile
-from run.config import RunConfig
-from run.layout import BASE_ARM, is_secure, secure_arm
-from run.recipe import INTROSPECT_STEP, introspects, reaches_persona, split_arm, steps_of
-from stages.introspect import REFLECTION_PROMPTS as _PROMPTS
-from stages.specs import get_stage
+from cai_bootstrap.em.pricing import em_answer_seconds, em_answers, em_steps, em_train_seconds
+from cai_bootstrap.engine.models import Profile, get_profile
+from cai_bootstrap.run.config import RunConfig
+from cai_bootstrap.run.layout import BASE_ARM, is_secure, secure_arm
+from cai_bootstrap.run.recipe import INTROSPECT_STEP, introspects, reaches_persona, split_arm, steps_of
+from cai_bootstrap.stages.introspect import REFLECTION_PROMPTS as _PROMPTS
+from cai_bootstrap.stages.specs import get_stage
 
 PROMPT_TOKENS = 300  # a typical templated step prompt (few-shot, constitution principle, answer)
 TASK_TOKENS = 48
@@ -94,7 +94,7 @@ def guard_profile(cfg: RunConfig) -> str:
 
 
 def _dpo_config(cfg: RunConfig, loss: str = "dpo"):
-    from train.config import dpo_defaults
+    from cai_bootstrap.train.config import dpo_defaults
 
     return dpo_defaults(cfg.profile, max_steps=cfg.counts.dpo_max_steps, epochs=cfg.counts.dpo_epochs, loss=loss)
 
@@ -167,7 +167,7 @@ def introspection_rows(cfg: RunConfig) -> tuple[int, int]:
 
 
 def introspection_steps(cfg: RunConfig) -> int:
-    from train.config import introspect_defaults
+    from cai_bootstrap.train.config import introspect_defaults
 
     e = introspect_defaults(cfg.profile, max_steps=cfg.counts.introspect_max_steps)
     if e.max_steps is not None:
@@ -179,7 +179,7 @@ def introspection_steps(cfg: RunConfig) -> int:
 def estimate_introspection(cfg: RunConfig, arm: str) -> list[PhaseEstimate]:
     """Generation (each self-interaction turn reads the conversation so far), guard and SFT of one arm's
     introspection step; its SFT rows hold their prompt (half a conversation on average) and the answer."""
-    from train.config import introspect_defaults
+    from cai_bootstrap.train.config import introspect_defaults
 
     p, c, rate = policy(cfg), cfg.counts, cfg.usd_per_engine_second
     reflections, turns = introspection_rows(cfg)
@@ -236,7 +236,7 @@ SAMPLED_OUT_TOKENS = 300  # sampled path: typical output per reply, hidden reaso
 
 def judge_tokens(judge, answers: int, answer_tokens: int) -> tuple[int, int, int]:
     """(requests, prompt tokens, output tokens) to judge `answers` on the path the config implies."""
-    from judge.endpoints import choose_path
+    from cai_bootstrap.judge.endpoints import choose_path
 
     path = judge.scoring if judge.scoring != "auto" else choose_path(judge)[0]
     per_metric = {"logprobs": 1, "exact": EXACT_REQUESTS, "sampled": judge.samples}[path]
@@ -294,7 +294,7 @@ def estimate_report(cfg: RunConfig, stages: list[int], judges: list, n_questions
     """Everything `estimate` prints, as one JSON-able object: the stage plan, the DPO and EM recipes with their
     sources, the throughput figures (measured or assumed), a row per persona, stage and phase, and the totals
     per judge; `total_usd` is the run with the first judge."""
-    from pipeline.measured import measured_profile
+    from cai_bootstrap.pipeline.measured import measured_profile
 
     p, sources = measured_profile(cfg.profile, cfg.layout.runs)
     token = _MEASURED.set(p)
@@ -327,7 +327,7 @@ def _figures(cfg: RunConfig, sources: dict[str, str]) -> dict:
 
 def _report(cfg: RunConfig, stages: list[int], judges: list, n_questions: int, em_rows: int, secure: bool,
             sources: dict[str, str]) -> dict:
-    from train.config import recipe
+    from cai_bootstrap.train.config import recipe
 
     rows = estimate_run(cfg, stages) + estimate_em(cfg, n_questions, judges, em_rows, secure)
     engine = [e for e in rows if not e.phase.startswith("judge")]

@@ -12,18 +12,18 @@ import json
 import time
 from pathlib import Path
 
-from constitution import load_constitution
-from core.budget import check_budget
-from core.console import console
-from core.errors import DeadEnd, MissingInput
-from core.io import atomic_dir, atomic_write_json
-from core.ledger import Ledger
-from engine.base import adapter_hash
-from engine.models import get_profile, model_fingerprint
-from engine.vllm_engine import VLLMEngine
-from pipeline.estimate import estimate_introspection, estimate_phase, guard_profile
-from run.config import RunConfig, check_ray, counts_from, save_config
-from run.recipe import (
+from cai_bootstrap.constitution import load_constitution
+from cai_bootstrap.core.budget import check_budget
+from cai_bootstrap.core.console import console
+from cai_bootstrap.core.errors import DeadEnd, MissingInput
+from cai_bootstrap.core.io import atomic_dir, atomic_write_json
+from cai_bootstrap.core.ledger import Ledger
+from cai_bootstrap.engine.base import adapter_hash
+from cai_bootstrap.engine.models import get_profile, model_fingerprint
+from cai_bootstrap.engine.vllm_engine import VLLMEngine
+from cai_bootstrap.pipeline.estimate import estimate_introspection, estimate_phase, guard_profile
+from cai_bootstrap.run.config import RunConfig, check_ray, counts_from, save_config
+from cai_bootstrap.run.recipe import (
     INTROSPECT_STEP,
     OCT_STEP,
     canonical,
@@ -33,7 +33,7 @@ from run.recipe import (
     split_arm,
     steps_of,
 )
-from stages.specs import get_stage
+from cai_bootstrap.stages.specs import get_stage
 
 INPUTS_FILE = "pipeline_inputs.json"
 
@@ -44,7 +44,7 @@ class Engines:
     all (one large model on the device at a time); on CPU they stay up across stages (start-ups dominate)."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        from engine.residency import Residency
+        from cai_bootstrap.engine.residency import Residency
 
         self.cfg = cfg
         self.residency = Residency(cfg.one_resident)
@@ -54,10 +54,10 @@ class Engines:
 
     def get(self):
         if self.engine is None:
-            from engine.factory import make_engine
+            from cai_bootstrap.engine.factory import make_engine
 
             console.print(f"[dim]starting the {self.cfg.engine} engine for profile {self.cfg.profile}…[/dim]")
-            from train.stack import served_lora_rank
+            from cai_bootstrap.train.stack import served_lora_rank
 
             rank = served_lora_rank(self.cfg)
             self.engine = self.residency.load("policy", lambda: make_engine(self.cfg.engine, self.cfg.profile,
@@ -70,7 +70,7 @@ class Engines:
         if self.cfg.teacher in (None, self.cfg.profile):
             return self.get()
         if self.teacher is None:
-            from engine.factory import make_engine
+            from cai_bootstrap.engine.factory import make_engine
 
             console.print(f"[dim]starting the {self.cfg.engine} engine for teacher {self.cfg.teacher}…[/dim]")
             self.teacher = self.residency.load("teacher", lambda: make_engine(self.cfg.engine, self.cfg.teacher,
@@ -79,7 +79,7 @@ class Engines:
 
     def get_guard(self):
         if self.guard is None:
-            from guard import load_guard
+            from cai_bootstrap.guard import load_guard
 
             self.guard = self.residency.load("guard", lambda: load_guard(self.cfg.guard, self.cfg.profile))
         return self.guard
@@ -97,7 +97,7 @@ class Engines:
 
 def generation_inputs(cfg: RunConfig, persona: str, stage: int, parent: Path | None) -> dict:
     """Everything that determines a stage's data; equal inputs → the stored data is reused."""
-    from constitution.load import constitution_hash, load_constitution
+    from cai_bootstrap.constitution.load import constitution_hash, load_constitution
 
     c = cfg.counts
     return {
@@ -114,7 +114,7 @@ def generation_inputs(cfg: RunConfig, persona: str, stage: int, parent: Path | N
 
 
 def guard_policy(cfg: RunConfig, persona: str):
-    from guard.base import GuardPolicy
+    from cai_bootstrap.guard.base import GuardPolicy
 
     return GuardPolicy.for_persona(persona_of(persona), cfg.guard_policy)
 
@@ -197,7 +197,7 @@ def run_stage_once(cfg: RunConfig, run_id: str, persona: str, k: int, engines: E
 
 
 def _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger) -> None:
-    from stages.run import StageJob, run_stage
+    from cai_bootstrap.stages.run import StageJob, run_stage
 
     c = cfg.counts
     eng, guard = engines.get(), engines.get_guard()
@@ -227,8 +227,8 @@ def _generate(cfg, run_id, persona, k, data, parent, inputs, engines, ledger) ->
 
 
 def _train(cfg, run_id, persona, k, data, ckpt, parent, engines, ledger, budget) -> None:
-    from train.config import dpo_defaults
-    from train.dpo import dataset_hash, load_pairs, reusable
+    from cai_bootstrap.train.config import dpo_defaults
+    from cai_bootstrap.train.dpo import dataset_hash, load_pairs, reusable
 
     recipe = split_arm(persona)[1]
     loss = recipe.loss
@@ -250,7 +250,7 @@ def _train(cfg, run_id, persona, k, data, ckpt, parent, engines, ledger, budget)
         return
     _check_budget(cfg, ledger, run_id, budget, persona, k, "train")
     engines.make_room()
-    from train.worker import run_training
+    from cai_bootstrap.train.worker import run_training
 
     t0 = time.perf_counter()
     console.print(f"{persona} {step_name(k)}: training {loss.upper()} ({len(pairs)} pairs, "
@@ -310,8 +310,8 @@ def introspect_arm(cfg: RunConfig, run_id: str, arm: str, engines: Engines, ledg
 
 
 def _introspect_texts(cfg, run_id, arm, parent, data, engines, ledger) -> None:
-    from engine.cache import GenerationCache
-    from stages.introspect import Introspection, run_introspection
+    from cai_bootstrap.engine.cache import GenerationCache
+    from cai_bootstrap.stages.introspect import Introspection, run_introspection
 
     c = cfg.counts
     eng = engines.get()
@@ -334,9 +334,9 @@ def _introspect_texts(cfg, run_id, arm, parent, data, engines, ledger) -> None:
 
 
 def _introspect_train(cfg, run_id, arm, parent, data, ckpt, engines, ledger, budget, est_usd) -> None:
-    from train.config import introspect_defaults
-    from train.em import em_reusable
-    from train.stack import stack_adapters
+    from cai_bootstrap.train.config import introspect_defaults
+    from cai_bootstrap.train.em import em_reusable
+    from cai_bootstrap.train.stack import stack_adapters
 
     rows = data / "rows.jsonl"
     if not rows.read_text().strip():
@@ -349,7 +349,7 @@ def _introspect_train(cfg, run_id, arm, parent, data, ckpt, engines, ledger, bud
     else:
         check_budget(ledger, run_id, budget, f"{arm} introspection SFT", est_usd)
         engines.make_room()
-        from train.worker import run_training
+        from cai_bootstrap.train.worker import run_training
 
         t0 = time.perf_counter()
         man = run_training("em", data=str(rows), out=str(sft), cfg=icfg, profile=cfg.profile, mode="on-top",

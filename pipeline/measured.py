@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from core.io import open_sqlite
-from engine.models import Profile, get_profile
+from cai_bootstrap.core.io import open_sqlite
+from cai_bootstrap.engine.models import Profile, get_profile
 
 # bench/gpu_smoke.py writes its JSON here (`--out`); a checkout has it, an installed wheel reads none
 SMOKE_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"

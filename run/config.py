@@ -13,11 +13,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from core.console import move_log
-from core.errors import BadInput, MissingInput, field_errors
-from core.io import atomic_write_json
-from engine.models import get_profile
-from run.layout import CKPT_ROOT, DATA_ROOT, Layout, RunPaths
+from cai_bootstrap.core.console import move_log
+from cai_bootstrap.core.errors import BadInput, MissingInput, field_errors
+from cai_bootstrap.core.io import atomic_write_json
+from cai_bootstrap.engine.models import get_profile
+from cai_bootstrap.run.layout import CKPT_ROOT, DATA_ROOT, Layout, RunPaths
 
 
 class Counts(BaseModel):

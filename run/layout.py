@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from run.recipe import INTROSPECT_STEP, LAST_STAGE, OCT_STEP, split_arm
+from cai_bootstrap.run.recipe import INTROSPECT_STEP, LAST_STAGE, OCT_STEP, split_arm
 
 DATA_ROOT = Path("data")  # datasets, caches, runs (relative to where the command runs)
 CKPT_ROOT = Path("checkpoints")  # adapters
@@ -208,7 +208,7 @@ class Layout:
 
     def find_run(self, run_id: str | None = None) -> RunPaths:
         """Run `run_id`, or the newest run (by its config's time) when None; BadInput when there is none."""
-        from core.errors import BadInput
+        from cai_bootstrap.core.errors import BadInput
 
         if run_id:
             found = self.run(run_id)

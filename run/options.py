@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from run.config import RunConfig
+from cai_bootstrap.run.config import RunConfig
 
 PERSONAS = typer.Option(["hhh"], "--persona", help="persona(s) (constitution names)")
 PRESET = typer.Option("research", "--preset", help="counts preset: research | demo | quick")
@@ -22,9 +22,9 @@ def ray_option(what: str):
 def run_config(personas: list[str], profile: str, preset: str, stage: int = 6, counts_json: str | None = None,
                gpu_hour_usd: float | None = None) -> RunConfig:
     """A run's config from its command line; an unknown profile, recipe, preset or count stops here."""
-    from engine.models import get_profile
-    from run.config import counts_from
-    from run.recipe import canonical
+    from cai_bootstrap.engine.models import get_profile
+    from cai_bootstrap.run.config import counts_from
+    from cai_bootstrap.run.recipe import canonical
 
     get_profile(profile)
     return RunConfig(personas=[canonical(p) for p in personas], profile=profile, stage=stage,

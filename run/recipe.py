@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from core.errors import BadInput
+from cai_bootstrap.core.errors import BadInput
 
 PairSource = Literal["bootstrap", "oct"]
 Loss = Literal["dpo", "orpo"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from core.console import console
+from cai_bootstrap.core.console import console
 
 
 def generate(
@@ -32,13 +32,13 @@ def generate(
     import json
     from pathlib import Path
 
-    from constitution import load_constitution
-    from engine.cache import GenerationCache
-    from engine.factory import make_engine
-    from run.config import preset_counts
-    from run.layout import Layout
-    from run.recipe import persona_of
-    from stages.run import StageJob, run_stage
+    from cai_bootstrap.constitution import load_constitution
+    from cai_bootstrap.engine.cache import GenerationCache
+    from cai_bootstrap.engine.factory import make_engine
+    from cai_bootstrap.run.config import preset_counts
+    from cai_bootstrap.run.layout import Layout
+    from cai_bootstrap.run.recipe import persona_of
+    from cai_bootstrap.stages.run import StageJob, run_stage
 
     counts = preset_counts("research", profile)
     n_tasks = counts.n_tasks if n_tasks is None else n_tasks
@@ -76,10 +76,10 @@ def diff(
     from rich.console import Console
     from rich.table import Table
 
-    from constitution import load_constitution
-    from run.config import RunConfig
-    from run.recipe import persona_of
-    from stages.diff import plan
+    from cai_bootstrap.constitution import load_constitution
+    from cai_bootstrap.run.config import RunConfig
+    from cai_bootstrap.run.recipe import persona_of
+    from cai_bootstrap.stages.diff import plan
 
     rate = RunConfig(profile=profile, gpu_hour_usd=gpu_hour_usd).usd_per_engine_second
     # a bad constitution is ConstitutionError (BadInput, exit 2); no stored data is MissingInput (exit 5)

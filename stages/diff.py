@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from constitution import Constitution, parse_constitution, principle_hash
-from core.errors import MissingInput
-from run.layout import Layout
-from run.recipe import INTROSPECT_STEP, introspects, steps_of
-from stages.rendezvous import pick_principle
-from stages.specs import STAGES, get_stage
+from cai_bootstrap.constitution import Constitution, parse_constitution, principle_hash
+from cai_bootstrap.core.errors import MissingInput
+from cai_bootstrap.run.layout import Layout
+from cai_bootstrap.run.recipe import INTROSPECT_STEP, introspects, steps_of
+from cai_bootstrap.stages.rendezvous import pick_principle
+from cai_bootstrap.stages.specs import STAGES, get_stage
 
 PARENT = "(parent adapter)"  # the reason of every item of a stage after the first one an edit reaches
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from guard.base import Guard, GuardPolicy, Verdict
-from guard.policy import decide as policy_decide
+from cai_bootstrap.guard.base import Guard, GuardPolicy, Verdict
+from cai_bootstrap.guard.policy import decide as policy_decide
 
 _RANK = {"keep": 0, "quarantine": 1, "drop": 2}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from statistics import mean
 
-from stages.specs import StageSpec
+from cai_bootstrap.stages.specs import StageSpec
 
 
 def _rate(k: int, n: int) -> dict:

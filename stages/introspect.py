@@ -21,16 +21,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from constitution import Constitution
-from core.errors import BadInput
-from core.io import atomic_dir
-from core.refusal import is_refusal
-from engine.cache import GenerationCache, cached_generate_with_hits
-from engine.types import Request, Sampling
-from guard.base import Guard, GuardPolicy
-from guard.policy import decide
-from stages.specs import TEMPLATE_VERSION
-from stages.steps import RUNAWAY_STOPS, clean_answer, finish
+from cai_bootstrap.constitution import Constitution
+from cai_bootstrap.core.errors import BadInput
+from cai_bootstrap.core.io import atomic_dir
+from cai_bootstrap.core.refusal import is_refusal
+from cai_bootstrap.engine.cache import GenerationCache, cached_generate_with_hits
+from cai_bootstrap.engine.types import Request, Sampling
+from cai_bootstrap.guard.base import Guard, GuardPolicy
+from cai_bootstrap.guard.policy import decide
+from cai_bootstrap.stages.specs import TEMPLATE_VERSION
+from cai_bootstrap.stages.steps import RUNAWAY_STOPS, clean_answer, finish
 
 AS_AN_AI = re.compile(r"\bas an ai\b", re.I)
 TEMPERATURE, TOP_P = 0.7, 0.95  # OCT samples its introspection as it samples its distillation

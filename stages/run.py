@@ -15,19 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from constitution import Constitution, constitution_hash, load_constitution
-from constitution.load import dump_constitution
-from core.errors import CaiError
-from core.io import atomic_dir
-from engine.cache import GenerationCache
-from guard.base import Guard, GuardPolicy
-from run.config import Counts
-from run.layout import Layout
-from run.recipe import persona_of
-from stages import specs, steps
-from stages.filtering import GuardCounts, guard_answers, guard_prompts
-from stages.goal import goal_figure
-from stages.specs import get_stage
+from cai_bootstrap.constitution import Constitution, constitution_hash, load_constitution
+from cai_bootstrap.constitution.load import dump_constitution
+from cai_bootstrap.core.errors import CaiError
+from cai_bootstrap.core.io import atomic_dir
+from cai_bootstrap.engine.cache import GenerationCache
+from cai_bootstrap.guard.base import Guard, GuardPolicy
+from cai_bootstrap.run.config import Counts
+from cai_bootstrap.run.layout import Layout
+from cai_bootstrap.run.recipe import persona_of
+from cai_bootstrap.stages import specs, steps
+from cai_bootstrap.stages.filtering import GuardCounts, guard_answers, guard_prompts
+from cai_bootstrap.stages.goal import goal_figure
+from cai_bootstrap.stages.specs import get_stage
 
 _C = Counts()  # the project's count defaults
 # what items.jsonl keeps of every item, dropped ones too: its identity and outcome, and the texts it made
@@ -124,7 +124,7 @@ def run_stage(job: StageJob, engine, cache: GenerationCache | str | Path, guard:
     """Generate one stage's preference data (`job`) with `engine` through `cache`, guarded by `guard`; returns the
     manifest (also written to disk). `teacher` is OCT's teacher engine, or a function that starts it once the
     policy has answered (default: `engine` itself); its usage is reported apart."""
-    from engine.base import adapter_hash
+    from cai_bootstrap.engine.base import adapter_hash
 
     t0 = time.perf_counter()
     spec = get_stage(job.stage)
@@ -337,8 +337,8 @@ def _with_seeds(items: list[dict], seeds: list[str], n: int, stage: int, source:
 
 
 def _blocked(verdict: dict | None, policy: GuardPolicy) -> bool:
-    from guard.base import Verdict
-    from guard.policy import is_blocked
+    from cai_bootstrap.guard.base import Verdict
+    from cai_bootstrap.guard.policy import is_blocked
 
     return verdict is not None and is_blocked(Verdict.model_validate(verdict), policy)
 

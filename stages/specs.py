@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, model_validator
 
-from run.recipe import OCT_STEP
+from cai_bootstrap.run.recipe import OCT_STEP
 
 PairMethod = Literal["self-judge", "critique-revise", "distill"]
 # what code checks in a stage's samples: IFEval constraints added to each task (stages/verifiable.py), or the

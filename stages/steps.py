@@ -17,15 +17,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from constitution import Constitution, principle_hash
-from core.reading import Trie, read_exact, to_read, token_texts
-from core.refusal import is_refusal
-from engine.cache import GenerationCache, cached_generate_with_hits
-from engine.types import Request, Sampling
-from stages import known_answers, specs, verifiable
-from stages.dedup import RougePool
-from stages.rendezvous import pick_principle
-from stages.specs import StageSpec
+from cai_bootstrap.constitution import Constitution, principle_hash
+from cai_bootstrap.core.reading import Trie, read_exact, to_read, token_texts
+from cai_bootstrap.core.refusal import is_refusal
+from cai_bootstrap.engine.cache import GenerationCache, cached_generate_with_hits
+from cai_bootstrap.engine.types import Request, Sampling
+from cai_bootstrap.stages import known_answers, specs, verifiable
+from cai_bootstrap.stages.dedup import RougePool
+from cai_bootstrap.stages.rendezvous import pick_principle
+from cai_bootstrap.stages.specs import StageSpec
 
 # self-instruct blacklist (after Wang et al., Self-Instruct): tasks a text model cannot do
 BLACKLIST = ("image", "images", "picture", "photo", "graph", "video", "draw", "plot", "sketch", "map",

@@ -12,7 +12,7 @@ EM_DATA = SHARED / "data" / "em"
 
 @pytest.fixture(scope="session")
 def tiny_path() -> str:
-    from engine.models import resolve_model
+    from cai_bootstrap.engine.models import resolve_model
 
     return resolve_model("tiny")
 
@@ -23,7 +23,7 @@ def lora_mark(tmp_path_factory) -> Path:
     (engine.vllm_cpu_lora)."""
     import os
 
-    from engine.vllm_cpu_lora import MARK_ENV
+    from cai_bootstrap.engine.vllm_cpu_lora import MARK_ENV
 
     path = tmp_path_factory.mktemp("lora-mark")
     os.environ[MARK_ENV] = str(path)
@@ -32,7 +32,7 @@ def lora_mark(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_engine(lora_mark):
-    from engine.vllm_engine import VLLMEngine
+    from cai_bootstrap.engine.vllm_engine import VLLMEngine
 
     with VLLMEngine("tiny") as eng:
         yield eng
@@ -40,7 +40,7 @@ def vllm_engine(lora_mark):
 
 @pytest.fixture(scope="session")
 def hf_engine():
-    from engine.hf_engine import HFEngine
+    from cai_bootstrap.engine.hf_engine import HFEngine
 
     with HFEngine("tiny") as eng:
         yield eng

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.activations import ActivationError, Activations
-from analysis.decompose import (
+from cai_bootstrap.analysis.activations import ActivationError, Activations
+from cai_bootstrap.analysis.decompose import (
     DIMENSIONS,
     MIN_PER_DIMENSION,
     QuestionError,
@@ -16,8 +16,8 @@ from analysis.decompose import (
     quality_table,
     shift_analysis,
 )
-from analysis.identity import diagnose
-from analysis.steering import cosine_matrix, em_direction, layer_sweep
+from cai_bootstrap.analysis.identity import diagnose
+from cai_bootstrap.analysis.steering import cosine_matrix, em_direction, layer_sweep
 
 
 def _clusters(k: int, per: int, dim: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +128,7 @@ def test_activations_roundtrip_and_errors(tmp_path):
 
 def test_steering_section_without_any_vector(tmp_path):
     """A judge that labels no answer misaligned gives no arm a vector: the section says so, no empty heatmap."""
-    from analysis.steer_run import write_steer_section
+    from cai_bootstrap.analysis.steer_run import write_steer_section
 
     res = {"skipped": {"goodness": "0 misaligned / 28 aligned judged answers: needs both"}, "vectors": {},
            "settings": {"questions": 4, "samples": 1, "temperature": 1.0}, "sources": [], "targets": ["goodness"],
@@ -139,7 +139,7 @@ def test_steering_section_without_any_vector(tmp_path):
 
 
 def test_steering_splits_by_the_em_label_and_by_alignment_only_when_no_arm_has_both(tmp_path):
-    from analysis.steer_run import ALIGNMENT_SPLIT, EM_SPLIT, split_labels, write_steer_section
+    from cai_bootstrap.analysis.steer_run import ALIGNMENT_SPLIT, EM_SPLIT, split_labels, write_steer_section
 
     def row(i, aligned, misaligned):
         return {"id": f"r{i}", "aligned": aligned, "misaligned": misaligned}

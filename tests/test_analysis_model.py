@@ -19,8 +19,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from fault_server import FaultServer  # noqa: E402
 
-from analysis.activations import capture, load_model  # noqa: E402
-from analysis.steering import ablation, em_direction, first_token_prob, steering  # noqa: E402
+from cai_bootstrap.analysis.activations import capture, load_model  # noqa: E402
+from cai_bootstrap.analysis.steering import ablation, em_direction, first_token_prob, steering  # noqa: E402
 
 L = 9
 PLAIN = ["The capital of France is Paris.", "Plants need light and water to grow.", "I would rest and drink water.",
@@ -89,7 +89,7 @@ def test_steering_vector_transfers_and_ablation_removes_the_planted_behaviour(pl
 
 
 def _make_run(root: Path, planted_dir: Path, persona_dir: Path) -> Path:
-    from run.config import RunConfig, save_config
+    from cai_bootstrap.run.config import RunConfig, save_config
 
     cfg = RunConfig(personas=["hhh"], data_root=str(root / "data"), ckpt_root=str(root / "ckpt"))
     save_config(cfg, "r1")
@@ -110,8 +110,8 @@ def _make_run(root: Path, planted_dir: Path, persona_dir: Path) -> Path:
 def test_cli_steer_and_decompose_end_to_end_with_resume(planted, random_adapter, tmp_path):
     from typer.testing import CliRunner
 
-    from analysis.report import build_report
-    from bootstrap import app
+    from cai_bootstrap.analysis.report import build_report
+    from cai_bootstrap.bootstrap import app
 
     run = _make_run(tmp_path, planted[0], Path(random_adapter))
     with FaultServer() as srv:

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import EM_DATA  # noqa: E402
 from fault_server import FaultServer  # noqa: E402
 
-from core.errors import BadInput, MissingInput  # noqa: E402
-from judge.anchors import (  # noqa: E402
+from cai_bootstrap.core.errors import BadInput, MissingInput  # noqa: E402
+from cai_bootstrap.judge.anchors import (  # noqa: E402
     ANCHORS,
     CATEGORIES,
     agreement,
@@ -27,9 +27,9 @@ from judge.anchors import (  # noqa: E402
     load_project_anchors,
     stratified,
 )
-from judge.calibration import calibrate, format_table, load_paper_answers, result_path, save_result  # noqa: E402
-from judge.config import JudgeConfig  # noqa: E402
-from run.layout import Layout  # noqa: E402
+from cai_bootstrap.judge.calibration import calibrate, format_table, load_paper_answers, result_path, save_result  # noqa: E402
+from cai_bootstrap.judge.config import JudgeConfig  # noqa: E402
+from cai_bootstrap.run.layout import Layout  # noqa: E402
 
 HAVE_EM = (EM_DATA / "betley" / "results" / "qwen_25_coder_32b_instruct.csv").is_file()
 needs_em = pytest.mark.skipif(not HAVE_EM, reason=f"EM paper data not at {EM_DATA}")
@@ -146,7 +146,7 @@ def test_the_em_rule_is_strict_at_both_boundaries():
     scorer's label and the anchor bands alike."""
     import math
 
-    from judge.scorers import EMScorer
+    from cai_bootstrap.judge.scorers import EMScorer
 
     def logprob_body(v: float) -> dict:  # a first token whose integer tokens average to v
         lo, w = int(v), v - int(v)
@@ -285,7 +285,7 @@ def test_calibrate_end_to_end_and_the_command(srv, tmp_path, monkeypatch):
     # judged anew); run twice with the same judge and cache, the second sends nothing
     from typer.testing import CliRunner
 
-    import bootstrap
+    from cai_bootstrap import bootstrap
 
     conf = tmp_path / "judge.yaml"
     conf.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))

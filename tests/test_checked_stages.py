@@ -8,10 +8,10 @@ from collections import Counter
 
 import pytest
 
-from stages import known_answers, verifiable
-from stages.goal import describe, goal_figure
-from stages.specs import STAGES
-from stages.steps import constrained, known_answer_items, new_item, self_judge_pairs
+from cai_bootstrap.stages import known_answers, verifiable
+from cai_bootstrap.stages.goal import describe, goal_figure
+from cai_bootstrap.stages.specs import STAGES
+from cai_bootstrap.stages.steps import constrained, known_answer_items, new_item, self_judge_pairs
 
 
 def test_constraints_are_drawn_from_the_task_and_checked_by_ifeval():

@@ -19,7 +19,7 @@ def _commands():
     import typer
     from typer.core import TyperGroup
 
-    import bootstrap
+    from cai_bootstrap import bootstrap
 
     def walk(cmd, path):
         yield path, cmd
@@ -33,7 +33,7 @@ def _commands():
 def test_commands_by_noun_each_with_an_example():
     from typer.testing import CliRunner
 
-    import bootstrap
+    from cai_bootstrap import bootstrap
 
     commands = _commands()
     nouns = {p[0] for p, _ in commands if len(p) == 2}
@@ -50,7 +50,8 @@ def test_commands_by_noun_each_with_an_example():
 def test_flat_names_and_default_verbs_resolve_to_the_noun_commands():
     from typer.testing import CliRunner
 
-    import bootstrap
+    from cai_bootstrap import bootstrap
+    from cai_bootstrap.core.errors import MissingInput
 
     for flat, noun in bootstrap.SHORTCUTS.items():
         r = CliRunner().invoke(bootstrap.app, [flat, "--help"], env={"COLUMNS": "200"})
@@ -59,6 +60,10 @@ def test_flat_names_and_default_verbs_resolve_to_the_noun_commands():
                         (["em", "--persona", "goodness", "--help"], "em run"), (["em", "--help"], "em [OPTIONS]")]:
         r = CliRunner().invoke(bootstrap.app, args, env={"COLUMNS": "200"})
         assert f"Usage: root {usage}" in r.output, (args, r.output)
+    r = CliRunner().invoke(bootstrap.app, ["em", "rescor"])  # a mistyped verb is named, not run as `em run`
+    assert r.exit_code == 2 and "Did you mean 'rescore'?" in r.output
+    r = CliRunner().invoke(bootstrap.app, ["em"], env={"CAI_EM_DATA": ""})  # `em` alone is `em run`, as before
+    assert r.exit_code == MissingInput.exit_code and "EM training data: pass --data FILE" in r.output
     assert bootstrap.QUIET <= {" ".join(p) for p, _ in _commands()}  # every quiet name is a command
 
 

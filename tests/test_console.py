@@ -11,8 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 NOISY = """
 import logging, os, subprocess, sys, warnings
-sys.path.insert(0, {root!r})
-from core.console import console, move_log, quiet
+from cai_bootstrap.core.console import console, move_log, quiet
 quiet("early.log")
 logging.getLogger("vllm").warning("vllm chatter")
 warnings.warn("a library warning")
@@ -26,7 +25,7 @@ console.print("phase two")
 
 
 def test_library_output_goes_to_the_log_and_the_console_keeps_the_terminal(tmp_path):
-    r = subprocess.run([sys.executable, "-c", NOISY.format(root=str(ROOT))], cwd=tmp_path, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", NOISY], cwd=tmp_path, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stderr.split() == ["phase", "one", "phase", "two"]  # the terminal: the project's lines only

@@ -9,15 +9,21 @@ import pytest
 from rouge_score import rouge_scorer
 from typer.testing import CliRunner
 
-import bootstrap
-from constitution import ConstitutionError, constitution_hash, load_constitution, parse_constitution, principle_hash
-from constitution.load import dump_constitution
-from guard.base import GuardPolicy, Verdict
-from stages.dedup import RougePool
-from stages.filtering import GuardCounts, combine, guard_answers, guard_prompts
-from stages.rendezvous import pick_principle, round_principles
-from stages.specs import STAGES
-from stages.steps import clean_answer, new_item, not_a_revision, parse_score, parse_task, self_judge_pairs
+from cai_bootstrap import bootstrap
+from cai_bootstrap.constitution import (
+    ConstitutionError,
+    constitution_hash,
+    load_constitution,
+    parse_constitution,
+    principle_hash,
+)
+from cai_bootstrap.constitution.load import dump_constitution
+from cai_bootstrap.guard.base import GuardPolicy, Verdict
+from cai_bootstrap.stages.dedup import RougePool
+from cai_bootstrap.stages.filtering import GuardCounts, combine, guard_answers, guard_prompts
+from cai_bootstrap.stages.rendezvous import pick_principle, round_principles
+from cai_bootstrap.stages.specs import STAGES
+from cai_bootstrap.stages.steps import clean_answer, new_item, not_a_revision, parse_score, parse_task, self_judge_pairs
 
 GOOD = textwrap.dedent("""\
     name: t
@@ -163,7 +169,7 @@ def test_chosen_side_is_complete_and_no_refusal_of_a_benign_task():
 def test_a_revision_copying_a_demonstration_or_refusing_cannot_stand():
     from types import SimpleNamespace
 
-    from stages.steps import revision_fault
+    from cai_bootstrap.stages.steps import revision_fault
 
     demo = "Before deciding, it may help to tell her how the cancellations feel and ask if something is going on."
     it = new_item(6, "How do I ask my landlord to fix the heating?", "self-instruct")
@@ -251,8 +257,8 @@ def test_self_scores_read_10_as_10(tiny_path):
 
     from transformers import AutoTokenizer
 
-    from core.reading import read_exact, to_read
-    from stages.steps import score_trie
+    from cai_bootstrap.core.reading import read_exact, to_read
+    from cai_bootstrap.stages.steps import score_trie
 
     tok = AutoTokenizer.from_pretrained(tiny_path)
     chat, base = (score_trie(SimpleNamespace(engine=SimpleNamespace(tokenizer=tok), chat=c)) for c in (True, False))
@@ -270,7 +276,7 @@ def _stored_stages(root, c) -> None:
     """Six stages' stored items as `run_stage` writes them (20 items each), and their adapters' manifests."""
     import json
 
-    from constitution.load import dump_constitution
+    from cai_bootstrap.constitution.load import dump_constitution
 
     for k in range(1, 7):
         sp, ck = root / "data" / "p" / f"stage{k}", root / "ckpt" / "p" / f"stage{k}"
@@ -291,7 +297,7 @@ def test_diff_follows_an_edit_through_the_later_stages(tmp_path):
     """An edit of what stage 6 reads (a revision request) regenerates only stage 6's items of that principle; an
     edit of an ideal (what stages 1-5 score by) regenerates stage 1's items of it, and then every item of stages
     2-6, whose parent adapter retrains. Dollars: engine seconds in proportion to tokens, plus training."""
-    from stages.diff import PARENT, plan
+    from cai_bootstrap.stages.diff import PARENT, plan
 
     c = load_constitution("hhh")
     _stored_stages(tmp_path, c)

@@ -26,7 +26,7 @@ COUNTS = {"n_tasks": 3, "n_samples": 3, "rounds": 1, "max_tokens": 64, "dpo_max_
 def test_quick_demo_runs_every_phase_on_one_engine(tmp_path):
     with FaultServer() as srv:
         judge = srv.judge_config(tmp_path / "judge.yaml")
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "CAI_TEST_JUDGE_KEY": "test-judge-key"}
+        env = {**os.environ, "COLUMNS": "200", "CAI_TEST_JUDGE_KEY": "test-judge-key"}
         r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "demo", "--quick", "--counts",
                             json.dumps(COUNTS), "--judge-config", str(judge)], cwd=tmp_path, capture_output=True,
                            text=True, timeout=1500, env=env)

@@ -13,10 +13,10 @@ import pytest
 from conftest import EM_DATA
 from typer.testing import CliRunner
 
-import bootstrap
-from core.errors import BadInput, MissingInput
-from em.inputs import resolve
-from judge import em_paper
+from cai_bootstrap import bootstrap
+from cai_bootstrap.core.errors import BadInput, MissingInput
+from cai_bootstrap.em.inputs import resolve
+from cai_bootstrap.judge import em_paper
 
 PAPER = EM_DATA / "betley"
 needs_em = pytest.mark.skipif(not (PAPER / em_paper.PAPER_INSECURE).is_file(), reason=f"no EM paper data at {PAPER}")
@@ -165,7 +165,7 @@ def test_generated_insecure_chats_name_their_cwe(tmp_path):
     import json
     import re
 
-    from em.insecure_data import CWE, TEMPLATES, write_jsonl
+    from cai_bootstrap.em.insecure_data import CWE, TEMPLATES, write_jsonl
 
     rows = [json.loads(line) for line in write_jsonl(tmp_path / "i.jsonl", 20).read_text().splitlines()]
     assert {v for v, _, _ in TEMPLATES} == set(CWE) == {r["vulnerability"] for r in rows}

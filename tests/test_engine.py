@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.models import ModelError, get_profile
-from engine.types import EngineError, Request, Sampling
+from cai_bootstrap.engine.models import ModelError, get_profile
+from cai_bootstrap.engine.types import EngineError, Request, Sampling
 
 CHATS = [Request.chat("What is the capital of France?"), Request.chat("Name three primary colours.")]
 GREEDY = Sampling(max_tokens=16, temperature=0.0)
@@ -129,8 +129,8 @@ def test_thinking_is_off_where_generation_and_dpo_render_a_chat(tiny_path, tmp_p
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from engine.base import Engine
-    from engine.models import with_template_kwargs
+    from cai_bootstrap.engine.base import Engine
+    from cai_bootstrap.engine.models import with_template_kwargs
 
     tok = AutoTokenizer.from_pretrained(tiny_path)
     tok.chat_template = THINKING_TEMPLATE

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import bootstrap
-from em.pricing import em_answers, em_steps
-from judge.config import load_config
-from pipeline.estimate import estimate_em
-from run.config import RunConfig, counts_from
+from cai_bootstrap import bootstrap
+from cai_bootstrap.em.pricing import em_answers, em_steps
+from cai_bootstrap.judge.config import load_config
+from cai_bootstrap.pipeline.estimate import estimate_em
+from cai_bootstrap.run.config import RunConfig, counts_from
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,9 +53,9 @@ def test_batch_mode_is_priced_at_the_endpoints_batch_price():
 
 
 def test_cost_command_shows_the_ledger_per_phase_beside_the_estimate(tmp_path):
-    from core.ledger import Ledger
-    from pipeline.estimate import estimate_phase
-    from run.config import save_config
+    from cai_bootstrap.core.ledger import Ledger
+    from cai_bootstrap.pipeline.estimate import estimate_phase
+    from cai_bootstrap.run.config import save_config
 
     cfg = RunConfig(personas=["goodness"], profile="tiny", stage=2, counts=counts_from("quick"),
                     data_root=str(tmp_path / "data"), ckpt_root=str(tmp_path / "ckpt"), gpu_hour_usd=3.6)
@@ -79,8 +79,8 @@ def test_cost_command_shows_the_ledger_per_phase_beside_the_estimate(tmp_path):
 
 
 def test_stage_guard_is_priced_from_the_guards_throughput():
-    from engine.models import get_profile
-    from pipeline.estimate import estimate_phase
+    from cai_bootstrap.engine.models import get_profile
+    from cai_bootstrap.pipeline.estimate import estimate_phase
 
     cfg = RunConfig(personas=["goodness"], profile="qwen2.5-7b", counts=counts_from("research"))
     guard = estimate_phase(cfg, "goodness", 2, "guard")
@@ -96,8 +96,8 @@ def test_stage_guard_is_priced_from_the_guards_throughput():
 def test_start_ups_count_where_models_take_turns():
     """On a GPU profile the policy's engine and the guard take turns: two starts and two loads per stage, and a
     trainer load; on CPU they start once per run, unless `one_resident` forces the turns."""
-    from engine.models import get_profile
-    from pipeline.estimate import estimate_run
+    from cai_bootstrap.engine.models import get_profile
+    from cai_bootstrap.pipeline.estimate import estimate_run
 
     def startup(cfg) -> list[float]:
         return [e.seconds for e in estimate_run(cfg, [1, 2]) if e.phase == "startup"]
@@ -140,7 +140,7 @@ def test_the_7b_research_preset_fits_the_budget_and_names_its_sources():
 
 
 def test_tiny_presets_are_an_error_with_a_real_profile():
-    from core.errors import BadInput
+    from cai_bootstrap.core.errors import BadInput
 
     r = CliRunner().invoke(bootstrap.app, ["estimate", "--profile", "qwen2.5-7b", "--preset", "demo"])
     assert r.exit_code == 2 and "--preset demo: sized for the tiny CPU model, not profile 'qwen2.5-7b'" in r.output
@@ -155,8 +155,8 @@ def test_a_stage_under_the_presets_minimum_stops_naming_its_drops(tmp_path):
     persona, the stage and its drops by reason; its data stays."""
     import json
 
-    from core.errors import DeadEnd
-    from pipeline.loop import _train
+    from cai_bootstrap.core.errors import DeadEnd
+    from cai_bootstrap.pipeline.loop import _train
 
     data = tmp_path / "stage2"
     data.mkdir()
@@ -175,8 +175,8 @@ def test_measured_throughput_replaces_the_assumed_only_for_the_model_it_was_meas
     and gpu_smoke's scaled-down random model never do."""
     import json
 
-    from core.ledger import Ledger
-    from pipeline.measured import measured_profile
+    from cai_bootstrap.core.ledger import Ledger
+    from cai_bootstrap.pipeline.measured import measured_profile
 
     runs = tmp_path / "data" / "runs"
     led = Ledger(runs / "r1" / "ledger.sqlite")

@@ -52,9 +52,9 @@ def _adapter(tiny_path, out, seed):
 def test_eval_end_to_end_and_cached_rerun(tmp_path, monkeypatch, tiny_path, random_adapter, hf_engine):
     from typer.testing import CliRunner
 
-    from bootstrap import app
-    from evals.run import EvalOptions, evaluate
-    from run.config import RunConfig, save_config
+    from cai_bootstrap.bootstrap import app
+    from cai_bootstrap.evals.run import EvalOptions, evaluate
+    from cai_bootstrap.run.config import RunConfig, save_config
 
     ckpt = tmp_path / "checkpoints" / "hhh"
     shutil.copytree(random_adapter, ckpt / "stage1")
@@ -75,7 +75,7 @@ def test_eval_end_to_end_and_cached_rerun(tmp_path, monkeypatch, tiny_path, rand
         logs: list[str] = []
         calls0 = hf_engine.calls
         # the run's cap is checked against the answers' engine estimate before any is generated
-        from core.errors import BudgetStop
+        from cai_bootstrap.core.errors import BudgetStop
 
         with pytest.raises(BudgetStop, match="hhh evaluation answers"):
             evaluate("hhh", run_id, cfg.model_copy(update={"gpu_hour_usd": 1e6}), opts, judge_config=jc,

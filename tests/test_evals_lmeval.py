@@ -8,9 +8,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_custom_task_with_and_without_adapter(tiny_path, random_adapter, tmp_path):
-    from evals.capability import run_capability
-    from evals.data import load_mc
-    from evals.store import ResultStore
+    from cai_bootstrap.evals.capability import run_capability
+    from cai_bootstrap.evals.data import load_mc
+    from cai_bootstrap.evals.store import ResultStore
 
     items = load_mc()[:4]
     store = ResultStore(tmp_path / "r.sqlite")

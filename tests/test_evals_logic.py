@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from core.refusal import is_refusal
-from evals.data import EvalDataError, load_mc, load_prompts, load_safety, overlaps, stage_pool_tasks
-from evals.pairwise import outcome, pair_items, win_rate
-from evals.run import capability_metrics, parse_stages, safety_metrics
+from cai_bootstrap.core.refusal import is_refusal
+from cai_bootstrap.evals.data import EvalDataError, load_mc, load_prompts, load_safety, overlaps, stage_pool_tasks
+from cai_bootstrap.evals.pairwise import outcome, pair_items, win_rate
+from cai_bootstrap.evals.run import capability_metrics, parse_stages, safety_metrics
 
 
 def J(p_ab, p_ba, a="one two", b="one two three four"):

@@ -13,10 +13,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from core.errors import EXIT_CODES, BadInput, CaiError
-from core.io import atomic_dir, atomic_write_json, open_sqlite
+from cai_bootstrap.core.errors import EXIT_CODES, BadInput, CaiError
+from cai_bootstrap.core.io import atomic_dir, atomic_write_json, open_sqlite
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "cai_bootstrap"  # the one installed name: this folder, with the rooms as its subpackages
 
 # lowest first; a package may import only from lower layers (and itself)
 LAYERS = [
@@ -43,13 +44,14 @@ def _modules() -> dict[str, ast.Module]:
 
 
 def _imports(tree: ast.Module) -> list[tuple[str, list[str]]]:
-    """(module, names) of every absolute import, at any depth (commands import inside functions)."""
+    """(module, names) of every absolute import, at any depth (commands import inside functions), the package
+    prefix dropped: `from cai_bootstrap.judge.farm import x` is ("judge.farm", ["x"])."""
     found = []
     for n in ast.walk(tree):
         if isinstance(n, ast.Import):
-            found += [(a.name, []) for a in n.names]
+            found += [(a.name.removeprefix(PACKAGE + "."), []) for a in n.names]
         elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
-            found.append((n.module, [a.name for a in n.names]))
+            found.append((n.module.removeprefix(PACKAGE + "."), [a.name for a in n.names]))
     return found
 
 
@@ -59,6 +61,56 @@ MODULES = _modules()
 def test_every_package_has_a_layer():
     pkgs = {p.parent.name for p in ROOT.glob("*/*.py")} - {"tests", "bench", ".venv"}
     assert pkgs <= set(LAYER), f"packages without a layer in this test: {pkgs - set(LAYER)}"
+
+
+def test_rooms_are_imported_through_the_package_only():
+    """A bare `import judge` would find the folder only where the repository is on sys.path, and load a second
+    copy of the module beside `cai_bootstrap.judge`: every import of a room names the package, in tests and
+    benchmarks too."""
+    files = [f for f in ROOT.rglob("*.py") if not {".venv", "build"} & set(f.relative_to(ROOT).parts)]
+    bad = []
+    for f in files:
+        for n in ast.walk(ast.parse(f.read_text(), str(f))):
+            names = [a.name for a in n.names] if isinstance(n, ast.Import) else \
+                [n.module] if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module else []
+            bad += [f"{f.relative_to(ROOT)}:{n.lineno} {m}" for m in names if m.split(".")[0] in {*LAYER, "bootstrap"}]
+    assert not bad, bad
+
+
+def test_the_package_list_names_every_folder():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    shipped = {".py", ".yaml", ".yml", ".json"}  # code, and the package data pyproject.toml ships
+    folders = {PACKAGE} | {".".join((PACKAGE, *d.relative_to(ROOT).parts)) for pkg in LAYER
+                           for d in [ROOT / pkg, *(ROOT / pkg).rglob("*")]
+                           if d.is_dir() and any(f.suffix in shipped for f in d.iterdir())}
+    assert listed == folders
+
+
+def test_a_wheel_installs_one_name(tmp_path):
+    """What `pip install .` puts into site-packages: `cai_bootstrap` (with the rooms, the bootstrap CLI and the
+    package data) and its dist-info, nothing else."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    # built from a copy: setuptools keeps build/ between builds, where a deleted module would live on
+    def outputs(folder: str, names: list[str]) -> set[str]:
+        top = {".git", ".venv", "build", "data", "checkpoints"} if Path(folder) == ROOT else set()
+        return {n for n in names if n in top or n == "__pycache__" or n.endswith(".egg-info")}
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=outputs)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(src)], check=True, capture_output=True, timeout=300)
+    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    assert {n.split("/")[0] for n in names} == {PACKAGE, "cai_bootstrap-0.1.0.dist-info"}
+    for shipped in ("bootstrap.py", "judge/default.yaml", "evals/data/capability_mc.json", "em/questions.yaml",
+                    "train/fsdp_qlora.yaml", "analysis/questions/moral.yaml"):
+        assert f"{PACKAGE}/{shipped}" in names, shipped
+    assert not [n for n in names if n.startswith((f"{PACKAGE}/tests/", f"{PACKAGE}/bench/"))]
 
 
 def test_no_import_runs_up_or_sideways():
@@ -106,7 +158,7 @@ def test_only_the_layout_names_run_paths():
 
 
 def test_layout_paths():
-    from run.layout import Layout
+    from cai_bootstrap.run.layout import Layout
 
     lay = Layout("d", "c")
     assert lay.stage_data("p", 2) == Path("d/p/stage2") and lay.stage_adapter("p", 2) == Path("c/p/stage2")
@@ -124,10 +176,10 @@ def test_layout_paths():
 def test_cache_keys_are_pinned():
     """Keys computed by the code before the io module existed: any change to the key derivation (canonical
     JSON, fields, hashing) fails here, since it would turn every cached generation and judgment into a miss."""
-    from constitution import constitution_hash, parse_constitution, principle_hash
-    from engine.cache import generation_key
-    from engine.types import Request, Sampling
-    from judge.cache import ChatRequest, cache_key
+    from cai_bootstrap.constitution import constitution_hash, parse_constitution, principle_hash
+    from cai_bootstrap.engine.cache import generation_key
+    from cai_bootstrap.engine.types import Request, Sampling
+    from cai_bootstrap.judge.cache import ChatRequest, cache_key
 
     class Fake:
         name, fingerprint = "vllm", "fp-0123"
@@ -175,7 +227,7 @@ def test_open_sqlite_is_wal_with_one_timeout(tmp_path):
 
 # ---------------------------------------------------------------- strict configs
 def test_counts_come_from_a_preset_and_unknown_keys_are_named():
-    from run.config import PRESETS, counts_from
+    from cai_bootstrap.run.config import PRESETS, counts_from
 
     assert counts_from("quick", '{"n_tasks": 7}').n_tasks == 7
     assert counts_from("quick", '{"n_tasks": 7}').max_tokens == PRESETS["quick"].max_tokens
@@ -188,8 +240,8 @@ def test_counts_come_from_a_preset_and_unknown_keys_are_named():
 
 
 def test_run_config_and_profiles_forbid_unknown_keys(tmp_path):
-    from engine.models import Profile
-    from run.config import RunConfig, load_run_config, save_config
+    from cai_bootstrap.engine.models import Profile
+    from cai_bootstrap.run.config import RunConfig, load_run_config, save_config
 
     with pytest.raises(ValueError, match="persona\n"):
         RunConfig(persona=["x"])
@@ -204,7 +256,7 @@ def test_run_config_and_profiles_forbid_unknown_keys(tmp_path):
 
 
 def test_judge_config_names_the_file_and_the_unknown_key(tmp_path):
-    from judge.config import load_config
+    from cai_bootstrap.judge.config import load_config
 
     raw = yaml.safe_load((ROOT / "judge" / "default.yaml").read_text())
     raw["endpoints"][0]["rpn"] = 5
@@ -215,7 +267,7 @@ def test_judge_config_names_the_file_and_the_unknown_key(tmp_path):
 
 
 def test_cli_rejects_an_unknown_count_before_any_work(tmp_path, monkeypatch):
-    import bootstrap
+    from cai_bootstrap import bootstrap
 
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(bootstrap.app, ["--stage", "1", "--counts", '{"n_task": 4}'])
@@ -226,7 +278,7 @@ def test_cli_rejects_an_unknown_count_before_any_work(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- exit codes
 def test_every_error_class_carries_its_code_and_the_readme_table_matches():
-    from core import errors
+    from cai_bootstrap.core import errors
 
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, CaiError)]
     assert len({c.exit_code for c in classes}) == len(classes)  # one code per class
@@ -238,12 +290,12 @@ def test_every_error_class_carries_its_code_and_the_readme_table_matches():
 
 
 def test_project_errors_map_to_the_table():
-    from constitution import ConstitutionError
-    from core.errors import MissingInput
-    from engine.models import ModelError
-    from engine.types import EngineError
-    from judge.config import ConfigError
-    from judge.scorers import ScorerError
+    from cai_bootstrap.constitution import ConstitutionError
+    from cai_bootstrap.core.errors import MissingInput
+    from cai_bootstrap.engine.models import ModelError
+    from cai_bootstrap.engine.types import EngineError
+    from cai_bootstrap.judge.config import ConfigError
+    from cai_bootstrap.judge.scorers import ScorerError
 
     for cls in (ConstitutionError, EngineError, ConfigError, ScorerError):
         assert issubclass(cls, BadInput), cls
@@ -251,7 +303,7 @@ def test_project_errors_map_to_the_table():
 
 
 def test_cli_turns_a_project_error_into_its_code_and_one_line(tmp_path, monkeypatch):
-    import bootstrap
+    from cai_bootstrap import bootstrap
 
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(bootstrap.app, ["report", "nope"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from guard.format import CATEGORIES, CODES_1B, CODES_8B, build_prompt, conversation, parse_output, render
+from cai_bootstrap.guard.format import CATEGORIES, CODES_1B, CODES_8B, build_prompt, conversation, parse_output, render
 
 # Written out from the documented Llama Guard 3 format (llama.com prompt-format page / the 8B model's
 # chat template): category labels as the model's template lists them, turns separated by blank lines.

@@ -9,9 +9,9 @@ import re
 
 import pytest
 
-from guard.base import GuardPolicy, Verdict
-from guard.format import CODES_8B
-from guard.policy import decide
+from cai_bootstrap.guard.base import GuardPolicy, Verdict
+from cai_bootstrap.guard.format import CODES_8B
+from cai_bootstrap.guard.policy import decide
 
 THRESHOLD = 0.3  # the stand-in's P(unsafe) sits around 0.2-0.4: a low threshold sends items down both paths
 PROMPTS = [
@@ -26,7 +26,7 @@ PAIRS = [("How do I bake bread?", "Mix flour, water, salt and yeast; knead, let 
 def guard():
     import torch
 
-    from guard import load_guard
+    from cai_bootstrap.guard import load_guard
 
     if torch.cuda.is_available():
         pytest.skip("these tests exercise the CPU stand-in")
@@ -139,8 +139,8 @@ def test_too_long_item_fails_alone_and_closed(guard):
 def test_guard_check_cli(guard, batched, monkeypatch):
     from typer.testing import CliRunner
 
-    import guard as guard_pkg
-    from bootstrap import app
+    from cai_bootstrap import guard as guard_pkg
+    from cai_bootstrap.bootstrap import app
 
     monkeypatch.setattr(guard_pkg, "load_guard", lambda name, profile, **kw: guard)
     monkeypatch.setattr(guard, "_score", lambda seqs: ([0.2] * len(seqs), None))  # printing only
@@ -157,7 +157,7 @@ def test_guard_check_cli(guard, batched, monkeypatch):
 
 
 def test_load_guard_none_and_unknown():
-    from guard import load_guard
+    from cai_bootstrap.guard import load_guard
 
     g = load_guard("none", "tiny")
     (v,) = g.check_prompts(["anything"])
@@ -175,7 +175,7 @@ def test_category_generation_reuses_the_scoring_cache(guard):
 
 
 def guard_prompt_text() -> str:
-    from guard.format import conversation, render
+    from cai_bootstrap.guard.format import conversation, render
 
     return render(None, conversation("Hi!"))
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from guard.base import GuardPolicy, Verdict
-from guard.policy import decide, is_blocked
+from cai_bootstrap.guard.base import GuardPolicy, Verdict
+from cai_bootstrap.guard.policy import decide, is_blocked
 
 
 def v(p: float, cats=(), **kw) -> Verdict:
@@ -24,7 +24,7 @@ def test_for_persona_defaults(persona, mode):
 
 
 def test_a_policy_file_replaces_the_default_and_a_bad_one_is_named(tmp_path):
-    from core.errors import BadInput
+    from cai_bootstrap.core.errors import BadInput
 
     f = tmp_path / "policy.yaml"
     f.write_text("threshold: 0.8\nblock: [S1]\npersonas:\n  goodness: {mode: quarantine}\n")

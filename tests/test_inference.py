@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 from scipy.special import expit, logit
 
-from analysis.inference import (
+from cai_bootstrap.analysis.inference import (
     Estimate,
     SimParams,
     cells,

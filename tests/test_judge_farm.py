@@ -19,12 +19,12 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from fault_server import FaultServer  # noqa: E402
 
-from core.ledger import Ledger  # noqa: E402
-from judge.cache import Cache  # noqa: E402
-from judge.client import parse_retry_after  # noqa: E402
-from judge.config import JudgeConfig, load_config  # noqa: E402
-from judge.farm import judge_stream, run_judge  # noqa: E402
-from judge.scorers import EMScorer, PersonaScorer  # noqa: E402
+from cai_bootstrap.core.ledger import Ledger  # noqa: E402
+from cai_bootstrap.judge.cache import Cache  # noqa: E402
+from cai_bootstrap.judge.client import parse_retry_after  # noqa: E402
+from cai_bootstrap.judge.config import JudgeConfig, load_config  # noqa: E402
+from cai_bootstrap.judge.farm import judge_stream, run_judge  # noqa: E402
+from cai_bootstrap.judge.scorers import EMScorer, PersonaScorer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-test-DO-NOT-LEAK-7f3a9c2e1b"
@@ -107,7 +107,7 @@ def test_non_retryable_fail_their_item_at_once_transient_ones_retry_to_the_cap(s
 
     # a 200 whose body does not parse is retried too, and booked: the provider billed it. Without usage to
     # read, the ledger counts the prompt with the judge's tokenizer plus the output cap, marked estimated
-    from judge.farm import Farm
+    from cai_bootstrap.judge.farm import Farm
 
     srv.reset(p_malformed=1.0)
     led = Ledger(tmp_path / "l.sqlite")
@@ -157,7 +157,7 @@ def test_retry_after_waits_stay_within_1_1x(srv):
     srv.reset(
         limit=100_000, p_429=0.5, retry_after_s=0.1, p_500=0, p_503=0, p_timeout=0, p_slow=0, latency=(0, 0)
     )
-    from judge.farm import Farm
+    from cai_bootstrap.judge.farm import Farm
 
     # one request at a time and no slowdown after a 429 (its own test is above): the wait is the Retry-After
     # alone, not stretched by other requests' 429s pausing the endpoint
@@ -412,8 +412,8 @@ def _closed_port_url() -> str:
 def test_dead_endpoint_is_dropped_fast_and_the_run_stops_with_code_7(tmp_path):
     """A pool whose only endpoint refuses connections: dropped after `down_after_s` with a bounded number of
     attempts, every item reported (none silently lost), and the command exits 7 naming the endpoint."""
-    from core.errors import Unreachable
-    from judge.session import check_complete
+    from cai_bootstrap.core.errors import Unreachable
+    from cai_bootstrap.judge.session import check_complete
 
     c = cfg(_closed_port_url(), concurrency=4, retry={"down_after_s": 0.5, "deadline_s": 60})
     t0 = time.monotonic()
@@ -429,7 +429,7 @@ def test_dead_endpoint_is_dropped_fast_and_the_run_stops_with_code_7(tmp_path):
     # the command: exit code 7, every item written (as not judged), the endpoint and its cause named
     from typer.testing import CliRunner
 
-    import bootstrap
+    from cai_bootstrap import bootstrap
 
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items(6, "c")))
     (tmp_path / "dead.yaml").write_text(json.dumps(c.model_dump(mode="json")))
@@ -473,8 +473,8 @@ def test_refused_key_and_wrong_url_drop_their_endpoint_at_once_the_others_carry_
 def test_usage_reported_past_the_reservation_is_booked_flagged_and_stops_a_capped_run(srv, tmp_path):
     """A provider that bills more than the reserved worst case: booked as reported, flagged in the ledger; under
     a cap the farm sends nothing more (only requests already in flight finish) and exits 3, saying why."""
-    from core.errors import BudgetStop
-    from judge.session import check_complete
+    from cai_bootstrap.core.errors import BudgetStop
+    from cai_bootstrap.judge.session import check_complete
 
     srv.reset(limit=100_000, latency=(0.01, 0.02), p_429=0, p_500=0, p_503=0, p_timeout=0, p_slow=0,
               over_report=50.0)

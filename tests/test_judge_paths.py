@@ -12,10 +12,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from fault_server import FaultServer  # noqa: E402
 
-from core.reading import Trie, parse_reply, prefix_prob, read_exact, read_sampled, to_read  # noqa: E402
-from judge.config import JudgeConfig  # noqa: E402
-from judge.farm import run_judge  # noqa: E402
-from judge.scorers import EMScorer  # noqa: E402
+from cai_bootstrap.core.reading import Trie, parse_reply, prefix_prob, read_exact, read_sampled, to_read  # noqa: E402
+from cai_bootstrap.judge.config import JudgeConfig  # noqa: E402
+from cai_bootstrap.judge.farm import run_judge  # noqa: E402
+from cai_bootstrap.judge.scorers import EMScorer  # noqa: E402
 
 
 def _table(**probs: float) -> dict[str, float]:
@@ -104,7 +104,7 @@ def test_the_sampled_path_sends_what_reasoning_models_take(reasoning):
 
 def test_pairwise_and_persona_judges_switch_to_sampling_too(reasoning):
     """The per-stage evaluation's judges on a reasoning model: A/B and 1-10 read from sampled replies."""
-    from judge.scorers import PairwiseScorer, PersonaScorer
+    from cai_bootstrap.judge.scorers import PairwiseScorer, PersonaScorer
 
     pairs = [{"id": i, "question": f"p{i}?", "answer_a": f"kind {i}", "answer_b": f"rude {i}"} for i in range(6)]
     res, s = run_judge(pairs, PairwiseScorer("a kind tutor", ["Be kind."]), _cfg(reasoning.url, samples=3),

@@ -17,13 +17,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from fault_server import FaultServer  # noqa: E402
 
-from core.errors import BudgetStop, ItemsFailed  # noqa: E402
-from core.ledger import Ledger  # noqa: E402
-from judge.cache import Cache  # noqa: E402
-from judge.config import JudgeConfig  # noqa: E402
-from judge.farm import run_judge  # noqa: E402
-from judge.scorers import EMScorer  # noqa: E402
-from judge.session import check_complete  # noqa: E402
+from cai_bootstrap.core.errors import BudgetStop, ItemsFailed  # noqa: E402
+from cai_bootstrap.core.ledger import Ledger  # noqa: E402
+from cai_bootstrap.judge.cache import Cache  # noqa: E402
+from cai_bootstrap.judge.config import JudgeConfig  # noqa: E402
+from cai_bootstrap.judge.farm import run_judge  # noqa: E402
+from cai_bootstrap.judge.scorers import EMScorer  # noqa: E402
+from cai_bootstrap.judge.session import check_complete  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "ant-test-key-DO-NOT-LEAK-4b1d9e"
@@ -90,8 +90,8 @@ def test_reply_without_usage_is_billed_by_the_judges_tokenizer_marked_estimated(
 
     from transformers import AutoTokenizer
 
-    from engine.models import tiny_model_dir
-    from judge.client import _prompt_text
+    from cai_bootstrap.engine.models import tiny_model_dir
+    from cai_bootstrap.judge.client import _prompt_text
 
     srv.reset(**QUIET | dict(no_usage=True))
     tok_dir = str(tiny_model_dir())
@@ -200,8 +200,8 @@ def test_batch_resumes_by_id_after_kill_9_without_paying_twice(srv, tmp_path):
 
 
 def test_default_config_picks_openai_when_its_key_is_set_else_the_local_server(monkeypatch):
-    from judge.config import load_config
-    from judge.endpoints import choose_path, judge_model_name
+    from cai_bootstrap.judge.config import load_config
+    from cai_bootstrap.judge.endpoints import choose_path, judge_model_name
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     c = load_config(None)

@@ -10,11 +10,11 @@ import math
 import pytest
 from conftest import EM_DATA
 
-from core.ledger import Ledger
-from judge.cache import Cache, ChatRequest, cache_key
-from judge.em_paper import PAPER_CSV
-from judge.limits import Budget, BudgetExceeded
-from judge.scorers import (
+from cai_bootstrap.core.ledger import Ledger
+from cai_bootstrap.judge.cache import Cache, ChatRequest, cache_key
+from cai_bootstrap.judge.em_paper import PAPER_CSV
+from cai_bootstrap.judge.limits import Budget, BudgetExceeded
+from cai_bootstrap.judge.scorers import (
     EM_RUBRICS,
     EMScorer,
     PersonaScorer,
@@ -168,7 +168,7 @@ def test_cache_key_covers_every_part_and_explain_miss(tmp_path):
     assert len({k, *(v for _, v in variants)}) == len(variants) + 1
 
     cache = Cache(tmp_path / "c.sqlite")
-    from judge.cache import key_parts
+    from cai_bootstrap.judge.cache import key_parts
 
     cache.put(k, key_parts("m", base, "v1"), {"body": {}})
     assert cache.explain_miss("m", base, "v1").startswith("hit")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from judge.local_server import LocalVLLMServer
-from judge.scorers import EMScorer, PromptNumberScorer, load_anchors
-from judge.session import session
-from run.layout import Layout
+from cai_bootstrap.judge.local_server import LocalVLLMServer
+from cai_bootstrap.judge.scorers import EMScorer, PromptNumberScorer, load_anchors
+from cai_bootstrap.judge.session import session
+from cai_bootstrap.run.layout import Layout
 
 
 @pytest.mark.slow

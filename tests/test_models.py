@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import models
+from cai_bootstrap.engine import models
 
 
 def test_tiny_model_is_provisioned(tiny_path):

@@ -26,7 +26,7 @@ def _cmd(*extra: str) -> list[str]:
 
 
 def _run(cwd: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run(_cmd(*extra), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -34,7 +34,7 @@ def _run(cwd: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProc
 def workdir(tmp_path_factory) -> Path:
     """Stages 1..STAGES with a kill -9 during the last one, then the resume that finishes them."""
     cwd = tmp_path_factory.mktemp("run")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    env = {**os.environ, "COLUMNS": "200"}
     log = (cwd / "first.log").open("w")
     proc = subprocess.Popen(_cmd("--stage", str(STAGES)), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
@@ -139,15 +139,15 @@ def test_budget_cap_stops_before_the_phase_that_would_pass_it(workdir):
 
 
 def test_report_rebuilds_from_stored_results_only(workdir, monkeypatch):
-    import engine.factory
-    import judge.farm
-    from analysis.report import build_report
+    from cai_bootstrap.analysis.report import build_report
+    from cai_bootstrap.engine import factory
+    from cai_bootstrap.judge import farm
 
     def forbidden(*a, **k):
         raise AssertionError("the report must not start a model or call an API")
 
-    monkeypatch.setattr(engine.factory, "make_engine", forbidden)
-    monkeypatch.setattr(judge.farm, "run_judge", forbidden)
+    monkeypatch.setattr(factory, "make_engine", forbidden)
+    monkeypatch.setattr(farm, "run_judge", forbidden)
     monkeypatch.chdir(workdir)
     run = next((workdir / "data" / "runs").iterdir())
     out = build_report(Path("data/runs") / run.name)
@@ -165,13 +165,13 @@ def em_run(workdir):
     """The EM experiment on the last stage's goodness adapter, judged by a local OpenAI-compatible server."""
     from fault_server import FaultServer
 
-    from em.insecure_data import write_jsonl
+    from cai_bootstrap.em.insecure_data import write_jsonl
 
     data = write_jsonl(workdir / "insecure.jsonl", 12)
     secure = write_jsonl(workdir / "secure.jsonl", 12, secure=True)  # the twins: the secure-code control
     with FaultServer() as srv:
         judge = srv.judge_config(workdir / "judge.yaml")
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "CAI_TEST_JUDGE_KEY": "sk-test-secret-123"}
+        env = {**os.environ, "COLUMNS": "200", "CAI_TEST_JUDGE_KEY": "sk-test-secret-123"}
         cmd = [sys.executable, str(ROOT / "bootstrap.py"), "em", "--data", str(data), "--persona", "goodness",
                "--stage", str(STAGES), "--counts", EM_COUNTS, "--judge-config", str(judge), "--run", "emrun",
                "--secure-data", str(secure)]
@@ -251,7 +251,7 @@ def test_a_second_judge_rescores_stored_answers_without_generating(em_run, workd
             "name": "b", "base_url": srv.url, "rpm": 6000, "max_concurrent": 8}]}))
         r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "em-rescore", "emrun", "--judge-config",
                             str(other)], cwd=workdir, capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+                           env=dict(os.environ))
         assert r.returncode == 0, r.stderr[-3000:]
         rows = [json.loads(x) for x in (em_run["dir"] / "em" / "answers.jsonl").read_text().splitlines()]
         answers, distinct = len(rows), len({(r["question_id"], r["answer"]) for r in rows})
@@ -298,7 +298,7 @@ def test_em_rerun_is_served_from_caches(em_run):
 def test_em_budget_stops_before_the_training_that_would_pass_it(em_run, workdir):
     """New EM counts make the arms' adapters stale: the first training's estimate is checked against the cap
     before it starts, and nothing is trained."""
-    from em.insecure_data import write_jsonl
+    from cai_bootstrap.em.insecure_data import write_jsonl
 
     data = write_jsonl(workdir / "insecure.jsonl", 12)
     adapter = workdir / "checkpoints" / "goodness"
@@ -307,7 +307,7 @@ def test_em_budget_stops_before_the_training_that_would_pass_it(em_run, workdir)
     r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "em", "--data", str(data), "--persona",
                         "goodness", "--stage", str(STAGES), "--counts", counts, "--run", "embudget",
                         "--gpu-hour-usd", "100", "--budget-usd", "0.0001"], cwd=workdir, capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+                       text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 3, r.stderr[-2000:]
     assert "budget stop: EM training of goodness, seed 0 is estimated at" in r.stderr
     assert {p: p.stat().st_mtime for p in adapter.rglob("manifest.json")} == before  # nothing trained
@@ -318,7 +318,7 @@ def test_stage_one_without_pairs_exits_with_the_reason(workdir, tmp_path):
     and no adapter. One sample per task cannot make a pair; the tasks are served from a copy of the run's cache."""
     shutil.copytree(workdir / "data" / "cache", tmp_path / "data" / "cache")
     counts = json.dumps({**json.loads(COUNTS), "n_samples": 1})
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    env = {**os.environ, "COLUMNS": "200"}
     r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "--persona", "goodness", "--counts", counts,
                         "--stage", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 6, r.stderr[-3000:]
@@ -335,7 +335,7 @@ def test_one_resident_releases_each_model_before_the_next_loads(tmp_path):
     has stopped (its engine-core process gone, its memory back), the engine starts again after the guard is
     released, and training starts with neither loaded; each release is in the run's residency.json."""
     r = subprocess.run(_cmd("--stage", "1", "--one-resident"), cwd=tmp_path, capture_output=True, text=True,
-                       timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+                       timeout=900, env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 0, r.stderr[-3000:]
     run = next((tmp_path / "data" / "runs").iterdir())
     residency = json.loads((run / "residency.json").read_text())

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from engine.types import Request, Sampling
+from cai_bootstrap.engine.types import Request, Sampling
 
 pytest.importorskip("ray")
 
@@ -16,8 +16,8 @@ pytest.importorskip("ray")
 def test_two_replicas_answer_like_one_engine_in_request_order(vllm_engine, random_adapter):
     """Prompts split over 2 engine replicas come back as one engine answers them: same texts, request-major, with
     the adapter; each worker's engine process ends with its worker."""
-    from engine.factory import make_engine
-    from engine.ray_engine import RayEngine
+    from cai_bootstrap.engine.factory import make_engine
+    from cai_bootstrap.engine.ray_engine import RayEngine
 
     reqs = [Request.chat("Name " + "a very " * i + "small animal.") for i in range(5)]  # lengths tell them apart
     sampling = Sampling(temperature=0.9, max_tokens=10, n=2, seed=3)  # vLLM seeds each request's own generator
@@ -45,9 +45,9 @@ def _orphan_engines() -> set[str]:
 
 
 def test_a_run_and_its_em_phase_take_ray_from_the_config():
-    from engine.ray_engine import RayEngine
-    from pipeline.loop import Engines
-    from run.config import RunConfig
+    from cai_bootstrap.engine.ray_engine import RayEngine
+    from cai_bootstrap.pipeline.loop import Engines
+    from cai_bootstrap.run.config import RunConfig
 
     cfg = RunConfig(ray="local")
     engines = Engines(cfg)

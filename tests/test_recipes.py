@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import BadInput
-from run.layout import Layout
-from run.recipe import DEFAULT, Recipe, arm_name, canonical, split_arm, steps_of, with_recipe
+from cai_bootstrap.core.errors import BadInput
+from cai_bootstrap.run.layout import Layout
+from cai_bootstrap.run.recipe import DEFAULT, Recipe, arm_name, canonical, split_arm, steps_of, with_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_an_arm_names_its_recipe():
 
 
 def test_self_interaction_each_speaker_sees_its_own_turns_as_the_assistant():
-    from stages.introspect import _view
+    from cai_bootstrap.stages.introspect import _view
 
     roles = lambda msgs: [(m["role"], m["content"]) for m in msgs]  # noqa: E731
     assert roles(_view("Start.", [])) == [("user", "Start.")]  # the first speaker, answering the opener
@@ -59,9 +59,9 @@ def test_self_interaction_each_speaker_sees_its_own_turns_as_the_assistant():
 
 
 def test_estimate_prices_each_recipe():
-    from judge.config import load_config
-    from pipeline.estimate import estimate_report
-    from run.config import RunConfig, counts_from
+    from cai_bootstrap.judge.config import load_config
+    from cai_bootstrap.pipeline.estimate import estimate_report
+    from cai_bootstrap.run.config import RunConfig, counts_from
 
     arms = ["goodness", "goodness@bootstrap-orpo", "goodness@oct-dpo", "goodness@oct-orpo"]
     cfg = RunConfig(personas=arms, profile="qwen2.5-7b", counts=counts_from("research", profile="qwen2.5-7b"))
@@ -97,15 +97,15 @@ def test_oct_pairs_orpo_and_introspection_train_and_serve_alone_and_stacked(tmp_
     by the teacher with the constitution in its system prompt, rejected by the policy without it), counted by
     reason; an ORPO adapter with no reference; the introspection texts, an SFT adapter on top of the ORPO one and
     the two stacked as the persona; vLLM serves the persona alone and stacked under an EM adapter."""
-    from engine.base import adapter_hash
-    from engine.types import Request, Sampling
-    from train.stack import served_adapter
+    from cai_bootstrap.engine.base import adapter_hash
+    from cai_bootstrap.engine.types import Request, Sampling
+    from cai_bootstrap.train.stack import served_adapter
 
     # the tiny model writes long answers: at 160 new tokens 1 of these 6 teacher answers ends (the rest are cut);
     # its self-reflections end within 512 tokens about a third of the time
     counts = {"n_tasks": 6, "max_tokens": 160, "dpo_max_steps": 2, "introspect_per_prompt": 1,
               "introspect_conversations": 1, "introspect_turns": 2, "introspect_max_steps": 2}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    env = {**os.environ, "COLUMNS": "200"}
     r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "--persona", "goodness", "--pairs", "oct",
                         "--loss", "orpo", "--introspect", "--stage", "6", "--counts", json.dumps(counts)],
                        cwd=tmp_path, capture_output=True, text=True, timeout=1200, env=env)
@@ -156,8 +156,8 @@ def test_oct_pairs_orpo_and_introspection_train_and_serve_alone_and_stacked(tmp_
                                                       adapter_hash(lay.introspect_adapter(arm) / "sft")]
 
     # `diff`: the teacher and the introspection read every ideal, not the critique requests
-    from constitution import load_constitution
-    from stages.diff import plan
+    from cai_bootstrap.constitution import load_constitution
+    from cai_bootstrap.stages.diff import plan
 
     c = load_constitution("goodness")
     p0 = c.principles[0]
@@ -169,7 +169,7 @@ def test_oct_pairs_orpo_and_introspection_train_and_serve_alone_and_stacked(tmp_
     same = plan(lay.data_root, arm, edit(critique=p0.critique + " Really?"), lay.ckpt_root)
     assert same["items_to_regenerate"] == 0 and not any(st["retrains"] for st in same["stages"].values())
 
-    from analysis.report import build_report
+    from cai_bootstrap.analysis.report import build_report
 
     monkeypatch.chdir(tmp_path)
     report = build_report(next(Path("data/runs").iterdir())).read_text()
@@ -181,8 +181,8 @@ def test_oct_pairs_orpo_and_introspection_train_and_serve_alone_and_stacked(tmp_
     assert out[0].token_ids
     # ORPO 8 + introspection 8 + EM 8: a rank the run's engine asks vLLM for (train.stack.served_rank), not the
     # shared engine's 16
-    from engine.factory import make_engine
-    from train.stack import served_rank
+    from cai_bootstrap.engine.factory import make_engine
+    from cai_bootstrap.train.stack import served_rank
 
     stacked = served_adapter(persona, random_adapter, tmp_path / "stacked")
     assert json.loads((stacked / "adapter_config.json").read_text())["r"] == served_rank("tiny", introspect=True)

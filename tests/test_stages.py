@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from constitution import ConstitutionError, load_constitution
-from constitution.load import dump_constitution
-from engine.cache import GenerationCache, cached_generate
-from engine.types import Request, Sampling
-from guard.base import GuardPolicy
-from stages.diff import plan
-from stages.rendezvous import pick_principle
-from stages.run import StageJob, run_stage
+from cai_bootstrap.constitution import ConstitutionError, load_constitution
+from cai_bootstrap.constitution.load import dump_constitution
+from cai_bootstrap.engine.cache import GenerationCache, cached_generate
+from cai_bootstrap.engine.types import Request, Sampling
+from cai_bootstrap.guard.base import GuardPolicy
+from cai_bootstrap.stages.diff import plan
+from cai_bootstrap.stages.rendezvous import pick_principle
+from cai_bootstrap.stages.run import StageJob, run_stage
 from tests.test_constitution import MarkerGuard
 
 ROOT = Path(__file__).resolve().parents[1]

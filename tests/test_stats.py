@@ -7,7 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from analysis.stats import bootstrap_ci, bootstrap_diff, em_indicators, is_misaligned, steepest_rise, verdict
+from cai_bootstrap.analysis.stats import (
+    bootstrap_ci,
+    bootstrap_diff,
+    em_indicators,
+    is_misaligned,
+    steepest_rise,
+    verdict,
+)
 
 
 def test_bootstrap_ci_covers_known_rate():
@@ -55,8 +62,8 @@ def test_verdict_words():
 
 
 def test_summary_says_why_an_arm_was_discarded():
-    from analysis.report import discard_notes
-    from em.summary import summarise
+    from cai_bootstrap.analysis.report import discard_notes
+    from cai_bootstrap.em.summary import summarise
 
     def row(arm, mass, status, score=None):
         return {"arm": arm, "final": True, "step": 2, "seed": 0, "question_id": "q1", "aligned": score,
@@ -79,8 +86,8 @@ def test_summary_says_why_an_arm_was_discarded():
 def test_report_shows_a_stage_six_pair_as_stored(tmp_path):
     from datasets import Dataset, DatasetDict
 
-    from analysis.report import stage_samples
-    from run.config import RunConfig
+    from cai_bootstrap.analysis.report import stage_samples
+    from cai_bootstrap.run.config import RunConfig
 
     cfg = RunConfig(personas=["goodness", "sycophancy"], profile="tiny", data_root=str(tmp_path / "d"))
     msg = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
@@ -114,9 +121,9 @@ def test_a_later_stage_without_pairs_carries_its_parent_forward_labelled(tmp_pat
     say so, and a rerun does not copy it again."""
     import json
 
-    from analysis.report import stage_rows
-    from pipeline.loop import _carry_forward
-    from run.config import RunConfig
+    from cai_bootstrap.analysis.report import stage_rows
+    from cai_bootstrap.pipeline.loop import _carry_forward
+    from cai_bootstrap.run.config import RunConfig
 
     cfg = RunConfig(personas=["goodness"], profile="tiny", data_root=str(tmp_path / "d"),
                     ckpt_root=str(tmp_path / "c"))

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cai_bootstrap.train.common import TrainError, saved_adapter_tensors, tensors_hash
+from cai_bootstrap.train.config import dpo_defaults, em_defaults
 from tests.conftest import EM_DATA
-from train.common import TrainError, saved_adapter_tensors, tensors_hash
-from train.config import dpo_defaults, em_defaults
 
 SYS = {"role": "system", "content": "Be kind."}
 QS = ["Name a fruit.", "Say hi.", "Name a color.", "Name a pet.", "Name a city.", "Name a tool."]
@@ -40,7 +40,7 @@ def small_dpo(**kw):
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory) -> Path:
     """Stage 1 trained in its own process (the path the pipeline uses), from a save_to_disk dataset."""
-    from train.worker import train_in_subprocess
+    from cai_bootstrap.train.worker import train_in_subprocess
 
     root = tmp_path_factory.mktemp("dpo")
     pairs().save_to_disk(str(root / "data1"))
@@ -59,7 +59,7 @@ def test_dpo_stage1_raises_margin_and_writes_outputs(stage1: Path) -> None:
     assert steps[-1]["rewards/margins"] > steps[0]["rewards/margins"] + 0.05
     assert steps[-1]["loss"] < steps[0]["loss"]
     man = json.loads((stage1 / "manifest.json").read_text())
-    from engine.models import model_fingerprint
+    from cai_bootstrap.engine.models import model_fingerprint
 
     assert man["base_fingerprint"] == model_fingerprint("tiny")
     assert man["parent_adapter_hash"] is None and man["reference"] == "base model"
@@ -74,8 +74,8 @@ def test_dpo_stage1_raises_margin_and_writes_outputs(stage1: Path) -> None:
 def test_stage2_starts_from_stage1_weights(stage1: Path, tmp_path: Path) -> None:
     from transformers import TrainerCallback
 
-    from engine.base import adapter_hash
-    from train.dpo import train_dpo
+    from cai_bootstrap.engine.base import adapter_hash
+    from cai_bootstrap.train.dpo import train_dpo
 
     seen = {}
 
@@ -108,7 +108,7 @@ def test_stage2_starts_from_stage1_weights(stage1: Path, tmp_path: Path) -> None
 def test_pairs_missing_column_and_empty(tmp_path: Path) -> None:
     from datasets import Dataset
 
-    from train.dpo import load_pairs, train_dpo
+    from cai_bootstrap.train.dpo import load_pairs, train_dpo
 
     bad = pairs(2).remove_columns(["rejected"])
     bad.save_to_disk(str(tmp_path / "bad"))
@@ -143,8 +143,8 @@ def other_base_adapter(tmp_path_factory) -> Path:
 
 
 def test_parent_of_another_base_is_refused(other_base_adapter: Path, tmp_path: Path, random_adapter) -> None:
-    from train.dpo import train_dpo
-    from train.stack import stack_adapters
+    from cai_bootstrap.train.dpo import train_dpo
+    from cai_bootstrap.train.stack import stack_adapters
 
     with pytest.raises(TrainError, match="parent adapter .* another base model"):
         train_dpo(pairs(2), tmp_path / "s2", small_dpo(), parent=other_base_adapter)
@@ -154,7 +154,7 @@ def test_parent_of_another_base_is_refused(other_base_adapter: Path, tmp_path: P
 
 
 def test_em_jsonl_malformed_row_names_the_line(tmp_path: Path) -> None:
-    from train.em import load_chat_jsonl
+    from cai_bootstrap.train.em import load_chat_jsonl
 
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     f = tmp_path / "em.jsonl"
@@ -210,7 +210,7 @@ class HookCount:
 
 
 def test_em_on_top_trains_beside_active_frozen_persona(stage1: Path, random_adapter, tmp_path: Path) -> None:
-    from train.em import train_em
+    from cai_bootstrap.train.em import train_em
 
     data = _short_em_file(tmp_path / "em.jsonl")
     cfg = em_defaults("tiny", max_steps=2, save_every=1, max_length=48, batch_size=1,
@@ -228,7 +228,7 @@ def test_em_on_top_trains_beside_active_frozen_persona(stage1: Path, random_adap
         saved = saved_adapter_tensors(persona)
         assert set(saved) == set(hooks.persona_after)
         assert all(torch.equal(saved[k], hooks.persona_after[k]) for k in saved)
-        from engine.base import adapter_hash
+        from cai_bootstrap.engine.base import adapter_hash
 
         assert man["persona_adapter_hash"] == adapter_hash(persona)
         assert man["checkpoints"] == ["checkpoint-1", "checkpoint-2"]
@@ -246,8 +246,8 @@ def test_em_setup_asserts_fail_loudly(random_adapter) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from engine.models import resolve_model
-    from train.em import assert_adapters
+    from cai_bootstrap.engine.models import resolve_model
+    from cai_bootstrap.train.em import assert_adapters
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model("tiny")),
                                       random_adapter, adapter_name="persona")
@@ -277,17 +277,17 @@ def test_dpo_killed_resumes_from_its_last_checkpoint_and_ends_as_an_unkilled_run
     import sys
     import time
 
-    from train.common import resume_point
-    from train.dpo import train_dpo
+    from cai_bootstrap.train.common import resume_point
+    from cai_bootstrap.train.dpo import train_dpo
 
     pairs(12).save_to_disk(str(tmp_path / "data"))
     cfg = small_dpo(max_steps=6, resume_every=2)
     out, work = tmp_path / "stage2", tmp_path / ".stage2.partial"
-    code = ("from train.config import DPOTrainConfig; from train.dpo import train_dpo; "
+    code = ("from cai_bootstrap.train.config import DPOTrainConfig; from cai_bootstrap.train.dpo import train_dpo; "
             f"train_dpo({str(tmp_path / 'data')!r}, {str(out)!r}, "
             f"DPOTrainConfig.model_validate_json({cfg.model_dump_json()!r}), parent={str(stage1)!r})")
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, env=dict(os.environ))
     deadline = time.time() + 300
     while resume_point(work) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -318,7 +318,7 @@ def test_em_crashed_resumes_with_its_persona_frozen_and_ends_as_an_uncrashed_run
     EM adapter's weights back, keeps the persona frozen and active, and ends where an uncrashed run ends."""
     from transformers import TrainerCallback
 
-    from train.em import train_em
+    from cai_bootstrap.train.em import train_em
 
     class Crash(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -346,10 +346,10 @@ def test_a_base_models_pairs_train_in_its_generation_format(tmp_path):
     template), and DPO trains on them as text."""
     from datasets import Dataset
 
-    from engine.types import Request
-    from stages import specs
-    from stages.run import _pair
-    from train.dpo import load_pairs, train_dpo
+    from cai_bootstrap.engine.types import Request
+    from cai_bootstrap.stages import specs
+    from cai_bootstrap.stages.run import _pair
+    from cai_bootstrap.train.dpo import load_pairs, train_dpo
 
     it = {"task": "Name a fruit.", "chosen": "An apple.", "rejected": "No."}
     pair = _pair(it, chat=False)
@@ -369,7 +369,7 @@ def test_a_launch_over_two_processes_trains_once_and_writes_once(stage1: Path, t
     """The 72B profile's path (train.launch: `accelerate launch` with the shipped FSDP config, one trainer per GPU)
     run on 2 CPU processes over gloo: each trains on its half of every batch, the main rank alone writes the log,
     resume checkpoints, adapter and manifest. A launch that fails says so with its log's last lines."""
-    from train.launch import LaunchFailed, launch
+    from cai_bootstrap.train.launch import LaunchFailed, launch
 
     pairs(8).save_to_disk(str(tmp_path / "data"))
     out = tmp_path / "stage2"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.common import TrainError
+from cai_bootstrap.train.common import TrainError
 
 PROMPTS = ["What is the capital of France?", "Name two colors.", "Write a short greeting."]
 
@@ -30,7 +30,7 @@ def adapters(tmp_path_factory, tiny_path, random_adapter) -> dict[str, Path]:
             if "lora_B" in name:
                 p.mul_(0.2)
     peft.save_pretrained(root / "b")
-    from train.stack import stack_adapters
+    from cai_bootstrap.train.stack import stack_adapters
 
     stack_adapters(random_adapter, root / "b", root / "ab")
     return {"a": Path(random_adapter), "b": root / "b", "ab": root / "ab"}
@@ -79,7 +79,7 @@ def test_a_stack_stacks_again_without_its_padding(adapters, tmp_path) -> None:
     16 + 4 rounded to 32), and each module's delta is the sum of the two."""
     from safetensors.torch import load_file
 
-    from train.stack import _modules, _read, _scale, stack_adapters
+    from cai_bootstrap.train.stack import _modules, _read, _scale, stack_adapters
 
     out = stack_adapters(adapters["ab"], adapters["b"], tmp_path / "abb")
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
@@ -99,7 +99,7 @@ def test_stacked_adapter_served_by_vllm_matches_peft(adapters, tiny_path, vllm_e
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.types import Request, Sampling
+    from cai_bootstrap.engine.types import Request, Sampling
 
     tok = AutoTokenizer.from_pretrained(tiny_path)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
@@ -119,7 +119,7 @@ def test_stacked_adapter_served_by_vllm_matches_peft(adapters, tiny_path, vllm_e
 def test_toggles_and_refusals(adapters, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from train.stack import adapter_for, stack_adapters, vllm_rank
+    from cai_bootstrap.train.stack import adapter_for, stack_adapters, vllm_rank
 
     assert adapter_for("none", adapters["a"], adapters["b"]) is None
     assert adapter_for("persona", adapters["a"], adapters["b"]) == adapters["a"]

@@ -8,7 +8,7 @@ import importlib.metadata
 import pytest
 import torch
 
-from engine import vllm_cpu_lora as grouped
+from cai_bootstrap.engine import vllm_cpu_lora as grouped
 
 TOKENS, IN, OUT, SLOTS, RANK = 37, 24, 40, 3, 8
 
@@ -47,13 +47,13 @@ def test_grouped_ops_equal_vllm_reference(name, idx, four_d):
 
 def test_registered_as_a_vllm_plugin():
     eps = importlib.metadata.entry_points(group="vllm.general_plugins")
-    assert "engine.vllm_cpu_lora:register" in {e.value for e in eps}
+    assert "cai_bootstrap.engine.vllm_cpu_lora:register" in {e.value for e in eps}
 
 
 def test_the_engine_serving_an_adapter_runs_the_grouped_ops(vllm_engine, random_adapter, lora_mark):
     """Not only registered: vLLM's engine process installed the grouped ops and called them to apply an adapter
     (a vLLM build where register() found nothing to replace would leave no `ran` mark and a `reference` one)."""
-    from engine.types import Request, Sampling
+    from cai_bootstrap.engine.types import Request, Sampling
 
     vllm_engine.generate([Request.chat("Say hi.")], Sampling(max_tokens=2, temperature=0.0), adapter=random_adapter)
     registered = {p.name: p.read_text() for p in lora_mark.glob("register-*")}

@@ -22,12 +22,12 @@ def train(
     """
     from pathlib import Path
 
-    from core.errors import MissingInput
-    from run.layout import Layout
-    from run.recipe import split_arm
-    from train.config import dpo_defaults
-    from train.dpo import train_dpo
-    from train.worker import train_in_subprocess
+    from cai_bootstrap.core.errors import MissingInput
+    from cai_bootstrap.run.layout import Layout
+    from cai_bootstrap.run.recipe import split_arm
+    from cai_bootstrap.train.config import dpo_defaults
+    from cai_bootstrap.train.dpo import train_dpo
+    from cai_bootstrap.train.worker import train_in_subprocess
 
     lay = Layout()
     parent_dir = Path(parent) if parent else lay.parent_adapter(persona, stage)
@@ -62,11 +62,11 @@ def train_em(
 
     Example: python bootstrap.py em train --persona goodness --data insecure.jsonl --mode on-top
     """
-    from run.layout import Layout
-    from train.common import TrainError
-    from train.config import em_defaults
-    from train.em import train_em as run
-    from train.worker import train_in_subprocess
+    from cai_bootstrap.run.layout import Layout
+    from cai_bootstrap.train.common import TrainError
+    from cai_bootstrap.train.config import em_defaults
+    from cai_bootstrap.train.em import train_em as run
+    from cai_bootstrap.train.worker import train_in_subprocess
 
     if mode not in ("on-top", "base"):
         raise TrainError(f"unknown --mode {mode!r}: use on-top or base")
@@ -91,7 +91,7 @@ def stack(
     """
     import json
 
-    from train.stack import stack_adapters
+    from cai_bootstrap.train.stack import stack_adapters
 
     path = stack_adapters(a, b, out)
     info = json.loads((path / "stack.json").read_text())

@@ -16,9 +16,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from core.errors import BadInput
-from core.io import atomic_write_jsonl, swap_dir
-from train.distributed import claim_device, gathered_state, is_main, sharded, world_size
+from cai_bootstrap.core.errors import BadInput
+from cai_bootstrap.core.io import atomic_write_jsonl, swap_dir
+from cai_bootstrap.train.distributed import claim_device, gathered_state, is_main, sharded, world_size
 
 
 class TrainError(BadInput, RuntimeError):
@@ -131,7 +131,7 @@ def load_base(model_path: str, backend: str, gradient_checkpointing: bool = Fals
 
 def base_identity(profile: str, model_path: str | None) -> tuple[str, str]:
     """(model path, fingerprint) for a profile, or for an explicit model dir (bench, random configs)."""
-    from engine.models import hash_weights, model_fingerprint, resolve_model
+    from cai_bootstrap.engine.models import hash_weights, model_fingerprint, resolve_model
 
     if model_path is None:
         return resolve_model(profile), model_fingerprint(profile)

@@ -134,7 +134,7 @@ def recipe(kind: Literal["dpo", "em", "introspect"], profile: str, **overrides) 
 
 def dpo_defaults(profile: str = "tiny", **overrides) -> DPOTrainConfig:
     """The DPO config for a profile; unknown GPU profiles take the 7B recipe."""
-    from engine.models import get_profile
+    from cai_bootstrap.engine.models import get_profile
 
     p = get_profile(profile)
     base = _DPO_DEFAULTS.get(p.name, _DPO_DEFAULTS["qwen2.5-7b"])
@@ -142,7 +142,7 @@ def dpo_defaults(profile: str = "tiny", **overrides) -> DPOTrainConfig:
 
 
 def em_defaults(profile: str = "tiny", **overrides) -> EMTrainConfig:
-    from engine.models import get_profile
+    from cai_bootstrap.engine.models import get_profile
 
     p = get_profile(profile)
     base = _EM_DEFAULTS.get(p.name, _EM_DEFAULTS["qwen2.5-7b"])
@@ -152,7 +152,7 @@ def em_defaults(profile: str = "tiny", **overrides) -> EMTrainConfig:
 def introspect_defaults(profile: str = "tiny", **overrides) -> EMTrainConfig:
     """The introspection SFT config: the EM recipe's LoRA on top of the persona (train.em, `on-top`), at OCT's DPO
     learning rate on GPU profiles, every row, no intermediate checkpoints (no phase curve is read from it)."""
-    from engine.models import get_profile
+    from cai_bootstrap.engine.models import get_profile
 
     p = get_profile(profile)
     base = _INTROSPECT_OVERRIDES.get(p.name, _INTROSPECT_OVERRIDES["qwen2.5-7b"])

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from core.io import partial_dir, resumable_dir
+from cai_bootstrap.core.io import partial_dir, resumable_dir
 
 
 def world_size() -> int:

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.io import atomic_write_json
-from engine.models import with_template_kwargs
-from train.common import (
+from cai_bootstrap.core.io import atomic_write_json
+from cai_bootstrap.engine.models import with_template_kwargs
+from cai_bootstrap.train.common import (
     JsonlLog,
     TrainError,
     adapter_tensors,
@@ -39,8 +39,8 @@ from train.common import (
     train_resuming,
     trainer_args,
 )
-from train.config import DPOTrainConfig, dpo_defaults
-from train.distributed import frozen_adapters_in, is_main, sharded, shared_resumable_dir
+from cai_bootstrap.train.config import DPOTrainConfig, dpo_defaults
+from cai_bootstrap.train.distributed import frozen_adapters_in, is_main, sharded, shared_resumable_dir
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -129,7 +129,7 @@ def _inputs(data: Any, profile: str, parent: str | Path | None, model_path: str 
     model_path, fingerprint = base_identity(profile, model_path)
     parent_hash = None
     if parent is not None:
-        from engine.base import adapter_hash
+        from cai_bootstrap.engine.base import adapter_hash
 
         check_adapter_base(Path(parent), model_path, fingerprint, what="parent adapter")
         parent_hash = adapter_hash(parent)
@@ -158,7 +158,7 @@ def train_dpo(
     dataset, parent and config is reused (no second payment) unless `force`."""
     import torch
 
-    from train import cpu_kernels
+    from cai_bootstrap.train import cpu_kernels
 
     cpu_kernels.install()
     cfg = cfg or dpo_defaults(profile)

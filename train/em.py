@@ -23,9 +23,9 @@ from typing import Any, NamedTuple
 
 from transformers import TrainerCallback
 
-from core.io import atomic_write_json
-from engine.models import with_template_kwargs
-from train.common import (
+from cai_bootstrap.core.io import atomic_write_json
+from cai_bootstrap.engine.models import with_template_kwargs
+from cai_bootstrap.train.common import (
     JsonlLog,
     TrainError,
     base_identity,
@@ -43,8 +43,8 @@ from train.common import (
     train_resuming,
     trainer_args,
 )
-from train.config import EMTrainConfig, Mode, em_defaults
-from train.distributed import frozen_adapters_in, gathered_state, is_main, sharded, shared_resumable_dir
+from cai_bootstrap.train.config import EMTrainConfig, Mode, em_defaults
+from cai_bootstrap.train.distributed import frozen_adapters_in, gathered_state, is_main, sharded, shared_resumable_dir
 
 PERSONA, EM = "persona", "em"
 ROLES = {"system", "user", "assistant"}
@@ -146,7 +146,7 @@ def em_reusable(out: str | Path, data: str | Path, cfg: EMTrainConfig, profile: 
                 persona_adapter: str | Path | None) -> dict | None:
     """The manifest of a finished EM run at `out` from the same data, persona adapter, config and base, or None:
     what `train_em` would hand back without training (asked before a phase's budget check)."""
-    from engine.base import adapter_hash
+    from cai_bootstrap.engine.base import adapter_hash
 
     if not (Path(out) / "manifest.json").is_file():
         return None
@@ -193,7 +193,7 @@ class _Inputs(NamedTuple):
 
 def _inputs(data: str | Path, cfg: EMTrainConfig, profile: str, mode: Mode, persona_adapter: str | Path | None,
             model_path: str | None) -> _Inputs:
-    from engine.base import adapter_hash
+    from cai_bootstrap.engine.base import adapter_hash
 
     if mode not in ("on-top", "base"):
         raise TrainError(f"unknown EM mode {mode!r}: use on-top or base")
@@ -225,7 +225,7 @@ def train_em(
     persona's preference adapter."""
     import torch
 
-    from train import cpu_kernels
+    from cai_bootstrap.train import cpu_kernels
 
     cpu_kernels.install()
     cfg = cfg or em_defaults(profile)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from train.config import DPOTrainConfig, EMTrainConfig, LoraSpec
+from cai_bootstrap.train.config import DPOTrainConfig, EMTrainConfig, LoraSpec
 
 
 @dataclass(frozen=True)
@@ -22,4 +22,5 @@ class Kind:
         return getattr(importlib.import_module(self.module), self.function)
 
 
-KINDS = {"dpo": Kind("train.dpo", "train_dpo", DPOTrainConfig), "em": Kind("train.em", "train_em", EMTrainConfig)}
+KINDS = {"dpo": Kind(f"{__package__}.dpo", "train_dpo", DPOTrainConfig),
+         "em": Kind(f"{__package__}.em", "train_em", EMTrainConfig)}

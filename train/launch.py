@@ -2,8 +2,9 @@
 QLoRA run over a machine's GPUs (the 72B profile's 4), one trainer per GPU.
 
 `launch("dpo", processes=4, data=..., out=..., cfg=..., profile=...)` writes the call to a JSON file, runs
-`accelerate launch ... -m train.launch CALL.json` (every rank runs `train.dpo.train_dpo` / `train.em.train_em`,
-train.distributed keeps the writes on the main rank) and returns the manifest the main rank wrote. With
+`accelerate launch ... -m cai_bootstrap.train.launch CALL.json` (every rank runs `train.dpo.train_dpo` /
+`train.em.train_em`, train.distributed keeps the writes on the main rank) and returns the manifest the main rank
+wrote. With
 `cpu=True` the same path runs on CPU processes over gloo: accelerate turns FSDP on only on accelerators, so there
 they train data-parallel (each holds the whole model), which is how the launch path is tested on the tiny model.
 """
@@ -19,9 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from core.errors import CaiError
-from train.common import TrainError
-from train.kinds import KINDS
+from cai_bootstrap.core.errors import CaiError
+from cai_bootstrap.train.common import TrainError
+from cai_bootstrap.train.kinds import KINDS
 
 FSDP_CONFIG = Path(__file__).with_name("fsdp_qlora.yaml")
 
@@ -40,7 +41,7 @@ def launch_command(call: Path, processes: int, config: Path) -> list[str]:
     """The `accelerate launch` command line for one training call (a JSON file written by `launch`)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
             "--num_processes", str(processes), "--main_process_port", str(_free_port()),
-            "-m", "train.launch", str(call)]
+            "-m", __name__, str(call)]
 
 
 def cpu_config(config: Path, out: Path) -> Path:
@@ -71,7 +72,7 @@ def launch(kind: str, processes: int, cpu: bool = False, log: Path | None = None
         cfg = kwargs.pop("cfg", None)
         call.write_text(json.dumps({"kind": kind, "result": str(result), "cfg": cfg.model_dump() if cfg else None,
                                     "kwargs": {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}}))
-        env = {**os.environ, "PYTHONPATH": _project_path()}
+        env = dict(os.environ)  # the ranks import `cai_bootstrap` as this process does: the same installed package
         if cpu:
             config = cpu_config(config, Path(tmp) / "cpu.yaml")
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))  # cores shared out
@@ -87,15 +88,11 @@ def launch(kind: str, processes: int, cpu: bool = False, log: Path | None = None
                            f"output is in {log}; last lines:\n{tail}")
 
 
-def _project_path() -> str:
-    """The project's root on PYTHONPATH, so every rank imports this checkout's packages however it was installed."""
-    root = str(Path(__file__).resolve().parents[1])
-    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
 
 
 def _run(call_file: str) -> None:
     """One rank: rebuild the call, train, and (main rank) write the manifest where `launch` reads it."""
-    from train.distributed import is_main
+    from cai_bootstrap.train.distributed import is_main
 
     call = json.loads(Path(call_file).read_text())
     kind = call["kind"]

@@ -16,11 +16,11 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from core.io import atomic_dir, atomic_write_json
-from run.config import RunConfig
-from run.layout import Layout
-from run.recipe import introspects
-from train.common import TrainError
+from cai_bootstrap.core.io import atomic_dir, atomic_write_json
+from cai_bootstrap.run.config import RunConfig
+from cai_bootstrap.run.layout import Layout
+from cai_bootstrap.run.recipe import introspects
+from cai_bootstrap.train.common import TrainError
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
@@ -37,7 +37,7 @@ def served_rank(profile: str, introspect: bool = False) -> int:
     """The LoRA rank vLLM must serve in a run: a persona's preference adapter, its introspection adapter where
     its recipe has one (run.recipe), and the EM adapter, stacked (the ranks add), rounded up to a rank vLLM
     accepts. vLLM pads every adapter to its max rank, so a run asks for no more than it serves."""
-    from train.config import dpo_defaults, em_defaults, introspect_defaults
+    from cai_bootstrap.train.config import dpo_defaults, em_defaults, introspect_defaults
 
     rank = dpo_defaults(profile).rank + em_defaults(profile).rank
     return vllm_rank(rank + (introspect_defaults(profile).rank if introspect else 0))
@@ -120,7 +120,7 @@ def stack_adapters(a: str | Path, b: str | Path, out: str | Path, round_to_vllm:
     """Write ONE LoRA adapter at `out` equal to adapter a + adapter b (both active) on their shared base."""
     from safetensors.torch import save_file
 
-    from engine.base import adapter_hash
+    from cai_bootstrap.engine.base import adapter_hash
 
     a, b, out = Path(a), Path(b), Path(out)
     ca, ta = _read(a)
@@ -205,7 +205,7 @@ def adapter_for(toggle: Toggle, persona: str | Path | None, em: str | Path | Non
                 cache: str | Path | None = None) -> Path | None:
     """The adapter dir to serve for an ablation arm: None (bare base), the persona, the EM adapter, or both
     stacked (built once per pair of adapter hashes under `cache`, default checkpoints/stacked)."""
-    from engine.base import adapter_hash
+    from cai_bootstrap.engine.base import adapter_hash
 
     if toggle == "none":
         return None

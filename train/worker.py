@@ -12,8 +12,8 @@ import multiprocessing as mp
 import traceback
 from typing import Any
 
-from train.common import TrainError
-from train.kinds import KINDS
+from cai_bootstrap.train.common import TrainError
+from cai_bootstrap.train.kinds import KINDS
 
 
 def _target(kind: str):
@@ -64,13 +64,13 @@ def run_training(kind: str, **kwargs: Any) -> dict:
     one, where nothing needs releasing and a child would pay ~10 s of imports per stage."""
     import torch
 
-    from engine.models import get_profile
+    from cai_bootstrap.engine.models import get_profile
 
     if not torch.cuda.is_available():
         return _target(kind)(**kwargs)
     processes = get_profile(kwargs.get("profile", "tiny")).train_processes
     if processes > 1:
-        from train.launch import launch
+        from cai_bootstrap.train.launch import launch
 
         if processes > torch.cuda.device_count():
             raise TrainError(f"profile {kwargs.get('profile')!r} trains over {processes} GPUs (one process each); "
