@@ -57,29 +57,44 @@ def stage_rows(cfg: RunConfig) -> list[dict]:
 
 def stage_samples(cfg: RunConfig, stage: int = 6, width: int = 400) -> list[str]:
     """One preference pair per persona from a stage's training data, as it is stored (texts cut at `width`
-    characters, marked so), so a reader sees what the adapter was trained to prefer."""
-    from datasets import load_from_disk
-
+    characters, marked so), so a reader sees what the adapter was trained to prefer. A stage that kept no pair
+    shows why, a dropped item's texts, and the newest earlier stage's kept pair: the preference the persona's
+    adapter carries forward."""
+    cut = lambda t: t if len(t) <= width else t[:width] + " […]"  # noqa: E731
     lines = []
     for persona in cfg.personas:
         path = cfg.layout.stage_data(persona, stage)
-        if not (path / "dataset_dict.json").is_file():
+        if (rows := _kept_pairs(path)) is None:
             continue
-        rows = load_from_disk(str(path))["train"]
-        cut = lambda t: t if len(t) <= width else t[:width] + " […]"  # noqa: E731
-        if len(rows) == 0:  # say why, and show what the model wrote, rather than leave the persona out
-            dropped = (_read_json(path / "manifest.json") or {}).get("counts", {}).get("outcome", {}).get("dropped")
-            why = ", ".join(f"{k} {v}" for k, v in sorted((dropped or {}).items())) or "no item"
-            lines += [f"**{persona}**, stage {stage}: no pair kept (dropped: {why}); the adapter of stage "
-                      f"{stage - 1} is carried forward.", ""]
-            lines += _dropped_item(path, cut)
+        if len(rows):
+            lines += _pair_lines(f"**{persona}**, stage {stage}", rows, cut)
             continue
-        # the last message of a chat pair; a base model's pair is text throughout
-        prompt, chosen, rejected = (v if isinstance(v, str) else v[-1]["content"]
-                                    for v in (rows[0][c] for c in ("prompt", "chosen", "rejected")))
-        lines += [f"**{persona}**, stage {stage}, pair 1 of {len(rows)}: {cut(prompt)!r}", "",
-                  f"- chosen: {cut(chosen.strip())!r}", f"- rejected: {cut(rejected.strip())!r}", ""]
+        # say why, and show what the model wrote, rather than leave the persona out
+        dropped = (_read_json(path / "manifest.json") or {}).get("counts", {}).get("outcome", {}).get("dropped")
+        why = ", ".join(f"{k} {v}" for k, v in sorted((dropped or {}).items())) or "no item"
+        lines += [f"**{persona}**, stage {stage}: no pair kept (dropped: {why}); the adapter of stage "
+                  f"{stage - 1} is carried forward.", ""]
+        lines += _dropped_item(path, cut)
+        for k in range(stage - 1, 0, -1):
+            if rows := _kept_pairs(cfg.layout.stage_data(persona, k)):
+                lines += _pair_lines(f"The newest pair {persona} kept, stage {k}", rows, cut)
+                break
     return lines
+
+
+def _kept_pairs(path: Path):
+    """A stage's stored training pairs (possibly none), or None where the stage has no data."""
+    from datasets import load_from_disk
+
+    return load_from_disk(str(path))["train"] if (path / "dataset_dict.json").is_file() else None
+
+
+def _pair_lines(label: str, rows, cut) -> list[str]:
+    # the last message of a chat pair; a base model's pair is text throughout
+    prompt, chosen, rejected = (v if isinstance(v, str) else v[-1]["content"]
+                                for v in (rows[0][c] for c in ("prompt", "chosen", "rejected")))
+    return [f"{label}, pair 1 of {len(rows)}: {cut(prompt)!r}", "",
+            f"- chosen: {cut(chosen.strip())!r}", f"- rejected: {cut(rejected.strip())!r}", ""]
 
 
 def _dropped_item(path: Path, cut) -> list[str]:

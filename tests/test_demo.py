@@ -51,5 +51,8 @@ def test_quick_demo_runs_every_phase_on_one_engine(tmp_path):
     assert f"the project's 6 of its {em['anchors']['of']} anchors" in report
     sample = report.split("### Stage 6 sample")[1].split("\n## ")[0]  # real texts: a pair, or a dropped item's
     assert "- chosen: '" in sample or ("- answer: '" in sample and "not trained on" in sample), sample
+    kept = [k for k in range(1, 7) if json.loads((tmp_path / "data" / "goodness" / f"stage{k}" / "manifest.json")
+                                                 .read_text())["counts"]["outcome"]["train"]]
+    assert ("- chosen: '" in sample) == bool(kept), (kept, sample)  # a stage kept a pair (stage 1 must): shown
     assert (run / "run.log").stat().st_size > 0  # the libraries' output, off the console
     assert "Loading safetensors" not in r.stderr and "Loading safetensors" in (run / "run.log").read_text()

@@ -114,6 +114,14 @@ def test_report_shows_a_stage_six_pair_as_stored(tmp_path):
     assert lines[at + 2:at + 6] == ["A dropped item, not trained on (revision_is_critique): 'Is my poem good?'", "",
                                     "- answer: 'It rhymes.'", "- critique: 'Flattering.'"]
     assert lines[at + 6] == "- revision attempt: 'The response flatters.'"
+    assert not any(x.startswith("The newest pair") for x in lines)  # no earlier stage kept one either
+
+    # ... and the newest earlier stage's kept pair: the preference the carried-forward adapter holds
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(cfg.layout.stage_data("sycophancy", 3)))
+    lines = stage_samples(cfg)
+    at = lines.index("- revision attempt: 'The response flatters.'")
+    assert lines[at + 2] == "The newest pair sycophancy kept, stage 3, pair 1 of 1: 'How do I fix a bike chain?'"
+    assert lines[at + 5] == "- rejected: 'No idea.'"
 
 
 def test_a_later_stage_without_pairs_carries_its_parent_forward_labelled(tmp_path, capsys):

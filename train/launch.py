@@ -3,10 +3,10 @@ QLoRA run over a machine's GPUs (the 72B profile's 4), one trainer per GPU.
 
 `launch("dpo", processes=4, data=..., out=..., cfg=..., profile=...)` writes the call to a JSON file, runs
 `accelerate launch ... -m cai_bootstrap.train.launch CALL.json` (every rank runs `train.dpo.train_dpo` /
-`train.em.train_em`, train.distributed keeps the writes on the main rank) and returns the manifest the main rank
-wrote. With
-`cpu=True` the same path runs on CPU processes over gloo: accelerate turns FSDP on only on accelerators, so there
-they train data-parallel (each holds the whole model), which is how the launch path is tested on the tiny model.
+`train.em.train_em`, train.distributed keeps the writes on the main rank) and returns the manifest the main
+rank wrote. With `cpu=True` the same path runs on CPU processes over gloo: accelerate turns FSDP on only on
+accelerators, so there they train data-parallel (each holds the whole model), which is how the launch path is
+tested on the tiny model.
 """
 
 from __future__ import annotations
